@@ -1,0 +1,35 @@
+# One-command entry points. `make test` and `make quickstart` install into .venv first.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-all lint quickstart bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/pytest -q -m ''
+
+quickstart: $(STAMP)
+	$(BIN)/convnn-train experiment=quickstart
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench_layers.py
+
+clean:
+	rm -rf $(VENV) outputs multirun runs wandb .pytest_cache .ruff_cache

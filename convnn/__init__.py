@@ -1,0 +1,3 @@
+"""Convolutional Nearest Neighbors (ConvNN): k-NN layers, backbones and the training framework."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,6 @@
+"""Layer registry and layer families. Importing this package registers every layer."""
+
+from convnn.layers import conv  # noqa: F401  (registers the layers)
+from convnn.layers.registry import available_layers, build_layer, layer_entry, register_layer
+
+__all__ = ["available_layers", "build_layer", "layer_entry", "register_layer"]
