@@ -1,0 +1,284 @@
+"""The k-NN core shared by every ConvNN layer: similarity, candidate sets, chunked top-k, gather, rho.
+
+Everything works on token sequences ``[B, N, h]``; a feature map ``[B, C, H, W]`` enters as its
+``H * W`` tokens in raster order (``x.flatten(2).transpose(1, 2)``), and only candidate sampling needs
+to know the map's ``(H, W)`` (the spatial grid).
+
+The usual pipeline of a layer::
+
+    cand = sampler.candidates(n, grid=(h, w), device=x.device)       # None or LongTensor [M]
+    values, idx = knn_select(q, k_cand, num_neighbors, kind="cosine", candidates=cand)
+    nn_rows = gather_neighbors(v, idx)                                 # [B, C, N * k]
+    out = aggregate(modulate(nn_rows, values, rho))                   # Conv1d(kernel k, stride k)
+
+Design choices the tests pin down:
+
+* similarity and top-k run in query chunks, so peak extra memory is O(B * chunk * M + B * N * k)
+  instead of the dense ``[B, N, N]`` matrix;
+* the neighbour rows are gathered straight into the ``[B, C, N * k]`` layout the aggregation Conv1d
+  reads, through an expanded *view* of the index: no ``[B, C, N, k]`` expanded copy of the input;
+* ``rho="ones"`` does no multiplication at all, and masks use the dtype's finite minimum, so nothing
+  overflows in bf16 / fp16;
+* random candidates come from a ``torch.Generator`` when one is given. :class:`CandidateSampler` holds
+  one per layer for evaluation; :func:`reset_sampling` re-seeds them all, so test metrics with random
+  sampling are reproducible, while training draws from the global RNG (seeded by Lightning's
+  ``seed_everything``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SIMILARITIES = ("cosine", "dot", "euclidean")
+SAMPLINGS = ("all", "random", "spatial")
+RHOS = ("ones", "softmax")
+
+#: Target number of similarity entries per chunk when ``chunk_size`` is None (16 MiB in float32).
+AUTO_CHUNK_ELEMENTS = 1 << 22
+
+
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Raise a ``ValueError`` naming ``value`` and the ``allowed`` ones unless ``value`` is allowed."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def prepare(x: Tensor, kind: str) -> Tensor:
+    """Rows ready for a plain matmul: ``[B, N, h] -> [B, N, h]`` (l2-normalised rows for cosine).
+
+    Zero rows stay zero (``F.normalize`` clamps the norm), so they get similarity 0, never NaN.
+    """
+    check_choice("similarity", kind, SIMILARITIES)
+    return F.normalize(x, dim=-1) if kind == "cosine" else x
+
+
+def prepared_similarity(q: Tensor, k: Tensor, kind: str) -> Tensor:
+    """Similarity of :func:`prepare`-d rows: ``q [B, Nq, h]``, ``k [B, M, h] -> [B, Nq, M]``.
+
+    cosine: ``q k^T``; dot: ``q k^T / sqrt(h)`` (as attention); euclidean: ``-|q - k|^2`` expanded as
+    ``2 q k^T - |q|^2 - |k|^2`` and clamped to ``<= 0``, so rounding never yields a negative squared
+    distance. Larger is always more similar.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    if kind == "dot":
+        return scores / math.sqrt(q.shape[-1])
+    if kind == "euclidean":
+        q_sq = q.pow(2).sum(-1, keepdim=True)
+        k_sq = k.pow(2).sum(-1).unsqueeze(-2)
+        return (2 * scores - q_sq - k_sq).clamp(max=0)
+    return scores
+
+
+def similarity(q: Tensor, k: Tensor, kind: str) -> Tensor:
+    """Similarity of every query with every key: ``q [B, Nq, h]``, ``k [B, M, h] -> [B, Nq, M]``.
+
+    ``kind`` is "cosine" (rows l2-normalised, zero rows give 0), "dot" (scaled by ``1 / sqrt(h)``) or
+    "euclidean" (negative squared distance, ``<= 0``).
+    """
+    return prepared_similarity(prepare(q, kind), prepare(k, kind), kind)
+
+
+def self_similarity(q: Tensor, kind: str) -> Tensor:
+    """Similarity of each row with itself, ``[B, N, h] -> [B, N]``, without a matmul.
+
+    It is the self entry's value when queries and keys are the same tensor (identity projections):
+    cosine 1 (0 for a zero row), dot ``|q|^2 / sqrt(h)``, euclidean 0.
+    """
+    check_choice("similarity", kind, SIMILARITIES)
+    norm = torch.linalg.vector_norm(q, dim=-1)
+    if kind == "cosine":
+        return (norm > 0).to(q.dtype)
+    if kind == "dot":
+        return norm.pow(2) / math.sqrt(q.shape[-1])
+    return torch.zeros_like(norm)
+
+
+def random_candidates(n: int, r: int, generator: torch.Generator | None = None) -> Tensor:
+    """``r`` distinct token indices drawn uniformly from ``range(n)`` -> LongTensor ``[r]`` (CPU).
+
+    Draws from ``generator`` when given, else from the global RNG.
+    """
+    if not 1 <= r <= n:
+        raise ValueError(f"random sampling needs 1 <= num_candidates <= N tokens, got r={r}, N={n}")
+    return torch.randperm(n, generator=generator)[:r]
+
+
+def spatial_candidates(n: int, r: int, grid: tuple[int, int] | None = None) -> Tensor:
+    """A regular candidate set -> LongTensor ``[M]`` of token indices (CPU).
+
+    Sequences (``grid`` None): every ``(n // r)``-th token, ``M = r``. Maps (``grid = (H, W)`` of the
+    map the tokens come from, padding included): a ``g x g`` grid with ``g = floor(sqrt(r))``, rows and
+    columns from ``linspace(0, H - 1, g)`` / ``linspace(0, W - 1, g)`` rounded, indices ``row * W + col``
+    (``M = g * g``).
+    """
+    if grid is None:
+        if not 1 <= r <= n:
+            raise ValueError(f"spatial sampling needs 1 <= num_candidates <= N tokens, got r={r}, N={n}")
+        return torch.arange(r) * (n // r)
+    height, width = grid
+    if height * width != n:
+        raise ValueError(f"grid {grid} does not hold the {n} tokens")
+    g = math.isqrt(r)
+    if g < 1 or g > min(height, width):
+        raise ValueError(
+            f"spatial sampling uses a floor(sqrt(r)) x floor(sqrt(r)) grid; r={r} gives {g} x {g}, "
+            f"which does not fit a {height} x {width} map"
+        )
+    rows = torch.linspace(0, height - 1, g).round().long()
+    cols = torch.linspace(0, width - 1, g).round().long()
+    return (rows[:, None] * width + cols[None, :]).flatten()
+
+
+def _auto_chunk(batch: int, m: int) -> int:
+    """Queries per chunk so one chunk of similarities holds about :data:`AUTO_CHUNK_ELEMENTS`."""
+    return max(1, AUTO_CHUNK_ELEMENTS // max(1, batch * m))
+
+
+def knn_select(
+    q: Tensor,
+    k: Tensor,
+    num_neighbors: int,
+    *,
+    kind: str = "cosine",
+    candidates: Tensor | None = None,
+    self_first: bool = True,
+    self_sim: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The ``num_neighbors`` most similar keys of every query, computed in query chunks.
+
+    Args:
+        q: queries of all N tokens ``[B, N, h]``.
+        k: keys ``[B, M, h]``: of all N tokens in order when ``candidates`` is None, else of the
+            candidate tokens ``candidates`` (``M = len(candidates)``).
+        num_neighbors: k, the neighbours per token (the token itself included when ``self_first``).
+        kind: "cosine", "dot" or "euclidean" (see :func:`similarity`).
+        candidates: None (all tokens are candidates) or LongTensor ``[M]`` of token indices, shared
+            by the batch.
+        self_first: True: each token is its own first neighbour, then the ``k - 1`` best *other*
+            candidates (its own candidate entry is masked out, so it is never picked twice). False:
+            the token competes like any other candidate.
+        self_sim: ``[B, N]`` value reported for the self entry when ``self_first``; by default the
+            diagonal of the similarity when all tokens are candidates, else :func:`self_similarity`
+            of ``q`` (exact when queries and keys share their projection).
+        chunk_size: queries per chunk; None picks one so a chunk holds about 4M similarities. Peak
+            extra memory is O(B * chunk * M + B * N * k).
+
+    Returns:
+        ``(values [B, N, k], indices [B, N, k])``: similarities and token indices (into the N
+        tokens), best first (self first when ``self_first``).
+    """
+    batch, n, _ = q.shape
+    m = k.shape[1]
+    if candidates is None and m != n:
+        raise ValueError(f"without candidates the keys must cover all {n} tokens, got {m}")
+    if candidates is not None and candidates.shape != (m,):
+        raise ValueError(f"candidates must be a LongTensor [{m}] (1 per key), got {tuple(candidates.shape)}")
+    if not 1 <= num_neighbors <= m:
+        raise ValueError(f"k={num_neighbors} neighbours need 1 <= k <= number of candidates ({m})")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+    chunk = chunk_size or _auto_chunk(batch, m)
+    q, k = prepare(q, kind), prepare(k, kind)
+    picks = num_neighbors - 1 if self_first else num_neighbors
+    if self_first and self_sim is None and candidates is not None:
+        self_sim = self_similarity(q, kind)
+    cand_ids = torch.arange(m, device=q.device) if candidates is None else candidates.to(q.device)
+    values, indices = [], []
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        scores = prepared_similarity(q[:, start:stop], k, kind)
+        query_ids = torch.arange(start, stop, device=q.device)
+        if self_first:
+            if self_sim is None:
+                own = scores.diagonal(offset=start, dim1=1, dim2=2)
+            else:
+                own = self_sim[:, start:stop]
+            is_self = query_ids[:, None] == cand_ids[None, :]
+            scores = scores.masked_fill(is_self, torch.finfo(scores.dtype).min)
+        top_values, top_pos = scores.topk(picks, dim=-1)
+        top_ids = cand_ids[top_pos]
+        if self_first:
+            top_values = torch.cat([own.unsqueeze(-1).to(top_values.dtype), top_values], dim=-1)
+            top_ids = torch.cat([query_ids.expand(batch, -1).unsqueeze(-1), top_ids], dim=-1)
+        values.append(top_values)
+        indices.append(top_ids)
+    return torch.cat(values, dim=1), torch.cat(indices, dim=1)
+
+
+def gather_neighbors(v: Tensor, indices: Tensor) -> Tensor:
+    """Neighbour rows in Conv1d layout: ``v [B, C, N]``, ``indices [B, N', k] -> [B, C, N' * k]``.
+
+    ``out[b, :, i * k + j] = v[b, :, indices[b, i, j]]``. The index is broadcast over channels as an
+    expanded view, so the only new tensor is the output itself.
+    """
+    batch, channels, _ = v.shape
+    flat = indices.reshape(batch, 1, -1).expand(batch, channels, -1)
+    return v.gather(2, flat)
+
+
+def modulate(neighbors: Tensor, values: Tensor, rho: str) -> Tensor:
+    """Scale the gathered rows ``[B, C, N * k]`` by ``rho(values [B, N, k])``.
+
+    "ones" returns ``neighbors`` untouched (no multiplication); "softmax" multiplies each row by the
+    softmax of its token's k values.
+    """
+    check_choice("rho", rho, RHOS)
+    if rho == "ones":
+        return neighbors
+    weights = values.softmax(dim=-1).to(neighbors.dtype)
+    return neighbors * weights.reshape(weights.shape[0], 1, -1)
+
+
+class CandidateSampler(nn.Module):
+    """Which tokens are candidate neighbours: "all", "random" (``num_candidates`` r) or "spatial".
+
+    ``num_candidates`` is required for "random" / "spatial" and ignored by "all" (so a sweep over
+    ``sampling`` can keep one r).
+
+    In training mode random candidates are drawn from the global RNG (reproducible through
+    ``seed_everything``); in eval mode from this module's own ``generator``, which
+    :func:`reset_sampling` re-seeds at the start of every validation / test epoch.
+    """
+
+    def __init__(self, sampling: str = "all", num_candidates: int | None = None) -> None:
+        super().__init__()
+        check_choice("sampling", sampling, SAMPLINGS)
+        if sampling != "all" and (num_candidates is None or num_candidates < 1):
+            raise ValueError(f"sampling={sampling!r} needs a positive num_candidates, got {num_candidates}")
+        self.sampling = sampling
+        self.num_candidates = num_candidates
+        self.generator = torch.Generator().manual_seed(0)
+
+    def candidates(
+        self, n: int, grid: tuple[int, int] | None = None, device: torch.device | None = None
+    ) -> Tensor | None:
+        """Candidate token indices for ``n`` tokens: None for "all", else LongTensor ``[M]`` on ``device``.
+
+        ``grid = (H, W)`` marks the tokens as a (padded) map for the spatial grid; None = a sequence.
+        """
+        if self.sampling == "all":
+            return None
+        if self.sampling == "random":
+            generator = None if self.training else self.generator
+            return random_candidates(n, self.num_candidates, generator).to(device)
+        return spatial_candidates(n, self.num_candidates, grid).to(device)
+
+    def extra_repr(self) -> str:
+        return f"sampling={self.sampling!r}, num_candidates={self.num_candidates}"
+
+
+def reset_sampling(model: nn.Module, seed: int) -> int:
+    """Re-seed every :class:`CandidateSampler` in ``model``; returns how many there are.
+
+    The i-th sampler (in ``model.modules()`` order) gets seed ``seed * 100003 + i``, so evaluation
+    with random candidates is the same whenever it starts from the same ``seed``.
+    """
+    samplers = [m for m in model.modules() if isinstance(m, CandidateSampler)]
+    for index, sampler in enumerate(samplers):
+        sampler.generator.manual_seed((seed * 100003 + index) % (1 << 63))
+    return len(samplers)

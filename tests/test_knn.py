@@ -1,0 +1,190 @@
+"""The k-NN core against independent references: torch's own ops, dense top-k, hand-made cases."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convnn.knn import (
+    CandidateSampler,
+    gather_neighbors,
+    knn_select,
+    modulate,
+    random_candidates,
+    reset_sampling,
+    self_similarity,
+    similarity,
+    spatial_candidates,
+)
+
+
+def rand(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def test_similarity_kinds_match_torch_references():
+    q, k = rand(2, 5, 7), rand(2, 6, 7, seed=1)
+    cos = F.cosine_similarity(q[:, :, None], k[:, None], dim=-1)
+    torch.testing.assert_close(similarity(q, k, "cosine"), cos)
+    torch.testing.assert_close(similarity(q, k, "dot"), q @ k.transpose(1, 2) / math.sqrt(7))
+    torch.testing.assert_close(similarity(q, k, "euclidean"), -torch.cdist(q, k).pow(2))
+
+
+def test_similarity_has_no_nan_on_zero_rows_and_no_positive_distance():
+    q = torch.zeros(1, 3, 4)
+    for kind in ("cosine", "dot", "euclidean"):
+        s = similarity(q, q, kind)
+        assert torch.isfinite(s).all() and (s == 0).all(), kind
+    x = rand(1, 50, 3, dtype=torch.float32) * 1e3
+    assert (similarity(x, x, "euclidean") <= 0).all()
+
+
+def test_unknown_similarity_is_rejected():
+    with pytest.raises(ValueError, match=r"similarity must be one of .*'euclidean'\], got 'l1'"):
+        similarity(rand(1, 2, 3), rand(1, 2, 3), "l1")
+
+
+def test_self_first_matches_reference_diagonal_trick():
+    # The reference sets the cosine diagonal to 1.1 and takes top-k: self first, then the k-1 best.
+    x = rand(3, 40, 6)
+    s = similarity(x, x, "cosine")
+    s.diagonal(dim1=1, dim2=2).fill_(1.1)
+    ref_values, ref_idx = s.topk(9, dim=-1)
+    values, idx = knn_select(x, x, 9, kind="cosine")
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(values[..., 1:], ref_values[..., 1:])
+    torch.testing.assert_close(values[..., 0], torch.ones(3, 40, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "dot", "euclidean"])
+def test_without_self_first_equals_dense_topk(kind):
+    q, k = rand(2, 30, 5), rand(2, 30, 5, seed=3)
+    ref_values, ref_idx = similarity(q, k, kind).topk(4, dim=-1)
+    values, idx = knn_select(q, k, 4, kind=kind, self_first=False)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(values, ref_values)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_equals_unchunked(chunk):
+    q, k = rand(2, 50, 5), rand(2, 50, 5, seed=2)
+    cand = torch.tensor([3, 9, 10, 20, 31, 45, 49])
+    for args in [dict(), dict(candidates=cand)]:
+        keys = k if not args else k[:, cand]
+        whole = knn_select(q, keys, 5, kind="dot", chunk_size=1000, **args)
+        parts = knn_select(q, keys, 5, kind="dot", chunk_size=chunk, **args)
+        assert torch.equal(whole[1], parts[1])
+        torch.testing.assert_close(whole[0], parts[0])
+
+
+def test_sampled_self_first_never_picks_self_twice():
+    x = rand(2, 20, 4)
+    cand = torch.arange(0, 20, 2)  # even tokens are their own candidates
+    values, idx = knn_select(x, x[:, cand], 10, kind="cosine", candidates=cand)
+    assert torch.equal(idx[..., 0], torch.arange(20).expand(2, 20))
+    for row in idx.reshape(-1, 10):
+        assert len(set(row.tolist())) == 10  # self once, then the 9 other candidates
+        assert set(row[1:].tolist()) <= set(cand.tolist())
+    torch.testing.assert_close(values[..., 0], torch.ones(2, 20, dtype=torch.float64))
+    # k - 1 others must exist even for the tokens that are candidates themselves
+    with pytest.raises(ValueError, match=r"k=11 neighbours need 1 <= k <= number of candidates \(10\)"):
+        knn_select(x, x[:, cand], 11, candidates=cand)
+
+
+def test_self_sim_overrides_the_self_value():
+    x = rand(1, 8, 3)
+    own = torch.full((1, 8), 0.25, dtype=torch.float64)
+    values, _ = knn_select(x, x, 3, kind="dot", self_sim=own)
+    assert (values[..., 0] == 0.25).all()
+    torch.testing.assert_close(self_similarity(x, "dot"), similarity(x, x, "dot").diagonal(dim1=1, dim2=2))
+
+
+def test_half_precision_masks_stay_finite():
+    x = rand(2, 33, 8, dtype=torch.bfloat16)
+    x[:, 5] = 0
+    for kind in ("cosine", "dot", "euclidean"):
+        values, idx = knn_select(x, x, 6, kind=kind, chunk_size=8)
+        assert torch.isfinite(values).all() and values.dtype == torch.bfloat16, kind
+        assert torch.isfinite(modulate(x.transpose(1, 2).repeat(1, 1, 6), values, "softmax")).all()
+
+
+def test_random_candidates_are_distinct_and_reproducible():
+    a = random_candidates(100, 32, torch.Generator().manual_seed(5))
+    b = random_candidates(100, 32, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.shape == (32,) and a.unique().numel() == 32
+    assert a.min() >= 0 and a.max() < 100
+    with pytest.raises(ValueError, match="num_candidates <= N tokens, got r=101, N=100"):
+        random_candidates(100, 101)
+
+
+def test_spatial_grid_uses_the_padded_width():
+    # a 3x7 map padded by 1 is 5x9; a 3x3 grid takes rows 0, 2, 4 and columns 0, 4, 8 of it
+    idx = spatial_candidates(45, 9, grid=(5, 9))
+    assert idx.tolist() == [0, 4, 8, 18, 22, 26, 36, 40, 44]
+    assert spatial_candidates(45, 12, grid=(5, 9)).numel() == 9  # floor(sqrt(12)) = 3
+    with pytest.raises(ValueError, match="6 x 6, which does not fit a 5 x 9 map"):
+        spatial_candidates(45, 36, grid=(5, 9))
+
+
+def test_spatial_sequence_takes_every_n_over_r_th_token():
+    assert spatial_candidates(197, 32).tolist() == list(range(0, 192, 6))
+
+
+def test_gather_neighbors_matches_a_loop():
+    v, idx = rand(2, 3, 6), torch.randint(0, 6, (2, 6, 4))
+    out = gather_neighbors(v, idx)
+    for b in range(2):
+        for i in range(6):
+            for j in range(4):
+                assert torch.equal(out[b, :, i * 4 + j], v[b, :, idx[b, i, j]])
+
+
+def test_gather_works_on_a_transposed_token_view():
+    tokens = rand(2, 6, 3)  # [B, N, D]
+    idx = torch.randint(0, 6, (2, 6, 4))
+    out = gather_neighbors(tokens.transpose(1, 2), idx)
+    assert torch.equal(out, gather_neighbors(tokens.transpose(1, 2).contiguous(), idx))
+
+
+def test_modulate_ones_is_identity_and_softmax_weights_rows():
+    rows, values = rand(2, 3, 8), rand(2, 4, 2)
+    assert modulate(rows, values, "ones") is rows
+    w = values.softmax(-1).reshape(2, 1, 8)
+    torch.testing.assert_close(modulate(rows, values, "softmax"), rows * w)
+    with pytest.raises(ValueError, match=r"rho must be one of \['ones', 'softmax'\], got 'max'"):
+        modulate(rows, values, "max")
+
+
+def test_sampler_eval_is_reproducible_after_reset_and_train_uses_global_rng():
+    model = nn.Sequential(CandidateSampler("random", 8), nn.ReLU(), CandidateSampler("random", 8))
+    model.eval()
+    assert reset_sampling(model, seed=1) == 2
+    first = [m.candidates(50) for m in (model[0], model[2])]
+    assert not torch.equal(first[0], first[1])  # per-layer seeds differ
+    reset_sampling(model, seed=1)
+    assert all(torch.equal(a, m.candidates(50)) for a, m in zip(first, (model[0], model[2]), strict=True))
+    model.train()
+    torch.manual_seed(3)
+    a = model[0].candidates(50)
+    torch.manual_seed(3)
+    assert torch.equal(a, model[0].candidates(50))
+
+
+def test_sampler_options_are_validated():
+    with pytest.raises(ValueError, match=r"sampling must be one of .*'spatial'\], got 'grid'"):
+        CandidateSampler("grid")
+    with pytest.raises(ValueError, match="sampling='random' needs a positive num_candidates, got None"):
+        CandidateSampler("random")
+    assert CandidateSampler("all", 32).candidates(10) is None
+
+
+def test_select_rejects_bad_arguments():
+    x = rand(1, 5, 2)
+    with pytest.raises(ValueError, match=r"k=6 neighbours need 1 <= k <= number of candidates \(5\)"):
+        knn_select(x, x, 6)
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer or None, got 0"):
+        knn_select(x, x, 2, chunk_size=0)
+    with pytest.raises(ValueError, match="keys must cover all 5 tokens, got 3"):
+        knn_select(x, x[:, :3], 2)
