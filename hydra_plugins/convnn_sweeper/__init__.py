@@ -1,0 +1,1 @@
+"""Hydra sweeper plugin ``hydra/sweeper=paper``: union of override rows x Cartesian params, dry run."""
