@@ -1,0 +1,98 @@
+"""VGG (torchvision's layout, batch-norm variant) with every convolution a registry slot."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from convnn.models.registry import LayerFactory, register_model
+
+POOL = "M"
+STAGES: dict[str, list[int | str]] = {
+    "vgg11": [64, POOL, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512, POOL],
+    "vgg13": [64, 64, POOL, 128, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512, POOL],
+    "vgg16": [64, 64, POOL, 128, 128, POOL, *[256] * 3, POOL, *[512] * 3, POOL, *[512] * 3, POOL],
+    "vgg19": [64, 64, POOL, 128, 128, POOL, *[256] * 4, POOL, *[512] * 4, POOL, *[512] * 4, POOL],
+}
+MIN_IMAGE_SIZE = 32  # five 2x2 max-pools
+
+
+class VGG(nn.Module):
+    """``[B, C, S, S] -> [B, classes]``: slots (each + BatchNorm2d + ReLU) and max-pools, 7x7 average pool,
+    then ``Linear(512*49, h) ReLU Dropout Linear(h, h) ReLU Dropout Linear(h, classes)``."""
+
+    def __init__(
+        self,
+        stages: list[int | str],
+        layer: LayerFactory,
+        num_classes: int,
+        in_channels: int,
+        dropout: float,
+        hidden_features: int,
+        width_mult: float,
+    ) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        channels = in_channels
+        for stage in stages:
+            if stage == POOL:
+                blocks.append(nn.MaxPool2d(kernel_size=2, stride=2))
+                continue
+            width = max(1, round(stage * width_mult))
+            blocks += [layer(channels, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            channels = width
+        self.features = nn.Sequential(*blocks)
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = nn.Sequential(
+            nn.Linear(channels * 49, hidden_features),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_features, hidden_features),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_features, num_classes),
+        )
+        for module in self.classifier:
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, 0.01)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, C, S, S] -> [B, classes]``."""
+        return self.classifier(self.avgpool(self.features(x)).flatten(1))
+
+
+def _vgg_builder(name: str, doc: str) -> Callable[..., VGG]:
+    """Register ``name`` as a torchvision-style builder with explicit options."""
+
+    @register_model(name, slot_kind="map")
+    def build(
+        layer: LayerFactory,
+        num_classes: int,
+        image_size: int,
+        in_channels: int = 3,
+        dropout: float = 0.5,
+        hidden_features: int = 4096,
+        width_mult: float = 1.0,
+    ) -> VGG:
+        if image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"{name} needs image_size >= {MIN_IMAGE_SIZE} (5 pools), got {image_size}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{name} dropout must be in [0, 1), got {dropout}")
+        if hidden_features < 1 or width_mult <= 0:
+            raise ValueError(
+                f"{name} needs hidden_features >= 1 and width_mult > 0, "
+                f"got {hidden_features} and {width_mult}"
+            )
+        return VGG(STAGES[name], layer, num_classes, in_channels, dropout, hidden_features, width_mult)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f"{doc}; ``width_mult`` scales every slot's channels, ``hidden_features`` the classifier."
+    return build
+
+
+vgg11 = _vgg_builder("vgg11", 'VGG-11 (configuration "A"), the paper\'s CNN')
+vgg13 = _vgg_builder("vgg13", 'VGG-13 (configuration "B")')
+vgg16 = _vgg_builder("vgg16", 'VGG-16 (configuration "D")')
+vgg19 = _vgg_builder("vgg19", 'VGG-19 (configuration "E")')

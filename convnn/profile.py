@@ -1,0 +1,146 @@
+"""Parameters and GFLOPs of a backbone, by fvcore and by the paper's torch.profiler method.
+
+``convnn-profile model=... layer=... data=...`` (Hydra, the training config groups) prints a table and,
+as its last line, one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from fvcore.nn import FlopCountAnalysis
+from fvcore.nn.jit_handles import conv_flop_count, get_shape
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from convnn.models import build_model, input_size
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def _conv_same_macs(inputs: list, outputs: list) -> int:
+    """``aten::_convolution_mode`` (string padding, e.g. ``"same"``): out elements x in-channels x kernel."""
+    return conv_flop_count(get_shape(inputs[0]), get_shape(inputs[1]), get_shape(outputs[0]), False)
+
+
+def _sdpa_macs(inputs: list, outputs: list) -> int:
+    """``scaled_dot_product_attention(q [.., L, E], k [.., S, E], v [.., S, Ev])``: ``Q Kᵀ`` plus ``A V``."""
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+def _baddbmm_macs(inputs: list, outputs: list) -> int:
+    """``baddbmm(c, a [B, N, K], b [B, K, M])``: ``B N K M`` (the scaled add is elementwise)."""
+    a, b = get_shape(inputs[1]), get_shape(inputs[2])
+    return math.prod(a) * b[-1]
+
+
+def _cdist_macs(inputs: list, outputs: list) -> int:
+    """``cdist(x1 [.., P, D], x2 [.., R, D])``: ``P R D`` per batch, as its matmul form costs."""
+    return math.prod(get_shape(inputs[0])) * get_shape(inputs[1])[-2]
+
+
+EXTRA_FVCORE_HANDLES = {
+    "aten::_convolution_mode": _conv_same_macs,
+    "aten::scaled_dot_product_attention": _sdpa_macs,
+    "aten::baddbmm": _baddbmm_macs,
+    "aten::cdist": _cdist_macs,
+}
+"""Matmul-like ops fvcore 0.1.5 does not count (it reports them as unsupported and counts 0)."""
+
+
+def _one_image(input_shape: Sequence[int]) -> tuple[int, int, int, int]:
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == 3:
+        return (1, *shape)
+    if len(shape) == 4 and shape[0] == 1:
+        return shape
+    raise ValueError(f"input_shape must be (C, H, W) or (1, C, H, W), got {tuple(input_shape)}")
+
+
+def fvcore_macs(model: nn.Module, x: torch.Tensor, extra_handles: bool = True) -> tuple[int, dict[str, int]]:
+    """fvcore's multiply-add count of ``model(x)`` and the ops it could not count (name -> calls).
+
+    ``extra_handles=False`` gives fvcore's own figure (string-padded convs and SDPA counted as 0).
+    """
+    analysis = FlopCountAnalysis(model, x)
+    if extra_handles:
+        analysis.set_op_handle(**EXTRA_FVCORE_HANDLES)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    return int(analysis.total()), dict(analysis.unsupported_ops())
+
+
+def profiler_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """The paper's count: ``torch.profiler`` ``with_flops=True``, ``flops`` summed over ``key_averages()``.
+
+    It counts integer-padded ``conv2d`` (2 MACs), ``mm``/``addmm``/``bmm`` (2 M N K) and ``mul``/``add``
+    (1 per element), and 0 for everything else (``"same"`` convs, Conv1d, SDPA, norms, top-k, ...).
+    """
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        model(x)
+    return int(sum(event.flops for event in prof.key_averages()))
+
+
+def profile_model(model: nn.Module, input_shape: Sequence[int]) -> dict[str, Any]:
+    """Parameters and GFLOPs of ``model`` on one random image of ``input_shape`` (``(C, H, W)``).
+
+    Returns ``params``, ``trainable_params``, ``gflops`` (fvcore multiply-adds / 1e9, with handles for the
+    matmul-like ops fvcore skips), ``unsupported_ops`` (what fvcore still could not count; elementwise ops,
+    norms, top-k, ...), ``gflops_profiler`` (the paper's method; eval mode, batch 1) and ``input_shape``.
+    Runs in eval mode under ``no_grad`` on the model's device, then restores the mode; the global RNG
+    state is left as it was, so profiling does not shift a seeded run.
+    """
+    shape = _one_image(input_shape)
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None else torch.float32
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            x = torch.randn(shape, device=device, dtype=dtype)
+            macs, unsupported = fvcore_macs(model, x)
+            flops = profiler_flops(model, x)
+    finally:
+        model.train(was_training)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "gflops": macs / 1e9,
+        "gflops_profiler": flops / 1e9,
+        "unsupported_ops": unsupported,
+        "input_shape": list(shape),
+    }
+
+
+def _print_table(record: dict[str, Any]) -> None:
+    table = Table(title=f"{record['model']} x {record['layer']} on {record['data']}")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_row("input (one image)", "x".join(map(str, record["input_shape"])))
+    table.add_row("parameters", f"{record['params']:,} ({record['params'] / 1e6:.3f}M)")
+    table.add_row("trainable parameters", f"{record['trainable_params']:,}")
+    table.add_row("GFLOPs, fvcore (multiply-adds)", f"{record['gflops']:.5f}")
+    table.add_row("GFLOPs, torch.profiler (paper's method)", f"{record['gflops_profiler']:.5f}")
+    table.add_row("ops fvcore did not count", ", ".join(sorted(record["unsupported_ops"])) or "-")
+    Console().print(table)
+
+
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="profile")
+def main(cfg: DictConfig) -> None:
+    """``convnn-profile``: build ``model`` x ``layer`` for ``data`` and print its accounting."""
+    size = input_size(cfg.model, cfg.data.image_size)
+    model = build_model(cfg.model, cfg.layer, cfg.data.num_classes, size, cfg.data.in_channels)
+    result = profile_model(model, (cfg.data.in_channels, size, size))
+    record = {"model": cfg.model.name, "layer": cfg.layer.name, "data": cfg.data.name, **result}
+    _print_table(record)
+    print(json.dumps(record))
