@@ -39,37 +39,44 @@ def expand_jobs(
     """The jobs of a sweep: for each row (a space-separated override string that may itself sweep,
     e.g. ``"layer.ratio=0.0,0.5 layer.patch=1"``) its Cartesian product with ``params``.
 
-    No rows means the plain Cartesian product of ``params``. A key set both by a row and by
-    ``params``, or two rows producing the same job, raise a ``ValueError``.
+    No rows means the plain Cartesian product of ``params``. A key given in ``params`` (the
+    experiment's or the command line's) replaces that key in every row, so ``layer.ratio=0.5`` on the
+    command line narrows a λ sweep; jobs that several rows produce are kept once, in row order.
     """
-    blocks = {name: shlex.split(text) for name, text in (rows or {"": ""}).items()}
     param_keys = {override_key(p) for p in params}
     jobs: list[list[str]] = []
-    seen: dict[frozenset[str], str] = {}
-    for name, block in blocks.items():
-        clash = sorted(param_keys & {override_key(o) for o in block})
-        if clash:
-            raise ValueError(f"sweep row {name!r} sets {clash}, which the sweep params also set")
+    seen: set[frozenset[str]] = set()
+    for text in (rows or {"": ""}).values():
+        block = [o for o in shlex.split(text) if override_key(o) not in param_keys]
         for job in cartesian([*block, *params], parser):
-            key = frozenset(job)
-            if key in seen:
-                raise ValueError(f"sweep rows {seen[key]!r} and {name!r} both produce the job {job}")
-            seen[key] = name
-            jobs.append(job)
+            if frozenset(job) not in seen:
+                seen.add(frozenset(job))
+                jobs.append(job)
     return jobs
 
 
-def format_jobs(jobs: Sequence[Sequence[str]]) -> str:
-    """A numbered listing of the jobs, one per line, headed by their count."""
-    lines = [f"{len(jobs)} jobs"]
+def format_jobs(jobs: Sequence[Sequence[str]], finished: Sequence[Sequence[str]] = ()) -> str:
+    """A numbered listing of the jobs to launch, one per line, headed by their count; ``finished``
+    jobs (skipped) are listed after them."""
+    lines = [f"{len(jobs)} jobs to launch" + (f", {len(finished)} finished (skipped)" if finished else "")]
     lines += [f"{i:4d}  {' '.join(job)}" for i, job in enumerate(jobs)]
+    lines += [f"done  {' '.join(job)}" for job in finished]
     return "\n".join(lines)
 
 
-def should_skip(run_dir: str | Path) -> bool:
-    """True when ``run_dir`` holds a run record whose status is ``"finished"``.
+def should_skip(run_dir: str | Path, epochs: int) -> bool:
+    """True when ``run_dir`` holds a record with status ``"finished"`` and at least ``epochs`` epochs.
 
-    Runs that are ``"running"`` (killed) or ``"failed"`` are not skipped: training resumes them.
+    Runs that are ``"running"`` (killed) or ``"failed"``, or finished with fewer epochs than asked
+    for now, are not skipped: ``resume=true`` continues them from their last checkpoint.
     """
     path = Path(run_dir) / RECORD_NAME
-    return path.is_file() and read_record(path).get("status") == "finished"
+    if not path.is_file():
+        return False
+    record = read_record(path)
+    return record.get("status") == "finished" and len(record.get("epochs") or []) >= epochs
+
+
+def with_resume(job: Sequence[str]) -> list[str]:
+    """``job`` plus ``resume=true`` unless it sets ``resume`` itself (a died run then continues)."""
+    return list(job) if any(override_key(o) == "resume" for o in job) else [*job, "resume=true"]

@@ -1,16 +1,19 @@
-"""The ``paper`` sweeper: Hydra's basic sweeper plus ``rows`` (a union of override blocks) and
-``dry_run`` (list the jobs, launch nothing). Job expansion lives in :mod:`convnn.sweep`."""
+"""The ``paper`` sweeper: Hydra's basic sweeper plus ``rows`` (a union of override blocks),
+``skip_finished`` (re-launching skips finished runs and resumes died ones) and ``dry_run`` (list the
+jobs, launch nothing). Job expansion and the finished check live in :mod:`convnn.sweep`."""
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Optional  # noqa: UP035 (OmegaConf needs typing generics)
+from pathlib import Path
+from typing import Any, Dict, Optional  # noqa: UP035 - OmegaConf structured configs need these
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 
-from convnn.sweep import expand_jobs, format_jobs
+from convnn.sweep import expand_jobs, format_jobs, should_skip, with_resume
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +26,7 @@ class PaperSweeperConf:
     max_batch_size: Optional[int] = None  # noqa: UP045
     params: Optional[Dict[str, str]] = None  # noqa: UP006, UP045
     rows: Optional[Dict[str, str]] = None  # noqa: UP006, UP045
+    skip_finished: bool = True
     dry_run: bool = False
 
 
@@ -37,27 +41,43 @@ class PaperSweeper(BasicSweeper):
         max_batch_size: int | None,
         params: dict[str, str] | None = None,
         rows: dict[str, str] | None = None,
+        skip_finished: bool = True,
         dry_run: bool = False,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.rows = dict(rows) if rows else None
+        self.skip_finished = skip_finished
         self.dry_run = dry_run
 
-    def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
-        """Batches of jobs; overrides here are the sweep ``params`` followed by the command line's."""
+    def plan(self, overrides: list[Override]) -> tuple[list[list[str]], list[list[str]]]:
+        """``(jobs to launch, finished jobs)``; with ``skip_finished`` the launched jobs get
+        ``resume=true`` so a run that died continues from its last checkpoint."""
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        params = [o.input_line for o in overrides]
-        jobs = expand_jobs(self.rows, params, parser)
+        jobs = expand_jobs(self.rows, [o.input_line for o in overrides], parser)
+        if not self.skip_finished:
+            return jobs, []
+        todo, done = [], []
+        for job in jobs:
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, job)
+            HydraConfig.instance().set_config(cfg)  # the run dir may interpolate ${hydra:...}
+            run_dir = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
+            (done if should_skip(run_dir, cfg.epochs) else todo).append(job)
+        return [with_resume(job) for job in todo], done
+
+    def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
+        """Batches of the jobs to launch (called by ``BasicSweeper.sweep``)."""
+        jobs, done = self.plan(overrides)
+        if done:
+            log.info("skipping %d finished runs", len(done))
         size = max_batch_size or len(jobs) or 1
         return [jobs[i : i + size] for i in range(0, len(jobs), size)]
 
     def sweep(self, arguments: list[str]) -> Any:
-        """Launch every job, or with ``dry_run`` print them (count and overrides) and launch none."""
+        """Launch the jobs, or with ``dry_run`` print them (count and overrides) and launch none."""
         if not self.dry_run:
             return super().sweep(arguments)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        overrides = parser.parse_overrides([*self._parse_config(), *arguments])
-        jobs = [job for batch in self.split_arguments(overrides, None) for job in batch]
+        jobs, done = self.plan(parser.parse_overrides([*self._parse_config(), *arguments]))
         self.validate_batch_is_legal(jobs)
-        print(format_jobs(jobs))
+        print(format_jobs(jobs, done))
         return []
