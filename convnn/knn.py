@@ -97,6 +97,14 @@ def self_similarity(q: Tensor, kind: str) -> Tensor:
     return torch.zeros_like(norm)
 
 
+def pair_similarity(q: Tensor, k: Tensor, kind: str) -> Tensor:
+    """Similarity of matching rows, ``q [B, N, h]``, ``k [B, N, h] -> [B, N]`` (``q_i`` with ``k_i``)."""
+    if kind == "euclidean":
+        return -(q - k).pow(2).sum(-1)
+    scores = (prepare(q, kind) * prepare(k, kind)).sum(-1)
+    return scores / math.sqrt(q.shape[-1]) if kind == "dot" else scores
+
+
 def random_candidates(n: int, r: int, generator: torch.Generator | None = None) -> Tensor:
     """``r`` distinct token indices drawn uniformly from ``range(n)`` -> LongTensor ``[r]`` (CPU).
 

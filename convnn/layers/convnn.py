@@ -1,0 +1,214 @@
+"""ConvNN on feature maps ``[B, C, H, W]``: k-NN selection over the map's tokens, Conv1d aggregation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from convnn.knn import (
+    RHOS,
+    SIMILARITIES,
+    CandidateSampler,
+    check_choice,
+    gather_neighbors,
+    knn_select,
+    modulate,
+    pair_similarity,
+)
+from convnn.layers.position import (
+    append_coordinates,
+    coordinate_channels,
+    mix_position,
+    patch_layers,
+    pixel_coordinates,
+)
+from convnn.layers.registry import register_layer
+
+SELECT_BY = ("features", "position", "both")
+PROJECTIONS = ("identity", "linear")
+AGGREGATIONS = ("standard", "depthwise", "separable")
+
+
+def _projection(channels: int, dim: int, linear: bool) -> nn.Module:
+    """A bias-free 1x1 Conv1d ``[B, channels, N] -> [B, dim, N]``, or ``nn.Identity``."""
+    return nn.Conv1d(channels, dim, kernel_size=1, bias=False) if linear else nn.Identity()
+
+
+@register_layer("convnn", kind="map")
+class ConvNN(nn.Module):
+    """Convolutional Nearest Neighbors on a map: ``[B, C, H, W] -> [B, C', H, W]``.
+
+    Per forward: optional PixelUnshuffle (``patch``), zero ``padding``, flatten to N tokens; choose
+    each token's k neighbours among the candidates (``sampling``) by ``similarity`` of ``w_q`` / ``w_k``
+    projections of the features (``select_by="features"``), of features mixed with coordinate
+    channels (``"both"``, mix ``position_weight``), or by pixel distance (``"position"``, neighbours
+    then sorted into raster order: with k = 9, padding 1 this is a 3x3 convolution); gather the
+    neighbours' ``w_v`` values (plus coordinate channels when ``aggregate_position``), scale them by
+    ``rho`` of their similarities, aggregate with ``aggregate = Conv1d(kernel k, stride k)``; crop the
+    padding, PixelShuffle back.
+
+    As in the reference, every padded token takes part in the similarity (so the paper's profiler
+    FLOPs are reproduced), but only the H * W unpadded tokens are gathered and aggregated. Defaults
+    are the paper's VGG setting.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        k: int = 9,
+        similarity: str = "cosine",
+        projections: str = "identity",
+        proj_dim: int | None = None,
+        rho: str = "ones",
+        sampling: str = "all",
+        num_candidates: int | None = None,
+        select_by: str = "features",
+        aggregate_position: bool = False,
+        position_weight: float = 0.5,
+        patch: int = 1,
+        padding: int = 1,
+        aggregation: str = "standard",
+        unit_init: bool = False,
+        bias: bool = True,
+        self_first: bool = True,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_choice("similarity", similarity, SIMILARITIES)
+        check_choice("projections", projections, PROJECTIONS)
+        check_choice("rho", rho, RHOS)
+        check_choice("select_by", select_by, SELECT_BY)
+        check_choice("aggregation", aggregation, AGGREGATIONS)
+        if k < 1:
+            raise ValueError(f"k must be a positive integer, got {k}")
+        if padding < 0:
+            raise ValueError(f"padding must be >= 0, got {padding}")
+        if not 0.0 <= position_weight <= 1.0:
+            raise ValueError(f"position_weight must lie in [0, 1], got {position_weight}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+        linear = projections == "linear"
+        if proj_dim is not None and (not linear or proj_dim < 1):
+            raise ValueError(f"proj_dim={proj_dim} needs projections='linear' and a positive value")
+        if linear and select_by == "position":
+            raise ValueError(
+                "projections='linear' needs select_by 'features' or 'both' ('position' has no features)"
+            )
+        self.sampler = CandidateSampler(sampling, num_candidates)
+        self.unshuffle, self.shuffle = patch_layers(patch)
+        channels, out_total = in_channels * patch**2, out_channels * patch**2
+        select_channels = channels + 2 if select_by == "both" else channels
+        value_channels = channels + 2 if aggregate_position else channels
+        self.w_q = _projection(select_channels, proj_dim or select_channels, linear)
+        self.w_k = _projection(select_channels, proj_dim or select_channels, linear)
+        self.w_v = _projection(value_channels, value_channels, linear)
+        self.aggregate, self.pointwise = _aggregation(value_channels, out_total, k, aggregation, bias)
+        if unit_init:
+            nn.init.ones_(self.aggregate.weight)
+            if self.aggregate.bias is not None:
+                nn.init.zeros_(self.aggregate.bias)
+        self.k, self.similarity, self.rho, self.select_by = k, similarity, rho, select_by
+        self.aggregate_position, self.position_weight = aggregate_position, position_weight
+        self.padding, self.self_first, self.chunk_size = padding, self_first, chunk_size
+        self._uses_coordinates = aggregate_position or select_by == "both"
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, C, H, W] -> [B, C', H, W]``."""
+        x = F.pad(self.unshuffle(x), [self.padding] * 4)
+        height, width = x.shape[-2:]
+        tokens = x.flatten(2)
+        coords = coordinate_channels(height, width, tokens) if self._uses_coordinates else None
+        candidates = self.sampler.candidates(height * width, grid=(height, width), device=x.device)
+        self._check_candidates(height, width, candidates)
+        values_in = append_coordinates(tokens, coords) if self.aggregate_position else tokens
+        v = self.w_v(values_in)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.rho == "softmax"):
+            if self.select_by == "position":
+                sims, idx = self._select_by_position(height, width, candidates)
+                sims, idx = sims.expand(x.shape[0], -1, -1), idx.expand(x.shape[0], -1, -1)
+            else:
+                if self.select_by == "both":
+                    tokens = mix_position(tokens, coords, self.position_weight)
+                sims, idx = self._select_by_features(tokens, candidates)
+        sims, idx = self._crop(sims, height, width), self._crop(idx, height, width)
+        out = self.pointwise(self.aggregate(modulate(gather_neighbors(v, idx), sims, self.rho)))
+        pad = self.padding
+        return self.shuffle(out.unflatten(2, (height - 2 * pad, width - 2 * pad)))
+
+    def _crop(self, per_token: Tensor, height: int, width: int) -> Tensor:
+        """Keep the rows of the unpadded tokens: ``[B, Hp * Wp, k] -> [B, H * W, k]``."""
+        pad = self.padding
+        grid = per_token.unflatten(1, (height, width))[:, pad : height - pad, pad : width - pad]
+        return grid.flatten(1, 2)
+
+    def _select_by_features(self, selection: Tensor, candidates: Tensor | None) -> tuple[Tensor, Tensor]:
+        """k-NN of ``selection [B, C, N]`` through ``w_q`` / ``w_k`` -> ``(values, indices) [B, N, k]``."""
+        q = self.w_q(selection).transpose(1, 2)
+        keys = self.w_k(selection if candidates is None else selection[:, :, candidates]).transpose(1, 2)
+        self_sim = None
+        if self.self_first and candidates is not None and not isinstance(self.w_k, nn.Identity):
+            self_sim = pair_similarity(q, self.w_k(selection).transpose(1, 2), self.similarity)
+        return knn_select(
+            q,
+            keys,
+            self.k,
+            kind=self.similarity,
+            candidates=candidates,
+            self_first=self.self_first,
+            self_sim=self_sim,
+            chunk_size=self.chunk_size,
+        )
+
+    def _select_by_position(
+        self, height: int, width: int, candidates: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """The k nearest candidates in pixel distance, sorted into raster order -> ``[1, N, k]`` each.
+
+        Runs in float32 outside autocast: pixel coordinates must stay exact.
+        """
+        grid = pixel_coordinates(height, width, self.aggregate.weight.device)
+        keys = grid if candidates is None else grid[:, candidates]
+        with torch.autocast(grid.device.type, enabled=False):
+            sims, idx = knn_select(
+                grid,
+                keys,
+                self.k,
+                kind="euclidean",
+                candidates=candidates,
+                self_first=self.self_first,
+                chunk_size=self.chunk_size,
+            )
+        idx, order = idx.sort(dim=-1)
+        return sims.gather(-1, order), idx
+
+    def _check_candidates(self, height: int, width: int, candidates: Tensor | None) -> None:
+        """Raise a clear ``ValueError`` when the map offers fewer than k candidate tokens."""
+        available = height * width if candidates is None else candidates.numel()
+        if self.k > available:
+            raise ValueError(
+                f"convnn k={self.k} exceeds the {available} candidate tokens of the padded "
+                f"{height}x{width} map (sampling={self.sampler.sampling!r}, padding={self.padding})"
+            )
+
+
+def _aggregation(
+    channels: int, out_channels: int, k: int, kind: str, bias: bool
+) -> tuple[nn.Conv1d, nn.Module]:
+    """``(aggregate, pointwise)``: the Conv1d(kernel k, stride k) and the separable 1x1 (else Identity).
+
+    standard: Conv1d(C, C'); depthwise: groups = C (C' a multiple of C); separable: depthwise
+    Conv1d(C, C, groups=C, no bias) then a 1x1 Conv1d(C, C').
+    """
+    if kind == "standard":
+        return nn.Conv1d(channels, out_channels, k, stride=k, bias=bias), nn.Identity()
+    if kind == "depthwise":
+        if out_channels % channels:
+            raise ValueError(
+                f"depthwise aggregation needs output channels ({out_channels}) to be a multiple of the "
+                f"aggregated channels ({channels})"
+            )
+        return nn.Conv1d(channels, out_channels, k, stride=k, groups=channels, bias=bias), nn.Identity()
+    depthwise = nn.Conv1d(channels, channels, k, stride=k, groups=channels, bias=False)
+    return depthwise, nn.Conv1d(channels, out_channels, 1, bias=bias)
