@@ -120,16 +120,13 @@ def test_unit_init_starts_every_aggregation_as_the_neighbour_sum():
 
 
 def test_random_sampling_follows_the_documented_semantics():
-    """Self first (score |q|^2/sqrt(d)), then the k-1 best other candidates; keys of candidates only."""
+    """Self first, scored q_i . k_i / sqrt(d), then the k-1 best other candidates."""
     x = tokens(b=2, n=8, d=4)
     layer = build("convnn_attention", d=4, k=3, sampling="random", num_candidates=4)
     reset_sampling(layer, 5)
     candidates = layer.sampler.candidates(8)
-    seen = []
-    layer.w_k.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
     reset_sampling(layer, 5)
     out = layer(x)
-    assert seen == [torch.Size([2, 4, 4])]
     w_q, w_k, w_v, w_o = weights(layer)
     q, k, v = x @ w_q.T, x @ w_k.T, x @ w_v.T
     expected = torch.zeros_like(out)
@@ -139,11 +136,20 @@ def test_random_sampling_follows_the_documented_semantics():
             scores = {c: float(q[bi, i] @ k[bi, c]) / 2.0 for c in others}
             best = sorted(others, key=lambda c: -scores[c])[:2]
             logits = torch.tensor(
-                [float(q[bi, i] @ q[bi, i]) / 2.0] + [scores[c] for c in best], dtype=torch.float64
+                [float(q[bi, i] @ k[bi, i]) / 2.0] + [scores[c] for c in best], dtype=torch.float64
             )
             rows = torch.stack([v[bi, i]] + [v[bi, c] for c in best])
             expected[bi, i] = (torch.softmax(logits, 0) @ rows) @ w_o.T
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("self_first", "key_rows"), [(False, 4), (True, 16)])
+def test_key_projection_runs_on_candidates_unless_the_self_key_is_needed(self_first, key_rows):
+    layer = build("convnn_attention", k=3, sampling="random", num_candidates=4, self_first=self_first)
+    seen = []
+    layer.w_k.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    layer(tokens(n=16))
+    assert seen == [key_rows]
 
 
 def test_random_sampling_is_reproducible():
@@ -342,6 +348,7 @@ def test_parameter_counts(name, options, per_layer, vit_tiny):
 
 
 @pytest.mark.parametrize("name", TOKEN_LAYERS)
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_traceable_and_stateless_forward(name):
     layer = build(name, **({"dim_head": 4} if name == "local_attention" else {}))
     x = tokens()

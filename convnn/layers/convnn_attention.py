@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convnn.knn import CandidateSampler, check_choice, gather_neighbors, knn_select, modulate
+from convnn.knn import (
+    CandidateSampler,
+    check_choice,
+    gather_neighbors,
+    knn_select,
+    modulate,
+    pair_similarity,
+)
 from convnn.layers.attention import check_dropout, check_heads, check_positive, split_heads
 from convnn.layers.registry import register_layer
 
@@ -93,12 +100,12 @@ class ConvNNAttention(nn.Module):
     best other candidates (None = the paper's runs: False with "all", True with random/spatial);
     ``heads``; ``dropout``: attention dropout on the k modulation weights, training mode only.
 
-    Only the candidates go through ``w_k``: with random r = 32 the key projection costs ``r D^2``, not
-    ``N D^2``, which is what the paper's GFLOPs count ("W_q evaluated on the r candidates only"; the
-    reference names its key-side projection W_q). Queries always cover all N tokens. When
-    ``self_first`` and candidates are sampled, the self entry's similarity is
-    :func:`convnn.knn.self_similarity` of the query (cosine 1, euclidean 0, dot ``|q|^2 / sqrt(d)``),
-    as the token's own key is not projected; the reference used a constant logit 1.
+    Queries always cover all N tokens; with sampled candidates the keys are those of the candidates.
+    The self entry forced first by ``self_first`` is scored like any neighbour, ``sim(q_i, k_i)``, so
+    with linear projections ``w_k`` then runs on all N tokens. Without ``self_first`` (or with identity
+    projections) only the r candidates go through ``w_k``, which is what the paper's GFLOPs count
+    for random r = 32 ("W_q evaluated on the r candidates only": the reference names its key-side
+    projection W_q, and gives the self entry a constant logit 1 instead of its similarity).
 
     Parameters for D = D' = 192, k = 9: projections ``4 D^2`` = 147,456 plus the aggregation:
     depthwise 1,728 (ViT-Tiny 5,500,042, "5.500M"), separable 38,592 (5,942,410, "5.942M"), standard
@@ -149,6 +156,7 @@ class ConvNNAttention(nn.Module):
         self.w_q = nn.Linear(in_channels, qk_dim, bias=False) if linear else nn.Identity()
         self.w_k = nn.Linear(in_channels, qk_dim, bias=False) if linear else nn.Identity()
         self.w_v = nn.Linear(in_channels, in_channels, bias=False) if linear else nn.Identity()
+        self._own_keys = self.self_first and linear
         self.aggregate = build_aggregation(in_channels, k, aggregation, bias, unit_init)
         self.w_o = nn.Linear(in_channels, out_channels, bias=False)
 
@@ -156,12 +164,23 @@ class ConvNNAttention(nn.Module):
         """``[B, N, D] -> [B, N, D']``."""
         b, n, _ = x.shape
         candidates = self.sampler.candidates(n, device=x.device)
-        keys_in = x if candidates is None else x[:, candidates]
         q = self._fold(self.w_q(x))
-        k = self._fold(self.w_k(keys_in))
         v = self._fold(self.w_v(x)).transpose(1, 2)  # [B*H, d, N]
+        self_sim = None
+        if candidates is None or not self._own_keys:
+            k = self._fold(self.w_k(x if candidates is None else x[:, candidates]))
+        else:
+            own = self._fold(self.w_k(x))
+            self_sim = pair_similarity(q, own, self.similarity)
+            k = own[:, candidates]
         values, indices = knn_select(
-            q, k, self.k, kind=self.similarity, candidates=candidates, self_first=self.self_first
+            q,
+            k,
+            self.k,
+            kind=self.similarity,
+            candidates=candidates,
+            self_first=self.self_first,
+            self_sim=self_sim,
         )
         rows = modulate(gather_neighbors(v, indices), values, self.rho)  # [B*H, d, N*k]
         if self.training and self.dropout > 0:
