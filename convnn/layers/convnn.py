@@ -111,11 +111,15 @@ class ConvNN(nn.Module):
                 nn.init.zeros_(self.aggregate.bias)
         self.k, self.similarity, self.rho, self.select_by = k, similarity, rho, select_by
         self.aggregate_position, self.position_weight = aggregate_position, position_weight
-        self.padding, self.self_first, self.chunk_size = padding, self_first, chunk_size
+        self.padding, self.self_first, self.chunk_size, self.patch = padding, self_first, chunk_size, patch
         self._uses_coordinates = aggregate_position or select_by == "both"
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, C, H, W] -> [B, C', H, W]``."""
+        if x.shape[-2] % self.patch or x.shape[-1] % self.patch:
+            raise ValueError(
+                f"convnn patch={self.patch} needs H and W divisible by it, got {tuple(x.shape[-2:])}"
+            )
         x = F.pad(self.unshuffle(x), [self.padding] * 4)
         height, width = x.shape[-2:]
         tokens = x.flatten(2)
