@@ -179,6 +179,34 @@ def test_spatial_sampling_keys_every_nth_token():
     torch.testing.assert_close(layer(x), rows.sum(2) * 0.5 @ w_o.T, rtol=0, atol=1e-12)
 
 
+def test_position_selection_is_a_1d_convolution_of_the_values():
+    """k = 3 nearest tokens by index, in order: interior tokens see i-1, i, i+1; the ends shift in."""
+    x = tokens(n=10)
+    layer = build(
+        "convnn_attention",
+        k=3,
+        select_by="position",
+        projections="identity",
+        rho="ones",
+        aggregation="standard",
+    )
+    conv = F.conv1d(x.transpose(1, 2), layer.aggregate.weight, layer.aggregate.bias)  # [B, D, N - 2]
+    conv = torch.cat([conv[..., :1], conv, conv[..., -1:]], dim=-1).transpose(1, 2)
+    torch.testing.assert_close(layer(x), conv @ layer.w_o.weight.T, rtol=0, atol=1e-12)
+
+
+def test_position_weight_one_selects_by_features_alone():
+    """Cosine ignores the 1/std feature scaling and the zero-weighted position channel."""
+    x = tokens()
+    options = {"k": 4, "similarity": "cosine", "projections": "identity"}
+    features = build("convnn_attention", **options)
+    both = build("convnn_attention", select_by="both", position_weight=1.0, **options)
+    copy_projections(features, both)
+    both.aggregate.load_state_dict(features.aggregate.state_dict())
+    torch.testing.assert_close(both(x), features(x), rtol=0, atol=1e-12)
+    assert both.w_q(torch.zeros(1, 2, 13)).shape[-1] == 13
+
+
 @pytest.mark.parametrize(("n", "window", "heads"), [(11, 4, 1), (12, 4, 2), (5, 8, 1), (20, 3, 2)])
 def test_local_attention_equals_masked_dense_attention(n, window, heads):
     x = tokens(n=n)
@@ -242,6 +270,7 @@ GRADCHECK_CASES = [
     ("local_attention", {"window": 2, "dim_head": 2, "heads": 2}),
     ("convnn_attention", {"k": 3, "similarity": "cosine", "sampling": "random", "num_candidates": 4}),
     ("convnn_attention", {"k": 2, "similarity": "euclidean", "aggregation": "separable", "heads": 2}),
+    ("convnn_attention", {"k": 2, "select_by": "both", "self_first": True}),
 ]
 
 
@@ -266,6 +295,8 @@ BF16_CASES = [
     ("convnn_attention", {"similarity": "cosine"}),
     ("convnn_attention", {"similarity": "euclidean", "sampling": "random", "num_candidates": 12}),
     ("convnn_attention", {"sampling": "spatial", "num_candidates": 10, "aggregation": "standard"}),
+    ("convnn_attention", {"select_by": "both", "sampling": "random", "num_candidates": 12}),
+    ("convnn_attention", {"select_by": "position", "projections": "identity", "rho": "ones"}),
 ]
 
 
@@ -298,6 +329,10 @@ def test_bf16_autocast_is_finite_also_on_zero_tokens(name, options):
         ("local_attention", {"dim_head": 3}, r"even dim_head.*3"),
         ("sparse_attention", {"context": -1}, r"context=-1"),
         ("kvt_attention", {"k": 0}, r"k=0"),
+        ("convnn_attention", {"select_by": "time"}, r"\['features', 'position', 'both'\].*'time'"),
+        ("convnn_attention", {"select_by": "position"}, r"projections='identity'"),
+        ("convnn_attention", {"position_weight": 1.5}, r"position_weight=1.5 .*\[0, 1\]"),
+        ("convnn_attention", {"chunk_size": 0}, r"chunk_size=0"),
         ("kvt_attention", {"window": 3}, r"unknown option.*window"),
     ],
 )
@@ -338,6 +373,7 @@ VIT_TINY_REST = 5_479_306 - 12 * 4 * 192**2
         ("convnn_attention", {"aggregation": "standard"}, 4 * 192 * 192 + 192 * 192 * 9, 9_460_618),
         ("convnn_attention", {"bias": True}, 4 * 192 * 192 + 192 * 9 + 192, 5_502_346),
         ("convnn_attention", {"projections": "identity"}, 192 * 192 + 192 * 9, None),
+        ("convnn_attention", {"select_by": "both"}, 2 * 193 * 192 + 2 * 192 * 192 + 192 * 9, None),
     ],
 )
 def test_parameter_counts(name, options, per_layer, vit_tiny):

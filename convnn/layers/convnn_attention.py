@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convnn.knn import (
+    RHOS,
+    SIMILARITIES,
     CandidateSampler,
     check_choice,
     gather_neighbors,
@@ -28,10 +30,12 @@ from convnn.knn import (
     pair_similarity,
 )
 from convnn.layers.attention import check_dropout, check_heads, check_positive, split_heads
+from convnn.layers.position import mix_position
 from convnn.layers.registry import register_layer
 
 AGGREGATIONS = ("standard", "depthwise", "separable", "sum")
 PROJECTIONS = ("linear", "identity")
+SELECT_BY = ("features", "position", "both")
 
 
 class NeighborSum(nn.Module):
@@ -98,7 +102,13 @@ class ConvNNAttention(nn.Module):
     r = 32); ``aggregation`` depthwise|separable|standard|sum (:func:`build_aggregation`) with
     ``unit_init`` and ``bias``; ``self_first``: each token is its own first neighbour, then the k - 1
     best other candidates (None = the paper's runs: False with "all", True with random/spatial);
-    ``heads``; ``dropout``: attention dropout on the k modulation weights, training mode only.
+    ``heads``; ``dropout``: attention dropout on the k modulation weights, training mode only;
+    ``select_by``: "features" (Q, K from the tokens), "both" (from the tokens mixed with a position
+    channel ``linspace(-1, 1, N)``, weight ``position_weight`` on the features, as the map layer does
+    with its coordinate channels) or "position" (the k tokens nearest in index, in sequence order,
+    identity projections only: with k odd, rho "ones" and sampling "all" each interior token sees
+    the window ``i - k//2 .. i + k//2``, a 1-D convolution of V); ``chunk_size`` bounds the
+    similarity memory (:func:`convnn.knn.knn_select`).
 
     Queries always cover all N tokens; with sampled candidates the keys are those of the candidates.
     The self entry forced first by ``self_first`` is scored like any neighbour, ``sim(q_i, k_i)``, so
@@ -123,38 +133,47 @@ class ConvNNAttention(nn.Module):
         rho: str = "softmax",
         sampling: str = "all",
         num_candidates: int | None = None,
+        select_by: str = "features",
+        position_weight: float = 0.5,
         aggregation: str = "depthwise",
         unit_init: bool = True,
         bias: bool = False,
         self_first: bool | None = None,
         heads: int = 1,
         dropout: float = 0.1,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         check_positive("k", k)
         check_positive("heads", heads)
         check_heads(in_channels, heads)
-        check_choice("similarity", similarity, ("cosine", "dot", "euclidean"))
+        check_choice("similarity", similarity, SIMILARITIES)
         check_choice("projections", projections, PROJECTIONS)
-        check_choice("rho", rho, ("ones", "softmax"))
+        check_choice("rho", rho, RHOS)
+        check_choice("select_by", select_by, SELECT_BY)
         check_dropout(dropout)
         self.sampler = CandidateSampler(sampling, num_candidates)
         if num_candidates is not None and k > num_candidates:
             raise ValueError(f"k={k} neighbours exceed num_candidates={num_candidates}; need k <= r")
-        qk_dim = in_channels if proj_dim is None else proj_dim
-        if projections == "identity" and proj_dim not in (None, in_channels):
-            raise ValueError(f"proj_dim={proj_dim} needs projections='linear' (identity keeps {in_channels})")
-        check_positive("proj_dim", qk_dim)
-        check_heads(qk_dim, heads)
-        self.k = k
-        self.similarity = similarity
-        self.rho = rho
-        self.self_first = sampling != "all" if self_first is None else self_first
-        self.heads = heads
-        self.dropout = dropout
+        if not 0.0 <= position_weight <= 1.0:
+            raise ValueError(f"position_weight={position_weight} must lie in [0, 1]")
+        if chunk_size is not None:
+            check_positive("chunk_size", chunk_size)
         linear = projections == "linear"
-        self.w_q = nn.Linear(in_channels, qk_dim, bias=False) if linear else nn.Identity()
-        self.w_k = nn.Linear(in_channels, qk_dim, bias=False) if linear else nn.Identity()
+        if linear and select_by == "position":
+            raise ValueError("select_by='position' ignores the features: it needs projections='identity'")
+        if not linear and proj_dim is not None:
+            raise ValueError(f"proj_dim={proj_dim} needs projections='linear'")
+        select_dim = in_channels + 1 if select_by == "both" else in_channels
+        qk_dim = (proj_dim or in_channels) if linear else select_dim
+        check_positive("proj_dim", qk_dim)
+        if select_by != "position":
+            check_heads(qk_dim, heads)
+        self.k, self.similarity, self.rho, self.heads, self.dropout = k, similarity, rho, heads, dropout
+        self.select_by, self.position_weight, self.chunk_size = select_by, position_weight, chunk_size
+        self.self_first = sampling != "all" if self_first is None else self_first
+        self.w_q = nn.Linear(select_dim, qk_dim, bias=False) if linear else nn.Identity()
+        self.w_k = nn.Linear(select_dim, qk_dim, bias=False) if linear else nn.Identity()
         self.w_v = nn.Linear(in_channels, in_channels, bias=False) if linear else nn.Identity()
         self._own_keys = self.self_first and linear
         self.aggregate = build_aggregation(in_channels, k, aggregation, bias, unit_init)
@@ -164,16 +183,37 @@ class ConvNNAttention(nn.Module):
         """``[B, N, D] -> [B, N, D']``."""
         b, n, _ = x.shape
         candidates = self.sampler.candidates(n, device=x.device)
-        q = self._fold(self.w_q(x))
+        if self.select_by == "position":
+            values, indices = self._select_by_position(n, candidates, x.device)
+            values, indices = values.expand(b * self.heads, -1, -1), indices.expand(b * self.heads, -1, -1)
+        else:
+            values, indices = self._select_by_features(self._selection(x), candidates)
         v = self._fold(self.w_v(x)).transpose(1, 2)  # [B*H, d, N]
+        rows = modulate(gather_neighbors(v, indices), values, self.rho)  # [B*H, d, N*k]
+        if self.training and self.dropout > 0:
+            rows = rows * F.dropout(rows.new_ones(rows.shape[0], 1, rows.shape[2]), self.dropout)
+        out = self.aggregate(rows.reshape(b, -1, n * self.k))  # [B, D, N]
+        return self.w_o(out.transpose(1, 2))
+
+    def _selection(self, x: Tensor) -> Tensor:
+        """What Q and K are projected from: ``[B, N, D]``, or ``[B, N, D + 1]`` with the position
+        channel ``linspace(-1, 1, N)`` mixed in (``select_by="both"``, :func:`mix_position`)."""
+        if self.select_by == "features":
+            return x
+        place = torch.linspace(-1, 1, x.shape[1], dtype=x.dtype, device=x.device)[None]
+        return mix_position(x.transpose(1, 2), place, self.position_weight).transpose(1, 2)
+
+    def _select_by_features(self, sel: Tensor, candidates: Tensor | None) -> tuple[Tensor, Tensor]:
+        """k-NN of every token among the candidates through ``w_q`` / ``w_k`` -> ``[B*H, N, k]`` x2."""
+        q = self._fold(self.w_q(sel))
         self_sim = None
         if candidates is None or not self._own_keys:
-            k = self._fold(self.w_k(x if candidates is None else x[:, candidates]))
+            k = self._fold(self.w_k(sel if candidates is None else sel[:, candidates]))
         else:
-            own = self._fold(self.w_k(x))
+            own = self._fold(self.w_k(sel))
             self_sim = pair_similarity(q, own, self.similarity)
             k = own[:, candidates]
-        values, indices = knn_select(
+        return knn_select(
             q,
             k,
             self.k,
@@ -181,12 +221,30 @@ class ConvNNAttention(nn.Module):
             candidates=candidates,
             self_first=self.self_first,
             self_sim=self_sim,
+            chunk_size=self.chunk_size,
         )
-        rows = modulate(gather_neighbors(v, indices), values, self.rho)  # [B*H, d, N*k]
-        if self.training and self.dropout > 0:
-            rows = rows * F.dropout(rows.new_ones(rows.shape[0], 1, rows.shape[2]), self.dropout)
-        out = self.aggregate(rows.reshape(b, -1, n * self.k))  # [B, D, N]
-        return self.w_o(out.transpose(1, 2))
+
+    def _select_by_position(
+        self, n: int, candidates: Tensor | None, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """The k candidates nearest in token index, in sequence order -> ``[1, N, k]`` x2.
+
+        Values are ``-(i - j)^2``; float32 outside autocast, so indices stay exact.
+        """
+        place = torch.arange(n, dtype=torch.float32, device=device).reshape(1, n, 1)
+        keys = place if candidates is None else place[:, candidates]
+        with torch.autocast(device.type, enabled=False):
+            values, indices = knn_select(
+                place,
+                keys,
+                self.k,
+                kind="euclidean",
+                candidates=candidates,
+                self_first=self.self_first,
+                chunk_size=self.chunk_size,
+            )
+        indices, order = indices.sort(dim=-1)
+        return values.gather(-1, order), indices
 
     def _fold(self, t: Tensor) -> Tensor:
         """``[B, L, H*d] -> [B*H, L, d]``: heads into the batch."""
