@@ -1,7 +1,8 @@
 """ConvNN-attention for ViT slots (tokens ``[B, N, D]``) and KVT, both on the k-NN core ``convnn.knn``.
 
 Per head: queries ``Q = w_q(x)`` of all N tokens, keys ``K = w_k(x_c)`` of the candidate tokens
-``c`` only, values ``V = w_v(x)``; every token keeps its k best candidates by similarity
+``c`` (of all tokens when a forced self neighbour needs its own key), values ``V = w_v(x)``; every
+token keeps its k best candidates by similarity
 (:func:`convnn.knn.knn_select`), the selected value rows are gathered in Conv1d layout
 ``[B, D, N * k]``, scaled by ``rho`` of their similarities and aggregated by a Conv1d of kernel and
 stride k (``aggregate``); ``w_o`` projects the result. Heads are folded into the batch for the k-NN
