@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from convnn.knn import reset_sampling
@@ -308,6 +310,38 @@ def test_bf16_autocast_is_finite_also_on_zero_tokens(name, options):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
     assert out.shape == (2, 20, 32)
+    assert torch.isfinite(out.float()).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(4, 24),
+    heads=st.sampled_from([1, 2, 4]),
+    k=st.integers(1, 4),
+    similarity=st.sampled_from(["cosine", "dot", "euclidean"]),
+    rho=st.sampled_from(["ones", "softmax"]),
+    sampling=st.sampled_from(["all", "random", "spatial"]),
+    aggregation=st.sampled_from(["standard", "depthwise", "separable", "sum"]),
+    select_by=st.sampled_from(["features", "both", "position"]),
+    self_first=st.sampled_from([None, True, False]),
+    bf16=st.booleans(),
+)
+def test_every_option_combination_gives_finite_outputs(
+    n, heads, k, similarity, rho, sampling, aggregation, select_by, self_first, bf16
+):
+    options = {"k": k, "similarity": similarity, "rho": rho, "sampling": sampling, "heads": heads}
+    options |= {"aggregation": aggregation, "select_by": select_by, "self_first": self_first}
+    if sampling != "all":
+        options["num_candidates"] = 4
+    if select_by != "features":
+        options["projections"] = "identity"
+        options["heads"] = 1 if select_by == "both" else heads
+    layer = build_layer("convnn_attention", 8, 12, **options).train()
+    x = torch.randn(2, n, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = layer(x)
+    out.float().sum().backward()
+    assert out.shape == (2, n, 12)
     assert torch.isfinite(out.float()).all()
 
 
