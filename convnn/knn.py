@@ -218,6 +218,35 @@ def knn_select(
     return torch.cat(values, dim=1), torch.cat(indices, dim=1)
 
 
+def nearest_by_place(
+    place: Tensor,
+    num_neighbors: int,
+    *,
+    candidates: Tensor | None = None,
+    self_first: bool = True,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The k candidates nearest in position, sorted by token index (raster / sequence order).
+
+    ``place [1, N, c]``: each token's coordinates (float32, e.g. pixel (row, col) or sequence index).
+    Returns ``(values, indices) [1, N, k]`` as :func:`knn_select` with euclidean similarity
+    (``-distance^2``), reordered by index. Runs outside autocast so integer coordinates stay exact.
+    """
+    keys = place if candidates is None else place[:, candidates]
+    with torch.autocast(place.device.type, enabled=False):
+        values, indices = knn_select(
+            place,
+            keys,
+            num_neighbors,
+            kind="euclidean",
+            candidates=candidates,
+            self_first=self_first,
+            chunk_size=chunk_size,
+        )
+    indices, order = indices.sort(dim=-1)
+    return values.gather(-1, order), indices
+
+
 def gather_neighbors(v: Tensor, indices: Tensor) -> Tensor:
     """Neighbour rows in Conv1d layout: ``v [B, C, N]``, ``indices [B, N', k] -> [B, C, N' * k]``.
 

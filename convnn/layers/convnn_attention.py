@@ -28,6 +28,7 @@ from convnn.knn import (
     gather_neighbors,
     knn_select,
     modulate,
+    nearest_by_place,
     pair_similarity,
 )
 from convnn.layers.attention import check_dropout, check_heads, check_positive, split_heads
@@ -228,24 +229,11 @@ class ConvNNAttention(nn.Module):
     def _select_by_position(
         self, n: int, candidates: Tensor | None, device: torch.device
     ) -> tuple[Tensor, Tensor]:
-        """The k candidates nearest in token index, in sequence order -> ``[1, N, k]`` x2.
-
-        Values are ``-(i - j)^2``; float32 outside autocast, so indices stay exact.
-        """
+        """The k candidates nearest in token index, in sequence order -> ``[1, N, k]`` x2."""
         place = torch.arange(n, dtype=torch.float32, device=device).reshape(1, n, 1)
-        keys = place if candidates is None else place[:, candidates]
-        with torch.autocast(device.type, enabled=False):
-            values, indices = knn_select(
-                place,
-                keys,
-                self.k,
-                kind="euclidean",
-                candidates=candidates,
-                self_first=self.self_first,
-                chunk_size=self.chunk_size,
-            )
-        indices, order = indices.sort(dim=-1)
-        return values.gather(-1, order), indices
+        return nearest_by_place(
+            place, self.k, candidates=candidates, self_first=self.self_first, chunk_size=self.chunk_size
+        )
 
     def _fold(self, t: Tensor) -> Tensor:
         """``[B, L, H*d] -> [B*H, L, d]``: heads into the batch."""
