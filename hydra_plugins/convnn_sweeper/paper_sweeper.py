@@ -49,6 +49,12 @@ class PaperSweeper(BasicSweeper):
         self.skip_finished = skip_finished
         self.dry_run = dry_run
 
+    def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
+        """Set the Hydra config first: launcher fields (``submitit_folder``) interpolate
+        ``hydra.sweep.dir``, which may use the ``${hydra:...}`` resolver."""
+        HydraConfig.instance().set_config(config)
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+
     def plan(self, overrides: list[Override]) -> tuple[list[list[str]], list[list[str]]]:
         """``(jobs to launch, finished jobs)``; with ``skip_finished`` the launched jobs get
         ``resume=true`` so a run that died continues from its last checkpoint."""
@@ -78,6 +84,7 @@ class PaperSweeper(BasicSweeper):
             return super().sweep(arguments)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         jobs, done = self.plan(parser.parse_overrides([*self._parse_config(), *arguments]))
-        self.validate_batch_is_legal(jobs)
+        if not self.skip_finished:  # otherwise plan() has composed every job already
+            self.validate_batch_is_legal(jobs)
         print(format_jobs(jobs, done))
         return []

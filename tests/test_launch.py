@@ -1,0 +1,156 @@
+"""Launching sweeps: SLURM / local launcher configs, skip-finished and resume, a real submitit sweep."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from convnn.records import read_record, write_record
+from convnn.sweep import expand_jobs, format_jobs, should_skip, with_resume
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+TINY_EXPERIMENT = """# @package _global_
+defaults:
+  - override /data: synthetic
+  - override /model: vgg11
+  - override /layer: conv2d
+  - override /hydra/sweeper: paper
+model:
+  width_mult: 0.0625
+  hidden_features: 16
+data:
+  train_size: 64
+  test_size: 32
+epochs: 1
+batch_size: 32
+logger: {name: none}
+trainer: {progress_bar: none}
+hydra:
+  sweeper:
+    rows:
+      small: layer.kernel_size=1
+      large: layer.kernel_size=3 layer.bias=false
+    params:
+      seed: "0"
+"""
+
+
+def launcher(overrides: list[str]) -> dict:
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    return cfg.hydra.launcher
+
+
+def test_slurm_launcher_is_submitit_slurm_and_overridable() -> None:
+    cfg = launcher(
+        ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4"]
+        + ["hydra.launcher.timeout_min=60", "hydra.launcher.array_parallelism=8", "hydra.launcher.mem_gb=32"]
+    )
+    assert cfg._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (cfg.partition, cfg.gpus_per_node, cfg.tasks_per_node) == ("gpu", 4, 4)  # one task per GPU (DDP)
+    assert (cfg.timeout_min, cfg.array_parallelism, cfg.mem_gb, cfg.cpus_per_task) == (60, 8, 32, 8)
+
+
+def test_local_launcher_is_submitit_local() -> None:
+    cfg = launcher(["hydra/launcher=local"])
+    assert cfg._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
+    assert cfg.gpus_per_node == 0
+
+
+def test_rows_are_a_union_and_params_a_product() -> None:
+    jobs = expand_jobs({"a": "x=0 p=1", "b": "x=5,6 p=1,2"}, ["data=c10,c100", "seed=0"])
+    assert len(jobs) == (1 + 4) * 2
+    assert jobs[0] == ["x=0", "p=1", "data=c10", "seed=0"]
+    assert ["x=6", "p=2", "data=c100", "seed=0"] in jobs
+    assert expand_jobs(None, ["a=1,2", "b=3"]) == [["a=1", "b=3"], ["a=2", "b=3"]]
+
+
+def test_params_replace_row_keys_and_duplicates_are_kept_once() -> None:
+    jobs = expand_jobs({"a": "x=0 p=1", "b": "x=5,6 p=1,2"}, ["x=5"])
+    assert jobs == [["p=1", "x=5"], ["p=2", "x=5"]]
+
+
+def _record(run_dir: Path, status: str, epochs: int) -> None:
+    rows = [{"epoch": e + 1, "test_acc1": 50.0} for e in range(epochs)]
+    write_record(run_dir / "results.json", {"status": status, "epochs": rows})
+
+
+def test_should_skip_only_finished_runs_with_all_epochs(tmp_path: Path) -> None:
+    assert not should_skip(tmp_path / "absent", 2)
+    _record(tmp_path / "done", "finished", 2)
+    _record(tmp_path / "died", "running", 1)
+    _record(tmp_path / "failed", "failed", 2)
+    assert should_skip(tmp_path / "done", 2)
+    assert not should_skip(tmp_path / "done", 3)  # asked for more epochs now: continue it
+    assert not should_skip(tmp_path / "died", 2)
+    assert not should_skip(tmp_path / "failed", 2)
+
+
+def test_launched_jobs_resume_unless_told_otherwise() -> None:
+    assert with_resume(["a=1"]) == ["a=1", "resume=true"]
+    assert with_resume(["a=1", "resume=false"]) == ["a=1", "resume=false"]
+    assert format_jobs([["a=1"]], [["a=2"]]).splitlines() == [
+        "1 jobs to launch, 1 finished (skipped)",
+        "   0  a=1",
+        "done  a=2",
+    ]
+
+
+def _sweep(search: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            "convnn-train",
+            "-m",
+            "experiment=tiny",
+            f"hydra.searchpath=[file://{search}]",
+            f"out_dir={out}",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_submitit_local_sweep_runs_for_real_then_skips_and_resumes(tmp_path: Path) -> None:
+    search = tmp_path / "configs"
+    (search / "experiment").mkdir(parents=True)
+    (search / "experiment" / "tiny.yaml").write_text(TINY_EXPERIMENT)
+    out = tmp_path / "runs"
+
+    first = _sweep(search, out, "hydra/launcher=local")
+    assert first.returncode == 0, first.stderr[-3000:]
+    records = sorted(out.rglob("results.json"))
+    assert len(records) == 2
+    assert len(list((out / "tiny" / ".submitit").glob("*/*_result.pkl"))) == 2  # ran through submitit
+    for path in records:
+        record = read_record(path)
+        assert record["status"] == "finished"
+        assert record["config"]["layer"]["kernel_size"] in (1, 3)
+        assert len(record["epochs"]) == 1
+
+    died = records[0]
+    record = read_record(died)
+    write_record(died, {**record, "status": "running"})
+    again = _sweep(search, out, "hydra.sweeper.dry_run=true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    lines = again.stdout.strip().splitlines()
+    assert lines[0] == "1 jobs to launch, 1 finished (skipped)"
+    launched = lines[1]
+    assert launched.endswith("resume=true")
+    assert ("layer.kernel_size=1" in launched) == (record["config"]["layer"]["kernel_size"] == 1)
+    assert json.loads(died.read_text())["status"] == "running"  # a dry run changes nothing
+
+
+def test_unknown_sweeper_option_fails_before_running(tmp_path: Path) -> None:
+    search = tmp_path / "configs"
+    (search / "experiment").mkdir(parents=True)
+    (search / "experiment" / "tiny.yaml").write_text(TINY_EXPERIMENT)
+    result = _sweep(search, tmp_path / "runs", "hydra.sweeper.dry_run=true", "hydra.sweeper.bogus=1")
+    assert result.returncode != 0
+    assert "bogus" in result.stderr
+    assert not (tmp_path / "runs").exists()
