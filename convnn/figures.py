@@ -1,0 +1,243 @@
+"""The paper's figures from run records, as PNG (matplotlib): loss curves (Figures 3, 6, 10) and
+k / r sweeps (Figures 4, 5, 7, 8). Records are picked by their resolved config (dotted paths), so a
+figure reads the directory of its own sweep (``runs/paper/fig4``; Figures 3 and 6 read Table 1's and
+Table 2's). Sweep figures plot the best-epoch test top-1 (as the paper's figures do), mean ± std
+over seeds; loss curves the per-epoch mean over seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen first
+
+Record = dict[str, Any]
+SMOOTH_WINDOW = 10  # the paper's moving average for loss curves
+
+
+@dataclass(frozen=True)
+class Series:
+    """Records whose config matches ``match`` (dotted path -> value). ``x``: the swept path (``None``:
+    a horizontal baseline); ``square``: plot ``x**2`` (a kernel size as a neighbour count)."""
+
+    label: str
+    match: Mapping[str, Any]
+    x: str | None = None
+    square: bool = False
+
+
+@dataclass(frozen=True)
+class Figure:
+    """``kind`` is ``"sweep"`` (accuracy vs ``x``) or ``"loss"`` (curves); one panel per ``facets`` value."""
+
+    kind: str
+    title: str
+    series: tuple[Series, ...]
+    xlabel: str = "epoch"
+    facets: tuple[str, ...] = ("data.name",)
+
+
+VGG_ROWS = (
+    Series("Conv2D", {"layer.ratio": 0.0, "layer.select_by": "features"}),
+    Series("Branching (λ=0.5)", {"layer.ratio": 0.5, "layer.select_by": "features"}),
+    Series("ConvNN", {"layer.ratio": 1.0, "layer.select_by": "features"}),
+)
+FIGURES: dict[str, Figure] = {
+    "fig3": Figure("loss", "VGG-11 train (dashed) / test (solid) loss", VGG_ROWS),
+    "fig4": Figure(
+        "sweep",
+        "VGG-11: number of neighbours k",
+        (
+            Series("Branching (λ=0.5), ConvNN k", {"layer.ratio": 0.5}, x="layer.k"),
+            Series("Conv2D, kernel size²", {"layer.ratio": 0.0}, x="layer.kernel_size", square=True),
+        ),
+        xlabel="k (neighbours)",
+    ),
+    "fig5": Figure(
+        "sweep",
+        "VGG-11 branching (λ=0.5): candidates r",
+        (
+            Series("Random", {"layer.ratio": 0.5, "layer.sampling": "random"}, x="layer.num_candidates"),
+            Series("Spatial", {"layer.ratio": 0.5, "layer.sampling": "spatial"}, x="layer.num_candidates"),
+            Series("All candidates", {"layer.ratio": 0.5, "layer.sampling": "all"}),
+            Series("Conv2D", {"layer.ratio": 0.0}),
+        ),
+        xlabel="r (candidates)",
+    ),
+    "fig6": Figure(
+        "loss",
+        "ViT-Tiny train (dashed) / test (solid) loss",
+        (
+            Series("Attention", {"layer.name": "attention"}),
+            Series("ConvNN (random, r=32)", {"layer.name": "convnn_attention", "layer.sampling": "random"}),
+        ),
+    ),
+    "fig7": Figure(
+        "sweep",
+        "ViT-Tiny: number of neighbours k",
+        (
+            Series("ConvNN (all)", {"layer.name": "convnn_attention", "layer.sampling": "all"}, x="layer.k"),
+            Series(
+                "ConvNN (random)", {"layer.name": "convnn_attention", "layer.sampling": "random"}, x="layer.k"
+            ),
+            Series("KVT", {"layer.name": "kvt_attention"}, x="layer.k"),
+            Series("Attention", {"layer.name": "attention"}),
+        ),
+        xlabel="k (neighbours)",
+    ),
+    "fig8": Figure(
+        "sweep",
+        "ViT-Tiny ConvNN-attention: candidates r",
+        (
+            Series(
+                "Random",
+                {"layer.name": "convnn_attention", "layer.sampling": "random"},
+                x="layer.num_candidates",
+            ),
+            Series(
+                "Spatial",
+                {"layer.name": "convnn_attention", "layer.sampling": "spatial"},
+                x="layer.num_candidates",
+            ),
+            Series("All candidates", {"layer.name": "convnn_attention", "layer.sampling": "all"}),
+            Series("Attention", {"layer.name": "attention"}),
+        ),
+        xlabel="r (candidates)",
+    ),
+    "fig10": Figure(
+        "loss",
+        "VGG-11 learning rates: train (dashed) / test (solid) loss",
+        tuple(Series(s.label, {"layer.ratio": s.match["layer.ratio"]}) for s in VGG_ROWS),
+        facets=("optim.lr", "data.name"),
+    ),
+}
+
+
+def get_path(config: Mapping[str, Any], path: str) -> Any:
+    """``config["a"]["b"]`` for ``path="a.b"``; ``None`` when any part is missing."""
+    node: Any = config
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def select(records: Sequence[Record], match: Mapping[str, Any]) -> list[Record]:
+    """Finished records whose config has every ``match`` value."""
+    return [
+        r
+        for r in records
+        if r.get("status") == "finished"
+        and all(_same(get_path(r.get("config", {}), k), v) for k, v in match.items())
+    ]
+
+
+def sweep_points(records: Sequence[Record], series: Series) -> list[tuple[float, float, float, int]]:
+    """``(x, mean, std, n)`` of the best-epoch test top-1 per swept value (std 0 for one seed)."""
+    groups: dict[float, list[float]] = {}
+    for r in select(records, series.match):
+        x = get_path(r["config"], series.x) if series.x else 0.0
+        if x is None:
+            continue
+        groups.setdefault(float(x) ** 2 if series.square else float(x), []).append(r["best"]["test_acc1"])
+    return [
+        (x, statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
+        for x, v in sorted(groups.items())
+    ]
+
+
+def smooth(values: Sequence[float], window: int = SMOOTH_WINDOW) -> list[float]:
+    """Trailing moving average over up to ``window`` values (the paper smooths with window 10);
+    curves no longer than ``window`` are returned as they are."""
+    if len(values) <= window:
+        return list(values)
+    return [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
+def mean_curve(records: Sequence[Record], key: str) -> tuple[list[int], list[float]]:
+    """Epochs and the per-epoch mean of ``key`` (e.g. ``test_loss``) over the records' seeds."""
+    by_epoch: dict[int, list[float]] = {}
+    for r in records:
+        for row in r.get("epochs") or []:
+            if row.get(key) is not None:
+                by_epoch.setdefault(int(row["epoch"]), []).append(row[key])
+    epochs = sorted(by_epoch)
+    return epochs, [statistics.fmean(by_epoch[e]) for e in epochs]
+
+
+def _facet_values(records: Sequence[Record], facets: Sequence[str]) -> list[tuple[Any, ...]]:
+    values = {tuple(get_path(r.get("config", {}), f) for f in facets) for r in records}
+    return sorted(values, key=lambda v: tuple(str(x) for x in v))
+
+
+def make_figure(name: str, records: Sequence[Record], out_dir: Path, source: str = "") -> Path:
+    """Draw figure ``name`` (a key of ``FIGURES``) from ``records`` into ``<out_dir>/<name>.png``."""
+    if name not in FIGURES:
+        raise ValueError(f"unknown figure {name!r}; figures: {sorted(FIGURES)}")
+    spec = FIGURES[name]
+    records = [r for r in records if r.get("status") == "finished"]
+    panels = _facet_values(records, spec.facets) or [(None,) * len(spec.facets)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        facet = {f: v for f, v in zip(spec.facets, panel, strict=True) if v is not None}
+        subset = select(records, facet)
+        for i, series in enumerate(spec.series):
+            color = f"C{i}"
+            if spec.kind == "loss":
+                chosen = select(subset, series.match)
+                for key, style in (("train_loss", "--"), ("test_loss", "-")):
+                    epochs, values = mean_curve(chosen, key)
+                    label = series.label if key == "test_loss" else None
+                    ax.plot(epochs, smooth(values), style, color=color, label=label)
+                continue
+            points = sweep_points(subset, series)
+            if not points:
+                continue
+            if series.x is None:
+                _, mean, std, n = points[0]
+                ax.axhline(mean, color=color, ls=":", label=f"{series.label} ({mean:.2f}, n={n})")
+                continue
+            xs, means, stds, _ = zip(*points, strict=True)
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=color, label=series.label)
+        ax.set_title(", ".join(f"{k.split('.')[-1]}={v}" for k, v in facet.items()) or spec.title)
+        ax.set_xlabel(spec.xlabel)
+        ax.set_ylabel("loss" if spec.kind == "loss" else "best test top-1 (%)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(f"{name}: {spec.title}\n{describe(records, source)}", fontsize=9)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def describe(records: Sequence[Record], source: str) -> str:
+    """The figure's provenance line: budget(s), epochs, train subset, seeds, source."""
+    budgets = sorted(
+        {
+            f"budget={r.get('budget')} ({get_path(r['config'], 'epochs')} epochs, "
+            f"train subset {get_path(r['config'], 'data.subset.train') or 'all'})"
+            for r in records
+        }
+    )
+    seeds = sorted({r.get("seed") for r in records}, key=str)
+    return f"{'; '.join(budgets) or 'no runs'}; seeds {seeds}; {len(records)} runs from {source}"

@@ -1,0 +1,404 @@
+"""``convnn-tables``: regenerate a paper table from run records, side by side with the paper.
+
+Records (``results.json``, see :mod:`convnn.records`) come from a local directory or a wandb
+project. Each paper row (``results/paper/<table>.csv``) is matched to the records whose resolved
+``model``, ``layer``, ``data.name`` and ``optim.lr`` equal those Hydra composes from the row's
+overrides; matched runs are averaged over seeds. Missing cells stay missing. Nothing here trains.
+
+    convnn-tables table=table1 source=runs/paper/table1            # -> results/reproduced/table1.{md,csv,tex}
+    convnn-tables table=table2 profile=true                        # params / GFLOPs columns, no training
+    convnn-tables figure=fig4 source=runs/paper/fig4               # -> results/reproduced/fig4.png
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shlex
+import statistics
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from convnn.records import collect_records
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "configs"
+PAPER_DIR = ROOT / "results" / "paper"
+OUT_DIR = ROOT / "results" / "reproduced"
+TABLES = ("table1", "table2", "table3", "table4", "table5", "resnet50")
+WANDB_PREFIX = "wandb:"
+MISSING = "missing"
+
+Record = dict[str, Any]
+
+
+def read_paper(table: str, paper_dir: Path = PAPER_DIR) -> list[dict[str, str]]:
+    """The paper's rows of ``table`` as printed (strings), from ``results/paper/<table>.csv``."""
+    if table not in TABLES:
+        raise ValueError(f"unknown table {table!r}; tables: {list(TABLES)}")
+    with open(paper_dir / f"{table}.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@cache
+def compose_config(overrides: tuple[str, ...]) -> dict[str, Any]:
+    """The resolved ``model``, ``layer``, ``data`` and ``optim`` of the training config
+    (``configs/train.yaml``) for ``overrides``, as plain containers (what :func:`match_key` reads)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    return {
+        key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "layer", "data", "optim")
+    }
+
+
+def match_key(config: Mapping[str, Any]) -> str:
+    """What identifies a paper row in a resolved config: model, layer, dataset and learning rate."""
+    ident = {
+        "model": config.get("model"),
+        "layer": config.get("layer"),
+        "data": config.get("data", {}).get("name"),
+        "lr": config.get("optim", {}).get("lr"),
+    }
+    return json.dumps(ident, sort_keys=True)
+
+
+def match_records(
+    rows: Sequence[Mapping[str, str]],
+    records: Sequence[Record],
+    compose_fn: Callable[[tuple[str, ...]], Mapping[str, Any]] = compose_config,
+) -> tuple[dict[str, list[Record]], list[Record]]:
+    """``({row id: its records}, unmatched records)``; rows are composed once per budget in use."""
+    budgets = sorted({r.get("budget") for r in records}, key=str)
+    rows_of_key: dict[str, list[str]] = {}
+    for row in rows:
+        for budget in budgets:
+            extra = () if budget is None else (f"budget={budget}",)
+            key = match_key(compose_fn((*shlex.split(row["overrides"]), *extra)))
+            rows_of_key.setdefault(key, []).append(row["row"])
+    matched: dict[str, list[Record]] = {row["row"]: [] for row in rows}
+    unmatched = []
+    for record in records:
+        ids = rows_of_key.get(match_key(record.get("config", {})), [])
+        for row_id in ids:
+            matched[row_id].append(record)
+        if not ids:
+            unmatched.append(record)
+    return matched, unmatched
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (``None`` when there are too few values)."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize(records: Sequence[Record]) -> dict[str, Any]:
+    """Seed statistics of one row's finished runs: final-epoch and best-epoch metrics, accounting."""
+    done = [r for r in records if r.get("status") == "finished" and r.get("final")]
+    out: dict[str, Any] = {"n": len(done), "incomplete": len(records) - len(done)}
+    for name, part, metric in (
+        ("test_loss", "final", "test_loss"),
+        ("test_acc1", "final", "test_acc1"),
+        ("best_acc1", "best", "test_acc1"),
+        ("best_epoch", "best", "epoch"),
+    ):
+        out[f"{name}_mean"], out[f"{name}_std"] = _mean_std([r[part][metric] for r in done])
+    for name in ("params", "gflops", "gflops_profiler"):
+        values = [r[name] for r in done if r.get(name) is not None]
+        out[name] = values[0] if values else None
+    return out
+
+
+def _paper_float(text: str) -> float | None:
+    return float(text) if text.strip() else None
+
+
+def _diff(ours: float | None, paper: float | None) -> float | None:
+    return None if ours is None or paper is None else ours - paper
+
+
+def build_table(
+    rows: Sequence[Mapping[str, str]],
+    matched: Mapping[str, Sequence[Record]],
+    accounting: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """One dict per paper row: our seed statistics beside the paper's values (``None`` = missing).
+
+    ``accounting`` (row id -> ``params``/``gflops``/``gflops_profiler``) replaces the records'
+    accounting, so those columns regenerate without training.
+    """
+    lines = []
+    for row in rows:
+        stats = summarize(matched.get(row["row"], []))
+        if accounting is not None:
+            stats.update({k: accounting[row["row"]][k] for k in ("params", "gflops", "gflops_profiler")})
+        paper_loss, paper_acc = _paper_float(row["test_loss"]), _paper_float(row["test_acc1"])
+        params = stats.pop("params")
+        lines.append(
+            {
+                "row": row["row"],
+                "block": row["block"],
+                "dataset": row["dataset"],
+                "layer_type": row["layer_type"],
+                **stats,
+                "paper_test_loss": paper_loss,
+                "paper_test_acc1": paper_acc,
+                "diff_test_loss": _diff(stats["test_loss_mean"], paper_loss),
+                "diff_test_acc1": _diff(stats["test_acc1_mean"], paper_acc),
+                "params_m": None if params is None else params / 1e6,
+                "paper_params_m": _paper_float(row["params_m"]),
+                "paper_gflops": _paper_float(row["gflops"]),
+            }
+        )
+    return lines
+
+
+def _fmt(mean: float | None, std: float | None = None, digits: int = 2) -> str:
+    """``"81.26 ± 0.31"``, ``"81.26"`` (one seed) or ``"missing"``."""
+    if mean is None:
+        return MISSING
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+DISPLAY_COLUMNS: tuple[tuple[str, Callable[[Mapping[str, Any]], str]], ...] = (
+    ("Row", lambda r: r["row"]),
+    ("Data", lambda r: r["dataset"]),
+    ("Block", lambda r: r["block"]),
+    ("Layer", lambda r: r["layer_type"]),
+    ("n", lambda r: str(r["n"])),
+    ("Test loss", lambda r: _fmt(r["test_loss_mean"], r["test_loss_std"], 3)),
+    ("Acc % (final)", lambda r: _fmt(r["test_acc1_mean"], r["test_acc1_std"])),
+    ("Acc % (best)", lambda r: _fmt(r["best_acc1_mean"], r["best_acc1_std"])),
+    ("Paper loss", lambda r: _fmt(r["paper_test_loss"], digits=3)),
+    ("Paper acc %", lambda r: _fmt(r["paper_test_acc1"])),
+    ("Δ acc", lambda r: MISSING if r["diff_test_acc1"] is None else f"{r['diff_test_acc1']:+.2f}"),
+    ("Params M", lambda r: _fmt(r["params_m"], digits=3)),
+    ("Paper params M", lambda r: _fmt(r["paper_params_m"], digits=3)),
+    ("GFLOPs (profiler)", lambda r: _fmt(r["gflops_profiler"], digits=3)),
+    ("Paper GFLOPS", lambda r: _fmt(r["paper_gflops"], digits=3)),
+    ("GFLOPs (fvcore MACs)", lambda r: _fmt(r["gflops"], digits=3)),
+)
+
+
+def display_table(lines: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Column names and string cells of ``build_table``'s lines (missing cells say so)."""
+    return [name for name, _ in DISPLAY_COLUMNS], [
+        [cell(line) for _, cell in DISPLAY_COLUMNS] for line in lines
+    ]
+
+
+def to_markdown(names: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    """A GitHub Markdown table."""
+    rows = [names, ["---"] * len(names), *cells]
+    return "\n".join("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows)
+
+
+def to_latex(names: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    """A ``tabular`` (booktabs) with LaTeX special characters escaped."""
+
+    def esc(text: str) -> str:
+        for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
+            text = text.replace(a, b)
+        return text.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("λ", r"$\lambda$")
+
+    body = [" & ".join(esc(c) for c in row) + r" \\" for row in cells]
+    return "\n".join(
+        [
+            rf"\begin{{tabular}}{{{'l' * len(names)}}}",
+            r"\toprule",
+            " & ".join(esc(n) for n in names) + r" \\",
+            r"\midrule",
+            *body,
+            r"\bottomrule",
+            r"\end{tabular}",
+            "",
+        ]
+    )
+
+
+def describe_budget(records: Sequence[Record]) -> str:
+    """One line naming the training budget the records used (name, epochs, batch, data subset, device)."""
+    if not records:
+        return "no runs"
+    parts = set()
+    for r in records:
+        cfg = r.get("config", {})
+        subset = cfg.get("data", {}).get("subset", {}) or {}
+        parts.add(
+            f"budget={r.get('budget')} (epochs={cfg.get('epochs')}, batch={cfg.get('batch_size')}, "
+            f"train subset={subset.get('train') or 'all'}, test subset={subset.get('test') or 'all'}, "
+            f"device={r.get('device')})"
+        )
+    return "; ".join(sorted(parts))
+
+
+def render(
+    table: str, lines: Sequence[Mapping[str, Any]], header: Sequence[str], out_dir: Path
+) -> list[Path]:
+    """Write ``<table>.md`` (header + table), ``<table>.csv`` (numbers, ``#`` header) and ``<table>.tex``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names, cells = display_table(lines)
+    md = out_dir / f"{table}.md"
+    md.write_text(
+        "\n".join([f"# {table}: reproduced vs paper", "", *header, "", to_markdown(names, cells), ""])
+    )
+    csv_path = out_dir / f"{table}.csv"
+    with open(csv_path, "w", newline="") as f:
+        f.writelines(f"# {line}\n" for line in header)
+        writer = csv.DictWriter(f, fieldnames=list(lines[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(lines)
+    tex = out_dir / f"{table}.tex"
+    tex.write_text("".join(f"% {line}\n" for line in header) + to_latex(names, cells))
+    return [md, csv_path, tex]
+
+
+def records_from_wandb(path: str, api: Any = None) -> list[Record]:
+    """Records rebuilt from a wandb project ``entity/project`` (same fields as ``results.json``).
+
+    Per-epoch rows come from the run history (``train/loss``, ``test/acc1``, ... as logged by training).
+    """
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    records = []
+    for run in api.runs(path):
+        config = dict(run.config)
+        epochs = []
+        for h in run.history(pandas=False):
+            if h.get("test/acc1") is None:
+                continue
+            row = {"epoch": int(h.get("epoch", len(epochs)))}
+            row.update({k.replace("/", "_"): v for k, v in h.items() if k.startswith(("train/", "test/"))})
+            epochs.append(row)
+        final = {k: epochs[-1].get(k) for k in ("test_loss", "test_acc1", "test_acc5")} if epochs else None
+        top = max(epochs, key=lambda e: (e["test_acc1"], -e["epoch"])) if epochs else None
+        best = (
+            {"epoch": top["epoch"], "test_loss": top.get("test_loss"), "test_acc1": top["test_acc1"]}
+            if top
+            else None
+        )
+        summary = dict(run.summary)
+        records.append(
+            {
+                "status": "finished" if run.state == "finished" else run.state,
+                "config": config,
+                "run_dir": f"{WANDB_PREFIX}{path}/{run.id}",
+                "seed": config.get("seed"),
+                "budget": config.get("budget"),
+                "params": summary.get("params"),
+                "gflops": summary.get("gflops"),
+                "gflops_profiler": summary.get("gflops_profiler"),
+                "epochs": epochs,
+                "final": final,
+                "best": best,
+            }
+        )
+    return records
+
+
+def load_records(source: str) -> list[Record]:
+    """Records under a local directory, or of a wandb project written ``wandb:entity/project``."""
+    if source.startswith(WANDB_PREFIX):
+        return records_from_wandb(source[len(WANDB_PREFIX) :])
+    if not Path(source).is_dir():
+        raise ValueError(f"source {source!r} is neither a directory nor '{WANDB_PREFIX}entity/project'")
+    return collect_records(source)
+
+
+def select_budget(records: Sequence[Record], budget: str | None) -> list[Record]:
+    """Records of one budget; several budgets without a choice raise a ``ValueError`` naming them."""
+    found = sorted({str(r.get("budget")) for r in records})
+    if budget is not None:
+        return [r for r in records if str(r.get("budget")) == budget]
+    if len(found) > 1:
+        raise ValueError(f"the records mix budgets {found}; pick one with budget=<name>")
+    return list(records)
+
+
+def profile_rows(rows: Sequence[Mapping[str, str]]) -> dict[str, dict[str, Any]]:
+    """Params and GFLOPs (both methods) of every row's network, built from its config, no training."""
+    from convnn.models import build_model, input_size
+    from convnn.profile import profile_model
+
+    out = {}
+    for row in rows:
+        cfg = compose_config(tuple(shlex.split(row["overrides"])))
+        size = input_size(cfg["model"], cfg["data"]["image_size"])
+        model = build_model(
+            cfg["model"], cfg["layer"], cfg["data"]["num_classes"], size, cfg["data"]["in_channels"]
+        )
+        out[row["row"]] = profile_model(model, (cfg["data"]["in_channels"], size, size))
+    return out
+
+
+def make_table(
+    table: str, source: str | None, out_dir: Path = OUT_DIR, budget: str | None = None, profile: bool = False
+) -> list[Path]:
+    """Regenerate ``table`` from the records in ``source`` (and/or by profiling) into ``out_dir``."""
+    rows = read_paper(table)
+    records = select_budget(load_records(source), budget) if source else []
+    matched, unmatched = match_records(rows, records)
+    used = [r for rs in matched.values() for r in rs]
+    lines = build_table(rows, matched, profile_rows(rows) if profile else None)
+    args = (
+        [f"table={table}"] + ([f"source={source}"] if source else []) + (["profile=true"] if profile else [])
+    )
+    command = " ".join(["convnn-tables", *args])
+    header = [
+        f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `{command}`.",
+        f"Budget: {describe_budget(used)}.",
+        f"Runs: {len(records)} records read, {len(used)} matched to paper rows, {len(unmatched)} unmatched; "
+        f"{sum(line['n'] > 0 for line in lines)} of {len(lines)} rows have finished runs.",
+        "Ours: final-epoch test values, mean ± sample std over seeds (n = finished seeds); best = best-epoch "
+        "top-1. Paper: the table as printed (one run, final epoch). Δ = ours − paper. "
+        "'missing' = no run (never filled in).",
+        "Params/GFLOPs: "
+        + ("measured now from each row's config (no training)" if profile else "from the runs")
+        + "; 'profiler' is the paper's torch.profiler method, 'fvcore' counts multiply-adds.",
+    ]
+    return render(table, lines, header, out_dir)
+
+
+def parse_args(argv: Sequence[str]) -> dict[str, str]:
+    """``key=value`` arguments; unknown keys raise a ``ValueError`` listing the known ones."""
+    known = ("table", "figure", "source", "out", "budget", "profile")
+    args = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"bad argument {arg!r}; expected key=value with key in {list(known)}")
+        args[key] = value
+    if ("table" in args) == ("figure" in args):
+        raise ValueError("give exactly one of table=<name> or figure=<name>")
+    if args.get("profile", "false") not in ("true", "false"):
+        raise ValueError(f"profile={args['profile']!r}; allowed: true, false")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``convnn-tables``."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    out_dir = Path(args.get("out", OUT_DIR))
+    if "figure" in args:
+        from convnn.figures import make_figure
+
+        if "source" not in args:
+            raise ValueError("figures need source=<run dir or wandb:entity/project>")
+        records = select_budget(load_records(args["source"]), args.get("budget"))
+        paths = [make_figure(args["figure"], records, out_dir, args["source"])]
+    else:
+        paths = make_table(
+            args["table"], args.get("source"), out_dir, args.get("budget"), args.get("profile") == "true"
+        )
+    for path in paths:
+        print(path)

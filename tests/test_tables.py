@@ -1,0 +1,224 @@
+"""convnn-tables and figures from hand-made run records: matching, seed statistics, missing cells."""
+
+from __future__ import annotations
+
+import csv
+import shlex
+import statistics
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from convnn.figures import FIGURES, make_figure, smooth, sweep_points
+from convnn.records import write_record
+from convnn.tables import (
+    TABLES,
+    build_table,
+    compose_config,
+    make_table,
+    match_records,
+    parse_args,
+    read_paper,
+    records_from_wandb,
+    select_budget,
+)
+
+ROWS = {r["row"]: r for r in read_paper("table4")}
+
+
+def config_of(row_id: str, *extra: str) -> dict:
+    """A resolved config as training records it, for paper row ``row_id`` (plus ``extra`` overrides)."""
+    cfg = compose_config((*shlex.split(ROWS[row_id]["overrides"]), "budget=smoke", *extra))
+    return {**cfg, "epochs": 2, "batch_size": 32}
+
+
+def record(
+    row_id: str, seed: int, acc: float, loss: float, best: float, status: str = "finished", **kw
+) -> dict:
+    epochs = [
+        {"epoch": 1, "train_loss": loss + 1, "test_loss": loss + 0.5, "test_acc1": best},
+        {"epoch": 2, "train_loss": loss + 0.5, "test_loss": loss, "test_acc1": acc},
+    ]
+    return {
+        "status": status,
+        "config": kw.pop("config", None) or config_of(row_id),
+        "seed": seed,
+        "budget": "smoke",
+        "device": "cpu",
+        "params": 130_015_690,
+        "gflops": 0.2,
+        "gflops_profiler": 0.325,
+        "epochs": epochs,
+        "final": {"test_loss": loss, "test_acc1": acc, "test_acc5": 99.0},
+        "best": {"epoch": 1, "test_loss": loss + 0.5, "test_acc1": best},
+        **kw,
+    }
+
+
+@pytest.fixture
+def records() -> list[dict]:
+    return [
+        record("t4.c10.branching.p1", 0, 80.0, 1.0, 81.0),
+        record("t4.c10.branching.p1", 1, 81.0, 1.1, 82.0),
+        record("t4.c10.branching.p1", 2, 82.0, 1.2, 83.0),
+        record("t4.c10.conv2d.p1", 0, 79.5, 1.4, 79.5),
+        record("t4.c10.convnn.p2", 0, 50.0, 2.0, 50.0, status="running"),
+        # a configuration of no Table 4 row (k = 5): must not be counted anywhere
+        record(
+            "t4.c10.branching.p1", 0, 10.0, 9.0, 10.0, config=config_of("t4.c10.branching.p1", "layer.k=5")
+        ),
+    ]
+
+
+def test_paper_csvs_have_one_schema_and_unique_rows() -> None:
+    ids = []
+    for table in TABLES:
+        rows = read_paper(table)
+        assert rows and set(rows[0]) == {
+            "row", "table", "block", "dataset", "layer_type", "overrides",
+            "test_loss", "test_acc1", "gflops", "params_m", "note",
+        }  # fmt: skip
+        ids += [r["row"] for r in rows]
+        assert all(float(r["test_acc1"]) > 0 and r["overrides"] for r in rows)
+    assert len(ids) == len(set(ids)) == 36 + 16 + 18 + 10 + 8 + 5
+    row = {r["row"]: r for r in read_paper("table1")}["t1.c10.both.r0.375"]
+    assert (row["test_loss"], row["test_acc1"], row["gflops"]) == ("1.386", "82.08", "0.331")
+
+
+def test_records_match_rows_by_config_and_average_over_seeds(records: list[dict]) -> None:
+    rows = list(ROWS.values())
+    matched, unmatched = match_records(rows, records)
+    assert [len(matched[r]) for r in ROWS] == [1, 3, 0, 0, 1, 0, 0, 0, 0, 0]
+    assert [r["config"]["layer"]["k"] for r in unmatched] == [5]
+    lines = {line["row"]: line for line in build_table(rows, matched)}
+    branching = lines["t4.c10.branching.p1"]
+    assert branching["n"] == 3
+    assert branching["test_acc1_mean"] == pytest.approx(81.0)
+    assert branching["test_acc1_std"] == pytest.approx(statistics.stdev([80.0, 81.0, 82.0]))
+    assert branching["test_loss_mean"] == pytest.approx(1.1)
+    assert branching["best_acc1_mean"] == pytest.approx(82.0)
+    assert branching["paper_test_acc1"] == 81.26
+    assert branching["diff_test_acc1"] == pytest.approx(81.0 - 81.26)
+    conv = lines["t4.c10.conv2d.p1"]
+    assert (conv["n"], conv["test_acc1_mean"], conv["test_acc1_std"]) == (1, 79.5, None)
+    died = lines["t4.c10.convnn.p2"]
+    assert (died["n"], died["incomplete"], died["test_acc1_mean"], died["diff_test_acc1"]) == (
+        0,
+        1,
+        None,
+        None,
+    )
+    assert died["paper_test_acc1"] == 60.32
+
+
+def test_written_table_shows_missing_cells_paper_and_budget(records: list[dict], tmp_path: Path) -> None:
+    source = tmp_path / "runs"
+    for i, r in enumerate(records):
+        write_record(source / f"run{i}" / "results.json", r)
+    md, csv_path, tex = make_table("table4", str(source), tmp_path / "out")
+    text = md.read_text()
+    assert "budget=smoke (epochs=2, batch=32, train subset=1024, test subset=512, device=cpu)" in text
+    assert "6 records read, 5 matched to paper rows, 1 unmatched; 2 of 10 rows have finished runs" in text
+    line = next(x for x in text.splitlines() if x.startswith("| t4.c10.branching.p1 "))
+    assert "| 3 | 1.100 ± 0.100 | 81.00 ± 1.00 | 82.00 ± 1.00 | 1.424 | 81.26 | -0.26 |" in line
+    missing = next(x for x in text.splitlines() if x.startswith("| t4.c100.convnn.p2 "))
+    assert missing.count("missing") == 7 and "28.17" in missing
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    assert len(rows) == 10
+    assert rows[3]["test_acc1_mean"] == "" and rows[3]["paper_test_acc1"] == "54.0"
+    assert r"81.00 $\pm$ 1.00" in tex.read_text()
+    assert tex.read_text().startswith("% Generated")
+
+
+def test_mixed_budgets_must_be_chosen(records: list[dict]) -> None:
+    full = {**records[0], "budget": "full"}
+    with pytest.raises(ValueError, match="mix budgets"):
+        select_budget([*records, full], None)
+    assert select_budget([*records, full], "full") == [full]
+
+
+def test_wandb_runs_become_records() -> None:
+    history = [
+        {"epoch": 1, "train/loss": 2.0, "test/loss": 1.5, "test/acc1": 60.0, "test/acc5": 90.0},
+        {"epoch": 2, "train/loss": 1.0, "test/loss": 1.6, "test/acc1": 55.0, "test/acc5": 91.0},
+        {"params": 5},  # a summary-only row
+    ]
+    run = SimpleNamespace(
+        id="abc",
+        state="finished",
+        config={"seed": 1, "budget": "smoke", "layer": {"name": "attention"}},
+        summary={"params": 5_479_306, "gflops_profiler": 2.507},
+        history=lambda pandas: history,
+    )
+    api = SimpleNamespace(runs=lambda path: [run] if path == "me/convnn" else [])
+    (rec,) = records_from_wandb("me/convnn", api)
+    assert rec["final"] == {"test_loss": 1.6, "test_acc1": 55.0, "test_acc5": 91.0}
+    assert rec["best"] == {"epoch": 1, "test_loss": 1.5, "test_acc1": 60.0}
+    assert (rec["status"], rec["seed"], rec["budget"], rec["params"]) == ("finished", 1, "smoke", 5_479_306)
+    assert [e["train_loss"] for e in rec["epochs"]] == [2.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["table=table1", "sauce=runs"], "bad argument 'sauce=runs'"),
+        (["source=runs"], "exactly one of table"),
+        (["table=table1", "profile=yes"], "profile='yes'"),
+    ],
+)
+def test_bad_arguments_are_rejected(argv: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_args(argv)
+
+
+def test_unknown_table_and_figure_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown table 'table9'"):
+        read_paper("table9")
+    with pytest.raises(ValueError, match="unknown figure 'fig99'"):
+        make_figure("fig99", [], tmp_path)
+
+
+def test_params_and_gflops_regenerate_without_training(tmp_path: Path) -> None:
+    from convnn.tables import profile_rows
+
+    row = {r["row"]: r for r in read_paper("table1")}["t1.c10.features.conv2d"]
+    (stats,) = profile_rows([row]).values()
+    assert stats["params"] == 130_015_690  # the paper's 130.015M (reference notes)
+    assert stats["gflops_profiler"] == pytest.approx(0.293, abs=0.005)
+
+
+def test_sweep_figure_points_and_png(tmp_path: Path) -> None:
+    def at(r: int, sampling: str, seed: int, acc: float) -> dict:
+        cfg = {
+            "layer": {"ratio": 0.5, "sampling": sampling, "num_candidates": r},
+            "data": {"name": "cifar10"},
+        }
+        return {
+            "status": "finished",
+            "config": cfg,
+            "seed": seed,
+            "budget": "smoke",
+            "best": {"test_acc1": acc},
+        }
+
+    recs = [
+        at(4, "random", 0, 70.0),
+        at(4, "random", 1, 72.0),
+        at(8, "random", 0, 75.0),
+        at(8, "spatial", 0, 60.0),
+    ]
+    random_series = FIGURES["fig5"].series[0]
+    assert sweep_points(recs, random_series) == [(4.0, 71.0, pytest.approx(2**0.5), 2), (8.0, 75.0, 0.0, 1)]
+    path = make_figure("fig5", recs, tmp_path, "synthetic")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loss_figure_and_smoothing(records: list[dict], tmp_path: Path) -> None:
+    assert smooth([1.0, 2.0, 3.0], window=2) == [1.0, 1.5, 2.5]
+    assert smooth([1.0, 2.0], window=2) == [1.0, 2.0]  # too short to smooth
+    for r in records:
+        r["config"]["layer"]["ratio"] = 0.5
+    path = make_figure("fig3", records, tmp_path, "synthetic")
+    assert path.name == "fig3.png" and path.stat().st_size > 10_000
