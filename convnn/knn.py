@@ -195,27 +195,42 @@ def knn_select(
     picks = num_neighbors - 1 if self_first else num_neighbors
     if self_first and self_sim is None and candidates is not None:
         self_sim = self_similarity(q, kind)
-    cand_ids = torch.arange(m, device=q.device) if candidates is None else candidates.to(q.device)
-    values, indices = [], []
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        scores = prepared_similarity(q[:, start:stop], k, kind)
-        query_ids = torch.arange(start, stop, device=q.device)
-        if self_first:
+    if candidates is not None:
+        candidates = candidates.to(q.device)
+    self_pos = _self_positions(n, candidates) if self_first and candidates is not None else None
+    values, positions, own = [], [], []
+    for start, q_chunk in zip(range(0, n, chunk), q.split(chunk, dim=1), strict=True):
+        stop = start + q_chunk.shape[1]
+        scores = prepared_similarity(q_chunk, k, kind)
+        lowest = torch.finfo(scores.dtype).min
+        if self_first and self_pos is None:
+            diagonal = scores.diagonal(offset=start, dim1=1, dim2=2)
             if self_sim is None:
-                own = scores.diagonal(offset=start, dim1=1, dim2=2)
-            else:
-                own = self_sim[:, start:stop]
-            is_self = query_ids[:, None] == cand_ids[None, :]
-            scores = scores.masked_fill(is_self, torch.finfo(scores.dtype).min)
+                own.append(diagonal.clone())
+            diagonal.fill_(lowest)
+        elif self_first:
+            cols = self_pos[start:stop]
+            rows = torch.arange(stop - start, device=q.device)[cols >= 0]
+            scores[:, rows, cols[cols >= 0]] = lowest
         top_values, top_pos = scores.topk(picks, dim=-1)
-        top_ids = cand_ids[top_pos]
-        if self_first:
-            top_values = torch.cat([own.unsqueeze(-1).to(top_values.dtype), top_values], dim=-1)
-            top_ids = torch.cat([query_ids.expand(batch, -1).unsqueeze(-1), top_ids], dim=-1)
         values.append(top_values)
-        indices.append(top_ids)
-    return torch.cat(values, dim=1), torch.cat(indices, dim=1)
+        positions.append(top_pos)
+    values, indices = torch.cat(values, dim=1), torch.cat(positions, dim=1)
+    if candidates is not None:
+        indices = candidates[indices]
+    if not self_first:
+        return values, indices
+    own_values = torch.cat(own, dim=1) if self_sim is None else self_sim
+    self_ids = torch.arange(n, device=q.device).expand(batch, n)
+    values = torch.cat([own_values.unsqueeze(-1).to(values.dtype), values], dim=-1)
+    return values, torch.cat([self_ids.unsqueeze(-1), indices], dim=-1)
+
+
+def _self_positions(n: int, candidates: Tensor) -> Tensor:
+    """Where each of the n tokens sits in ``candidates`` -> LongTensor ``[n]`` (-1: not a candidate)."""
+    where = torch.full((n,), -1, dtype=torch.long, device=candidates.device)
+    where[candidates] = torch.arange(candidates.numel(), device=candidates.device)
+    return where
 
 
 def nearest_by_place(
@@ -269,6 +284,28 @@ def modulate(neighbors: Tensor, values: Tensor, rho: str) -> Tensor:
         return neighbors
     weights = values.softmax(dim=-1).to(neighbors.dtype)
     return neighbors * weights.reshape(weights.shape[0], 1, -1)
+
+
+def aggregate_neighbors(v: Tensor, indices: Tensor, values: Tensor, rho: str, conv: nn.Conv1d) -> Tensor:
+    """Gather, modulate and aggregate in one step: ``v [B, C, N]``, ``indices [B, N', k] -> [B, C', N']``.
+
+    Equals ``conv(modulate(gather_neighbors(v, indices), values, rho))`` for a ``conv`` with kernel
+    and stride k, but gathers into the ``[B, C * k, N']`` layout and applies ``conv``'s own weight as
+    the equivalent 1x1 convolution, which CPU and GPU kernels run faster. Parameters and the Conv1d
+    op (and so every FLOP counter) are unchanged.
+    """
+    check_choice("rho", rho, RHOS)
+    batch, channels, _ = v.shape
+    k = indices.shape[-1]
+    if conv.kernel_size != (k,) or conv.stride != (k,):
+        got = (conv.kernel_size[0], conv.stride[0])
+        raise ValueError(f"conv needs kernel_size = stride = k = {k}, got {got}")
+    by_slot = indices.transpose(1, 2).reshape(batch, 1, -1).expand(batch, channels, -1)
+    rows = v.gather(2, by_slot).unflatten(2, (k, -1))
+    if rho == "softmax":
+        rows = rows * values.softmax(dim=-1).to(rows.dtype).transpose(1, 2).contiguous().unsqueeze(1)
+    weight = conv.weight.reshape(conv.out_channels, -1, 1)
+    return F.conv1d(rows.flatten(1, 2), weight, conv.bias, groups=conv.groups)
 
 
 class CandidateSampler(nn.Module):

@@ -9,6 +9,7 @@ from torch import nn
 
 from convnn.knn import (
     CandidateSampler,
+    aggregate_neighbors,
     gather_neighbors,
     knn_select,
     modulate,
@@ -188,3 +189,14 @@ def test_select_rejects_bad_arguments():
         knn_select(x, x, 2, chunk_size=0)
     with pytest.raises(ValueError, match="keys must cover all 5 tokens, got 3"):
         knn_select(x, x[:, :3], 2)
+
+
+@pytest.mark.parametrize(("rho", "groups", "out"), [("ones", 1, 5), ("softmax", 1, 5), ("softmax", 3, 6)])
+def test_aggregate_neighbors_equals_gather_modulate_conv(rho, groups, out):
+    v, values = rand(2, 3, 7), rand(2, 7, 4, seed=1)
+    idx = torch.randint(0, 7, (2, 7, 4), generator=torch.Generator().manual_seed(2))
+    conv = nn.Conv1d(3, out, 4, stride=4, groups=groups).double()
+    ref = conv(modulate(gather_neighbors(v, idx), values, rho))
+    torch.testing.assert_close(aggregate_neighbors(v, idx, values, rho, conv), ref)
+    with pytest.raises(ValueError, match=r"conv needs kernel_size = stride = k = 3, got \(4, 4\)"):
+        aggregate_neighbors(v, idx[..., :3], values[..., :3], rho, conv)

@@ -10,10 +10,9 @@ from convnn.knn import (
     RHOS,
     SIMILARITIES,
     CandidateSampler,
+    aggregate_neighbors,
     check_choice,
-    gather_neighbors,
     knn_select,
-    modulate,
     pair_similarity,
 )
 from convnn.layers.position import (
@@ -120,7 +119,9 @@ class ConvNN(nn.Module):
             raise ValueError(
                 f"convnn patch={self.patch} needs H and W divisible by it, got {tuple(x.shape[-2:])}"
             )
-        x = F.pad(self.unshuffle(x), [self.padding] * 4)
+        x = self.unshuffle(x)
+        if self.padding:
+            x = F.pad(x, [self.padding] * 4)
         height, width = x.shape[-2:]
         tokens = x.flatten(2)
         coords = coordinate_channels(height, width, tokens) if self._uses_coordinates else None
@@ -137,7 +138,7 @@ class ConvNN(nn.Module):
                     tokens = mix_position(tokens, coords, self.position_weight)
                 sims, idx = self._select_by_features(tokens, candidates)
         sims, idx = self._crop(sims, height, width), self._crop(idx, height, width)
-        out = self.pointwise(self.aggregate(modulate(gather_neighbors(v, idx), sims, self.rho)))
+        out = self.pointwise(aggregate_neighbors(v, idx, sims, self.rho, self.aggregate))
         pad = self.padding
         return self.shuffle(out.unflatten(2, (height - 2 * pad, width - 2 * pad)))
 
