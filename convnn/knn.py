@@ -37,8 +37,8 @@ SIMILARITIES = ("cosine", "dot", "euclidean")
 SAMPLINGS = ("all", "random", "spatial")
 RHOS = ("ones", "softmax")
 
-#: Target number of similarity entries per chunk when ``chunk_size`` is None (16 MiB in float32).
-AUTO_CHUNK_ELEMENTS = 1 << 22
+#: Target number of similarity entries per chunk when ``chunk_size`` is None (4 MiB in float32).
+AUTO_CHUNK_ELEMENTS = 1 << 20
 
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -97,11 +97,16 @@ def self_similarity(q: Tensor, kind: str) -> Tensor:
     return torch.zeros_like(norm)
 
 
-def pair_similarity(q: Tensor, k: Tensor, kind: str) -> Tensor:
-    """Similarity of matching rows, ``q [B, N, h]``, ``k [B, N, h] -> [B, N]`` (``q_i`` with ``k_i``)."""
+def pair_similarity(q: Tensor, k: Tensor, kind: str, prepared: bool = False) -> Tensor:
+    """Similarity of matching rows, ``q [B, N, h]``, ``k [B, N, h] -> [B, N]`` (``q_i`` with ``k_i``).
+
+    ``prepared=True`` when the rows already went through :func:`prepare`.
+    """
     if kind == "euclidean":
         return -(q - k).pow(2).sum(-1)
-    scores = (prepare(q, kind) * prepare(k, kind)).sum(-1)
+    if not prepared:
+        q, k = prepare(q, kind), prepare(k, kind)
+    scores = (q * k).sum(-1)
     return scores / math.sqrt(q.shape[-1]) if kind == "dot" else scores
 
 
@@ -173,12 +178,16 @@ def knn_select(
         self_sim: ``[B, N]`` value reported for the self entry when ``self_first``; by default the
             diagonal of the similarity when all tokens are candidates, else :func:`self_similarity`
             of ``q`` (exact when queries and keys share their projection).
-        chunk_size: queries per chunk; None picks one so a chunk holds about 4M similarities. Peak
+        chunk_size: queries per chunk; None picks one so a chunk holds about 1M similarities. Peak
             extra memory is O(B * chunk * M + B * N * k).
 
     Returns:
         ``(values [B, N, k], indices [B, N, k])``: similarities and token indices (into the N
         tokens), best first (self first when ``self_first``).
+
+    The selection itself runs without autograd. When ``q`` or ``k`` need gradients, the values of
+    the selected pairs are recomputed from the gathered keys, so the backward costs O(N * k * h)
+    instead of the dense O(N * M * h) of differentiating the similarity matrix.
     """
     batch, n, _ = q.shape
     m = k.shape[1]
@@ -193,10 +202,32 @@ def knn_select(
     chunk = chunk_size or _auto_chunk(batch, m)
     q, k = prepare(q, kind), prepare(k, kind)
     picks = num_neighbors - 1 if self_first else num_neighbors
-    if self_first and self_sim is None and candidates is not None:
-        self_sim = self_similarity(q, kind)
     if candidates is not None:
         candidates = candidates.to(q.device)
+    with torch.no_grad():
+        values, positions, own = _select(q, k, picks, kind, candidates, self_first, chunk)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        values = _selected_similarity(q, k, positions, kind)
+        own = pair_similarity(q, k, kind, prepared=True) if self_first and candidates is None else None
+    indices = positions if candidates is None else candidates[positions]
+    if not self_first:
+        return values, indices
+    if self_sim is None:
+        self_sim = own if own is not None else self_similarity(q, kind)
+    self_ids = torch.arange(n, device=q.device).expand(batch, n)
+    values = torch.cat([self_sim.unsqueeze(-1).to(values.dtype), values], dim=-1)
+    return values, torch.cat([self_ids.unsqueeze(-1), indices], dim=-1)
+
+
+def _select(
+    q: Tensor, k: Tensor, picks: int, kind: str, candidates: Tensor | None, self_first: bool, chunk: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Chunked top-``picks`` of prepared rows -> ``(values, positions into k [B, N, picks], own)``.
+
+    ``own`` is the similarity of each token with itself ``[B, N]`` (all candidates with
+    ``self_first``), else None. With ``self_first`` the token's own candidate entry is masked out.
+    """
+    n = q.shape[1]
     self_pos = _self_positions(n, candidates) if self_first and candidates is not None else None
     values, positions, own = [], [], []
     for start, q_chunk in zip(range(0, n, chunk), q.split(chunk, dim=1), strict=True):
@@ -205,8 +236,7 @@ def knn_select(
         lowest = torch.finfo(scores.dtype).min
         if self_first and self_pos is None:
             diagonal = scores.diagonal(offset=start, dim1=1, dim2=2)
-            if self_sim is None:
-                own.append(diagonal.clone())
+            own.append(diagonal.clone())
             diagonal.fill_(lowest)
         elif self_first:
             cols = self_pos[start:stop]
@@ -215,15 +245,22 @@ def knn_select(
         top_values, top_pos = scores.topk(picks, dim=-1)
         values.append(top_values)
         positions.append(top_pos)
-    values, indices = torch.cat(values, dim=1), torch.cat(positions, dim=1)
-    if candidates is not None:
-        indices = candidates[indices]
-    if not self_first:
-        return values, indices
-    own_values = torch.cat(own, dim=1) if self_sim is None else self_sim
-    self_ids = torch.arange(n, device=q.device).expand(batch, n)
-    values = torch.cat([own_values.unsqueeze(-1).to(values.dtype), values], dim=-1)
-    return values, torch.cat([self_ids.unsqueeze(-1), indices], dim=-1)
+    return torch.cat(values, dim=1), torch.cat(positions, dim=1), torch.cat(own, dim=1) if own else None
+
+
+def _selected_similarity(q: Tensor, k: Tensor, positions: Tensor, kind: str) -> Tensor:
+    """Differentiable similarity of each query with its selected keys: ``positions [B, N, p] -> [B, N, p]``.
+
+    Used when gradients are needed: costs O(N * p * h) forward and backward instead of the dense
+    O(N * M * h) backward of the similarity matrix (one ``[B, N * p, h]`` gathered copy of the keys).
+    """
+    batch, n, picks = positions.shape
+    h = k.shape[-1]
+    chosen = k.gather(1, positions.reshape(batch, n * picks, 1).expand(-1, -1, h)).view(batch, n, picks, h)
+    if kind == "euclidean":
+        return -(q.unsqueeze(2) - chosen).pow(2).sum(-1)
+    scores = (chosen @ q.unsqueeze(-1)).squeeze(-1)
+    return scores / math.sqrt(h) if kind == "dot" else scores
 
 
 def _self_positions(n: int, candidates: Tensor) -> Tensor:

@@ -200,3 +200,19 @@ def test_aggregate_neighbors_equals_gather_modulate_conv(rho, groups, out):
     torch.testing.assert_close(aggregate_neighbors(v, idx, values, rho, conv), ref)
     with pytest.raises(ValueError, match=r"conv needs kernel_size = stride = k = 3, got \(4, 4\)"):
         aggregate_neighbors(v, idx[..., :3], values[..., :3], rho, conv)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "dot", "euclidean"])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_recomputed_values_match_selection_and_have_exact_gradients(kind, sampled):
+    q, k = rand(1, 12, 3).requires_grad_(), rand(1, 12, 3, seed=4).requires_grad_()
+    cand = torch.tensor([0, 2, 5, 7, 8, 11]) if sampled else None
+
+    def values(q, k):
+        keys = k if cand is None else k[:, cand]
+        return knn_select(q, keys, 4, kind=kind, candidates=cand, self_first=not sampled)[0]
+
+    with torch.no_grad():
+        plain = values(q, k)
+    torch.testing.assert_close(values(q, k), plain)
+    assert torch.autograd.gradcheck(values, (q, k))

@@ -13,6 +13,7 @@ from convnn.knn import (
     aggregate_neighbors,
     check_choice,
     knn_select,
+    nearest_by_place,
     pair_similarity,
 )
 from convnn.layers.position import (
@@ -131,8 +132,7 @@ class ConvNN(nn.Module):
         v = self.w_v(values_in)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.rho == "softmax"):
             if self.select_by == "position":
-                sims, idx = self._select_by_position(height, width, candidates)
-                sims, idx = sims.expand(x.shape[0], -1, -1), idx.expand(x.shape[0], -1, -1)
+                sims, idx = self._select_by_position(x.shape[0], height, width, candidates)
             else:
                 if self.select_by == "both":
                     tokens = mix_position(tokens, coords, self.position_weight)
@@ -141,6 +141,16 @@ class ConvNN(nn.Module):
         out = self.pointwise(aggregate_neighbors(v, idx, sims, self.rho, self.aggregate))
         pad = self.padding
         return self.shuffle(out.unflatten(2, (height - 2 * pad, width - 2 * pad)))
+
+    def _select_by_position(
+        self, batch: int, height: int, width: int, candidates: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """The k nearest candidates in pixel distance, in raster order -> ``(values, indices) [B, N, k]``."""
+        place = pixel_coordinates(height, width, self.aggregate.weight.device)
+        sims, idx = nearest_by_place(
+            place, self.k, candidates=candidates, self_first=self.self_first, chunk_size=self.chunk_size
+        )
+        return sims.expand(batch, -1, -1), idx.expand(batch, -1, -1)
 
     def _crop(self, per_token: Tensor, height: int, width: int) -> Tensor:
         """Keep the rows of the unpadded tokens: ``[B, Hp * Wp, k] -> [B, H * W, k]``."""
@@ -165,28 +175,6 @@ class ConvNN(nn.Module):
             self_sim=self_sim,
             chunk_size=self.chunk_size,
         )
-
-    def _select_by_position(
-        self, height: int, width: int, candidates: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        """The k nearest candidates in pixel distance, sorted into raster order -> ``[1, N, k]`` each.
-
-        Runs in float32 outside autocast: pixel coordinates must stay exact.
-        """
-        grid = pixel_coordinates(height, width, self.aggregate.weight.device)
-        keys = grid if candidates is None else grid[:, candidates]
-        with torch.autocast(grid.device.type, enabled=False):
-            sims, idx = knn_select(
-                grid,
-                keys,
-                self.k,
-                kind="euclidean",
-                candidates=candidates,
-                self_first=self.self_first,
-                chunk_size=self.chunk_size,
-            )
-        idx, order = idx.sort(dim=-1)
-        return sims.gather(-1, order), idx
 
     def _check_candidates(self, height: int, width: int, candidates: Tensor | None) -> None:
         """Raise a clear ``ValueError`` when the map offers fewer than k candidate tokens."""
