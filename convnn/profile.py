@@ -16,6 +16,7 @@ import hydra
 import torch
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import conv_flop_count, get_shape
+from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
@@ -135,12 +136,24 @@ def _print_table(record: dict[str, Any]) -> None:
     Console().print(table)
 
 
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The ``convnn-profile`` config (``data``, ``model``, ``layer`` groups) for Hydra ``overrides``."""
+    with initialize_config_dir(version_base=None, config_dir=CONFIG_DIR, job_name="convnn-profile"):
+        return compose(config_name="profile", overrides=list(overrides))
+
+
+def build_from_config(cfg: DictConfig) -> tuple[nn.Module, tuple[int, int, int]]:
+    """The model a ``data`` / ``model`` / ``layer`` config describes and its one-image input ``(C, S, S)``."""
+    size = input_size(cfg.model, cfg.data.image_size)
+    model = build_model(cfg.model, cfg.layer, cfg.data.num_classes, size, cfg.data.in_channels)
+    return model, (cfg.data.in_channels, size, size)
+
+
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="profile")
 def main(cfg: DictConfig) -> None:
     """``convnn-profile``: build ``model`` x ``layer`` for ``data`` and print its accounting."""
-    size = input_size(cfg.model, cfg.data.image_size)
-    model = build_model(cfg.model, cfg.layer, cfg.data.num_classes, size, cfg.data.in_channels)
-    result = profile_model(model, (cfg.data.in_channels, size, size))
+    model, shape = build_from_config(cfg)
+    result = profile_model(model, shape)
     record = {"model": cfg.model.name, "layer": cfg.layer.name, "data": cfg.data.name, **result}
     _print_table(record)
     print(json.dumps(record))

@@ -77,7 +77,10 @@ def _shortcut(in_ch: int, out_ch: int, stride: int, bias: bool) -> nn.Module:
 
 
 class ResNet(nn.Module):
-    """``[B, C, S, S] -> [B, classes]``: 7x7/2 stem, 3x3/2 max-pool, four stages, global pool, linear."""
+    """``[B, C, S, S] -> [B, classes]``: 7x7/2 stem, 3x3/2 max-pool, four stages, global pool, linear.
+
+    Every stride-1 3x3 conv comes from ``layer``; the rest (stem, 1x1s, strided 3x3s, shortcuts) is fixed.
+    """
 
     def __init__(
         self,
@@ -87,18 +90,19 @@ class ResNet(nn.Module):
         num_classes: int,
         in_channels: int,
         conv_bias: bool,
+        base_width: int,
     ) -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            _conv(in_channels, 64, 7, 2, conv_bias),
-            nn.BatchNorm2d(64),
+            _conv(in_channels, base_width, 7, 2, conv_bias),
+            nn.BatchNorm2d(base_width),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
         )
         stages: list[nn.Module] = []
-        channels = 64
+        channels = base_width
         for index, count in enumerate(blocks_per_stage):
-            planes = 64 * 2**index
+            planes = base_width * 2**index
             stage = []
             for position in range(count):
                 stride = 2 if index > 0 and position == 0 else 1
@@ -126,14 +130,18 @@ def _resnet_builder(
         image_size: int,
         in_channels: int = 3,
         conv_bias: bool = False,
+        base_width: int = 64,
     ) -> ResNet:
         if image_size < MIN_IMAGE_SIZE:
             raise ValueError(f"{name} needs image_size >= {MIN_IMAGE_SIZE} (stride 32), got {image_size}")
-        return ResNet(block, blocks_per_stage, layer, num_classes, in_channels, conv_bias)
+        if base_width < 1:
+            raise ValueError(f"{name} base_width must be >= 1, got {base_width}")
+        return ResNet(block, blocks_per_stage, layer, num_classes, in_channels, conv_bias, base_width)
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = (
-        f"{doc}; slots are the stride-1 3x3 convs, ``conv_bias`` adds a bias to every fixed convolution."
+        f"{doc}; slots are the stride-1 3x3 convs, ``conv_bias`` adds a bias to every fixed convolution, "
+        "``base_width`` is the stem's width (stage i: base_width * 2**i planes)."
     )
     return build
 
