@@ -20,11 +20,13 @@ _FIXED_ARGS = ("layer", "num_classes", "image_size", "in_channels")
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A registered backbone builder and the layer kind (``"map"`` or ``"tokens"``) of its slots."""
+    """A registered backbone builder, the layer kind (``"map"`` or ``"tokens"``) of its slots and the
+    smallest input side it takes."""
 
     name: str
     slot_kind: str
     builder: Callable[..., nn.Module]
+    min_image_size: int = 1
 
     def option_names(self) -> list[str]:
         """The keyword options the builder accepts besides the fixed ``layer``, classes, size, channels."""
@@ -34,13 +36,13 @@ class ModelEntry:
 _MODELS: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, slot_kind: str) -> Callable:
+def register_model(name: str, slot_kind: str, min_image_size: int = 1) -> Callable:
     """Decorator adding ``builder(layer, num_classes, image_size, in_channels, **options)`` as ``name``."""
 
     def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is registered twice")
-        _MODELS[name] = ModelEntry(name, slot_kind, builder)
+        _MODELS[name] = ModelEntry(name, slot_kind, builder, min_image_size)
         return builder
 
     return decorate
@@ -103,6 +105,8 @@ def build_model(
             f"model {entry.name!r} takes {entry.slot_kind!r} layers, but layer {layer_name!r} is a {kind!r} "
             f"layer; layers that fit {entry.name!r}: {available_layers(entry.slot_kind)}"
         )
+    if size < entry.min_image_size:
+        raise ValueError(f"{entry.name} needs image_size >= {entry.min_image_size}, got {size}")
     if num_classes < 1 or in_channels < 1:
         raise ValueError(f"num_classes and in_channels must be >= 1, got {num_classes} and {in_channels}")
 

@@ -8,8 +8,6 @@ from torch import Tensor, nn
 
 from convnn.models.registry import LayerFactory, register_model
 
-MIN_IMAGE_SIZE = 32  # the network downsamples by 32
-
 
 def _conv(in_ch: int, out_ch: int, kernel: int, stride: int, bias: bool) -> nn.Conv2d:
     """A fixed (non-slot) convolution with torchvision's padding ``kernel // 2`` and initialisation."""
@@ -123,7 +121,7 @@ def _resnet_builder(
 ) -> Callable[..., ResNet]:
     """Register ``name`` as a torchvision-style builder with explicit options."""
 
-    @register_model(name, slot_kind="map")
+    @register_model(name, slot_kind="map", min_image_size=32)  # the network downsamples by 32
     def build(
         layer: LayerFactory,
         num_classes: int,
@@ -132,8 +130,6 @@ def _resnet_builder(
         conv_bias: bool = False,
         base_width: int = 64,
     ) -> ResNet:
-        if image_size < MIN_IMAGE_SIZE:
-            raise ValueError(f"{name} needs image_size >= {MIN_IMAGE_SIZE} (stride 32), got {image_size}")
         if base_width < 1:
             raise ValueError(f"{name} base_width must be >= 1, got {base_width}")
         return ResNet(block, blocks_per_stage, layer, num_classes, in_channels, conv_bias, base_width)

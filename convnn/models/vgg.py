@@ -15,7 +15,6 @@ STAGES: dict[str, list[int | str]] = {
     "vgg16": [64, 64, POOL, 128, 128, POOL, *[256] * 3, POOL, *[512] * 3, POOL, *[512] * 3, POOL],
     "vgg19": [64, 64, POOL, 128, 128, POOL, *[256] * 4, POOL, *[512] * 4, POOL, *[512] * 4, POOL],
 }
-MIN_IMAGE_SIZE = 32  # five 2x2 max-pools
 
 
 class VGG(nn.Module):
@@ -66,7 +65,7 @@ class VGG(nn.Module):
 def _vgg_builder(name: str, doc: str) -> Callable[..., VGG]:
     """Register ``name`` as a torchvision-style builder with explicit options."""
 
-    @register_model(name, slot_kind="map")
+    @register_model(name, slot_kind="map", min_image_size=32)  # five 2x2 max-pools
     def build(
         layer: LayerFactory,
         num_classes: int,
@@ -76,8 +75,6 @@ def _vgg_builder(name: str, doc: str) -> Callable[..., VGG]:
         hidden_features: int = 4096,
         width_mult: float = 1.0,
     ) -> VGG:
-        if image_size < MIN_IMAGE_SIZE:
-            raise ValueError(f"{name} needs image_size >= {MIN_IMAGE_SIZE} (5 pools), got {image_size}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{name} dropout must be in [0, 1), got {dropout}")
         if hidden_features < 1 or width_mult <= 0:
