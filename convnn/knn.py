@@ -97,16 +97,11 @@ def self_similarity(q: Tensor, kind: str) -> Tensor:
     return torch.zeros_like(norm)
 
 
-def pair_similarity(q: Tensor, k: Tensor, kind: str, prepared: bool = False) -> Tensor:
-    """Similarity of matching rows, ``q [B, N, h]``, ``k [B, N, h] -> [B, N]`` (``q_i`` with ``k_i``).
-
-    ``prepared=True`` when the rows already went through :func:`prepare`.
-    """
+def pair_similarity(q: Tensor, k: Tensor, kind: str) -> Tensor:
+    """Similarity of matching rows, ``q [B, N, h]``, ``k [B, N, h] -> [B, N]`` (``q_i`` with ``k_i``)."""
     if kind == "euclidean":
         return -(q - k).pow(2).sum(-1)
-    if not prepared:
-        q, k = prepare(q, kind), prepare(k, kind)
-    scores = (q * k).sum(-1)
+    scores = (prepare(q, kind) * prepare(k, kind)).sum(-1)
     return scores / math.sqrt(q.shape[-1]) if kind == "dot" else scores
 
 
@@ -206,17 +201,18 @@ def knn_select(
         candidates = candidates.to(q.device)
     with torch.no_grad():
         values, positions, own = _select(q, k, picks, kind, candidates, self_first, chunk)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        values = _selected_similarity(q, k, positions, kind)
-        own = pair_similarity(q, k, kind, prepared=True) if self_first and candidates is None else None
+    self_ids = torch.arange(n, device=q.device).expand(batch, n).unsqueeze(-1)
+    if own is not None and self_sim is None:  # all candidates: the self value is a similarity entry too
+        positions = torch.cat([self_ids, positions], dim=-1)
+        values = torch.cat([own.unsqueeze(-1), values], dim=-1)
+    values = SelectedSimilarity.apply(q, k, positions, values, kind)
     indices = positions if candidates is None else candidates[positions]
-    if not self_first:
+    if not self_first or (own is not None and self_sim is None):
         return values, indices
     if self_sim is None:
-        self_sim = own if own is not None else self_similarity(q, kind)
-    self_ids = torch.arange(n, device=q.device).expand(batch, n)
+        self_sim = self_similarity(q, kind)
     values = torch.cat([self_sim.unsqueeze(-1).to(values.dtype), values], dim=-1)
-    return values, torch.cat([self_ids.unsqueeze(-1), indices], dim=-1)
+    return values, torch.cat([self_ids, indices], dim=-1)
 
 
 def _select(
@@ -248,19 +244,43 @@ def _select(
     return torch.cat(values, dim=1), torch.cat(positions, dim=1), torch.cat(own, dim=1) if own else None
 
 
-def _selected_similarity(q: Tensor, k: Tensor, positions: Tensor, kind: str) -> Tensor:
-    """Differentiable similarity of each query with its selected keys: ``positions [B, N, p] -> [B, N, p]``.
+class SelectedSimilarity(torch.autograd.Function):
+    """The similarities of selected pairs, with a sparse backward.
 
-    Used when gradients are needed: costs O(N * p * h) forward and backward instead of the dense
-    O(N * M * h) backward of the similarity matrix (one ``[B, N * p, h]`` gathered copy of the keys).
+    Forward returns ``values [B, N, p]`` (already computed by the selection, without autograd) for the
+    pairs ``(i, positions[b, i, j])`` of prepared rows ``q [B, N, h]``, ``k [B, M, h]``. Backward
+    sends ``grad [B, N, p]`` to ``q`` and ``k`` through the selected pairs only: O(N * p * h) instead
+    of the dense O(N * M * h) of differentiating the similarity matrix, and nothing extra is stored.
     """
-    batch, n, picks = positions.shape
-    h = k.shape[-1]
-    chosen = k.gather(1, positions.reshape(batch, n * picks, 1).expand(-1, -1, h)).view(batch, n, picks, h)
-    if kind == "euclidean":
-        return -(q.unsqueeze(2) - chosen).pow(2).sum(-1)
-    scores = (chosen @ q.unsqueeze(-1)).squeeze(-1)
-    return scores / math.sqrt(h) if kind == "dot" else scores
+
+    @staticmethod
+    def forward(q: Tensor, k: Tensor, positions: Tensor, values: Tensor, kind: str) -> Tensor:
+        return values.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, positions, _, kind = inputs
+        ctx.save_for_backward(q, k, positions)
+        ctx.kind = kind
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, k, positions = ctx.saved_tensors
+        batch, n, picks = positions.shape
+        h = k.shape[-1]
+        flat = positions.reshape(batch, n * picks, 1).expand(-1, -1, h)
+        chosen = k.gather(1, flat).view(batch, n, picks, h)
+        grad = grad.to(q.dtype)
+        if ctx.kind == "euclidean":  # d(-|q - k|^2) = -2 (q - k) dq + 2 (q - k) dk
+            diff = (q.unsqueeze(2) - chosen) * grad.unsqueeze(-1)
+            grad_q, per_pair = -2 * diff.sum(2), 2 * diff
+        else:
+            scale = 1 / math.sqrt(h) if ctx.kind == "dot" else 1.0
+            grad = grad * scale
+            grad_q = (grad.unsqueeze(-2) @ chosen).squeeze(-2)
+            per_pair = grad.unsqueeze(-1) * q.unsqueeze(2)
+        grad_k = torch.zeros_like(k).scatter_add_(1, flat, per_pair.reshape(batch, n * picks, h))
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), None, None, None
 
 
 def _self_positions(n: int, candidates: Tensor) -> Tensor:
