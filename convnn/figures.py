@@ -185,8 +185,11 @@ def _facet_values(records: Sequence[Record], facets: Sequence[str]) -> list[tupl
     return sorted(values, key=lambda v: tuple(str(x) for x in v))
 
 
-def make_figure(name: str, records: Sequence[Record], out_dir: Path, source: str = "") -> Path:
-    """Draw figure ``name`` (a key of ``FIGURES``) from ``records`` into ``<out_dir>/<name>.png``."""
+def make_figure(
+    name: str, records: Sequence[Record], out_dir: Path, source: str = "", note: str | None = None
+) -> Path:
+    """Draw figure ``name`` (a key of ``FIGURES``) from ``records`` into ``<out_dir>/<name>.png``;
+    the title states the runs' budget, seeds and source (and ``note``)."""
     if name not in FIGURES:
         raise ValueError(f"unknown figure {name!r}; figures: {sorted(FIGURES)}")
     spec = FIGURES[name]
@@ -221,7 +224,8 @@ def make_figure(name: str, records: Sequence[Record], out_dir: Path, source: str
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle(f"{name}: {spec.title}\n{describe(records, source)}", fontsize=9)
+    lines = [f"{name}: {spec.title}", describe(records, source), *([note] if note else [])]
+    fig.suptitle("\n".join(lines), fontsize=9)
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.png"

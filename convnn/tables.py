@@ -342,23 +342,43 @@ def profile_rows(rows: Sequence[Mapping[str, str]]) -> dict[str, dict[str, Any]]
 
 
 def make_table(
-    table: str, source: str | None, out_dir: Path = OUT_DIR, budget: str | None = None, profile: bool = False
+    table: str,
+    source: str | None,
+    out_dir: Path = OUT_DIR,
+    budget: str | None = None,
+    profile: bool = False,
+    dataset: str | None = None,
+    note: str | None = None,
 ) -> list[Path]:
-    """Regenerate ``table`` from the records in ``source`` (and/or by profiling) into ``out_dir``."""
+    """Regenerate ``table`` (only ``dataset``'s rows when given, written as ``<table>-<dataset>``)
+    from the records in ``source`` and/or by profiling into ``out_dir``; ``note`` joins the header."""
     rows = read_paper(table)
+    if dataset is not None:
+        datasets = sorted({r["dataset"] for r in rows})
+        rows = [r for r in rows if r["dataset"] == dataset]
+        if not rows:
+            raise ValueError(f"{table} has no rows for dataset {dataset!r}; datasets: {datasets}")
     records = select_budget(load_records(source), budget) if source else []
     matched, unmatched = match_records(rows, records)
     used = [r for rs in matched.values() for r in rs]
     lines = build_table(rows, matched, profile_rows(rows) if profile else None)
-    args = (
-        [f"table={table}"] + ([f"source={source}"] if source else []) + (["profile=true"] if profile else [])
+    given = {
+        "table": table,
+        "dataset": dataset,
+        "source": source,
+        "budget": budget,
+        "profile": profile or None,
+    }
+    command = " ".join(
+        ["convnn-tables", *(f"{k}={str(v).lower() if v is True else v}" for k, v in given.items() if v)]
     )
-    command = " ".join(["convnn-tables", *args])
     header = [
         f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `{command}`.",
         f"Budget: {describe_budget(used)}.",
-        f"Runs: {len(records)} records read, {len(used)} matched to paper rows, {len(unmatched)} unmatched; "
+        f"Runs: {len(records)} records read, {len(used)} matched to paper rows "
+        f"({sum(line['incomplete'] for line in lines)} of them not finished), {len(unmatched)} unmatched; "
         f"{sum(line['n'] > 0 for line in lines)} of {len(lines)} rows have finished runs.",
+        *([f"Note: {note}"] if note else []),
         "Ours: final-epoch test values, mean ± sample std over seeds (n = finished seeds); best = best-epoch "
         "top-1. Paper: the table as printed (one run, final epoch). Δ = ours − paper. "
         "'missing' = no run (never filled in).",
@@ -366,12 +386,12 @@ def make_table(
         + ("measured now from each row's config (no training)" if profile else "from the runs")
         + "; 'profiler' is the paper's torch.profiler method, 'fvcore' counts multiply-adds.",
     ]
-    return render(table, lines, header, out_dir)
+    return render(table if dataset is None else f"{table}-{dataset}", lines, header, out_dir)
 
 
 def parse_args(argv: Sequence[str]) -> dict[str, str]:
     """``key=value`` arguments; unknown keys raise a ``ValueError`` listing the known ones."""
-    known = ("table", "figure", "source", "out", "budget", "profile")
+    known = ("table", "figure", "source", "out", "budget", "profile", "dataset", "note")
     args = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
@@ -395,10 +415,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         if "source" not in args:
             raise ValueError("figures need source=<run dir or wandb:entity/project>")
         records = select_budget(load_records(args["source"]), args.get("budget"))
-        paths = [make_figure(args["figure"], records, out_dir, args["source"])]
+        paths = [make_figure(args["figure"], records, out_dir, args["source"], args.get("note"))]
     else:
         paths = make_table(
-            args["table"], args.get("source"), out_dir, args.get("budget"), args.get("profile") == "true"
+            args["table"],
+            args.get("source"),
+            out_dir,
+            budget=args.get("budget"),
+            profile=args.get("profile") == "true",
+            dataset=args.get("dataset"),
+            note=args.get("note"),
         )
     for path in paths:
         print(path)

@@ -119,7 +119,10 @@ def test_written_table_shows_missing_cells_paper_and_budget(records: list[dict],
     md, csv_path, tex = make_table("table4", str(source), tmp_path / "out")
     text = md.read_text()
     assert "budget=smoke (epochs=2, batch=32, train subset=1024, test subset=512, device=cpu)" in text
-    assert "6 records read, 5 matched to paper rows, 1 unmatched; 2 of 10 rows have finished runs" in text
+    assert (
+        "6 records read, 5 matched to paper rows (1 of them not finished), 1 unmatched; "
+        "2 of 10 rows have finished runs" in text
+    )
     line = next(x for x in text.splitlines() if x.startswith("| t4.c10.branching.p1 "))
     assert "| 3 | 1.100 ± 0.100 | 81.00 ± 1.00 | 82.00 ± 1.00 | 1.424 | 81.26 | -0.26 |" in line
     missing = next(x for x in text.splitlines() if x.startswith("| t4.c100.convnn.p2 "))
@@ -130,6 +133,16 @@ def test_written_table_shows_missing_cells_paper_and_budget(records: list[dict],
     assert rows[3]["test_acc1_mean"] == "" and rows[3]["paper_test_acc1"] == "54.0"
     assert r"81.00 $\pm$ 1.00" in tex.read_text()
     assert tex.read_text().startswith("% Generated")
+
+
+def test_one_dataset_half_with_a_note_and_no_runs(tmp_path: Path) -> None:
+    (md, _, _) = make_table("table4", None, tmp_path, dataset="cifar100", note="nothing was run")
+    assert md.name == "table4-cifar100.md"
+    text = md.read_text()
+    assert "Note: nothing was run" in text and "0 of 5 rows have finished runs" in text
+    assert "t4.c10." not in text
+    with pytest.raises(ValueError, match="no rows for dataset 'cifar1000'"):
+        make_table("table4", None, tmp_path, dataset="cifar1000")
 
 
 def test_mixed_budgets_must_be_chosen(records: list[dict]) -> None:
