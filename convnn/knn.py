@@ -249,8 +249,9 @@ class SelectedSimilarity(torch.autograd.Function):
 
     Forward returns ``values [B, N, p]`` (already computed by the selection, without autograd) for the
     pairs ``(i, positions[b, i, j])`` of prepared rows ``q [B, N, h]``, ``k [B, M, h]``. Backward
-    sends ``grad [B, N, p]`` to ``q`` and ``k`` through the selected pairs only: O(N * p * h) instead
-    of the dense O(N * M * h) of differentiating the similarity matrix, and nothing extra is stored.
+    sends ``grad [B, N, p]`` to ``q`` and ``k`` through the selected pairs only, in query chunks:
+    O(N * p * h) work instead of the dense O(N * M * h) of differentiating the similarity matrix, and
+    nothing is stored beyond ``q``, ``k`` and the positions.
     """
 
     @staticmethod
@@ -268,19 +269,23 @@ class SelectedSimilarity(torch.autograd.Function):
         q, k, positions = ctx.saved_tensors
         batch, n, picks = positions.shape
         h = k.shape[-1]
-        flat = positions.reshape(batch, n * picks, 1).expand(-1, -1, h)
-        chosen = k.gather(1, flat).view(batch, n, picks, h)
-        grad = grad.to(q.dtype)
-        if ctx.kind == "euclidean":  # d(-|q - k|^2) = -2 (q - k) dq + 2 (q - k) dk
-            diff = (q.unsqueeze(2) - chosen) * grad.unsqueeze(-1)
-            grad_q, per_pair = -2 * diff.sum(2), 2 * diff
-        else:
-            scale = 1 / math.sqrt(h) if ctx.kind == "dot" else 1.0
-            grad = grad * scale
-            grad_q = (grad.unsqueeze(-2) @ chosen).squeeze(-2)
-            per_pair = grad.unsqueeze(-1) * q.unsqueeze(2)
-        grad_k = torch.zeros_like(k).scatter_add_(1, flat, per_pair.reshape(batch, n * picks, h))
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), None, None, None
+        grad = grad.to(q.dtype) / math.sqrt(h) if ctx.kind == "dot" else grad.to(q.dtype)
+        grad_q, grad_k = torch.empty_like(q), torch.zeros_like(k)
+        chunk = _auto_chunk(batch, picks * h)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            pos = positions[:, rows]
+            flat = pos.reshape(batch, -1, 1).expand(-1, -1, h)
+            chosen = k.gather(1, flat).view(*pos.shape, h)
+            g, q_rows = grad[:, rows].unsqueeze(-1), q[:, rows].unsqueeze(2)
+            if ctx.kind == "euclidean":  # d(-|q - k|^2) = -2 (q - k) dq + 2 (q - k) dk
+                per_pair = 2 * g * (q_rows - chosen)
+                grad_q[:, rows] = -per_pair.sum(2)
+            else:
+                grad_q[:, rows] = (g * chosen).sum(2)
+                per_pair = g * q_rows
+            grad_k.scatter_add_(1, flat, per_pair.reshape(batch, -1, h).to(k.dtype))
+        return grad_q, grad_k, None, None, None
 
 
 def _self_positions(n: int, candidates: Tensor) -> Tensor:

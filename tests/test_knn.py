@@ -216,3 +216,12 @@ def test_recomputed_values_match_selection_and_have_exact_gradients(kind, sample
         plain = values(q, k)
     torch.testing.assert_close(values(q, k), plain)
     assert torch.autograd.gradcheck(values, (q, k))
+
+
+def test_one_self_first_neighbour_among_samples_backpropagates():
+    q = rand(2, 6, 3).requires_grad_()
+    cand = torch.tensor([1, 4])
+    values, idx = knn_select(q, q[:, cand], 1, candidates=cand)
+    assert idx.shape == (2, 6, 1) and torch.equal(idx[..., 0], torch.arange(6).expand(2, 6))
+    values.sum().backward()
+    assert torch.isfinite(q.grad).all()
