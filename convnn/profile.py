@@ -107,7 +107,8 @@ def profile_model(model: nn.Module, input_shape: Sequence[int]) -> dict[str, Any
     was_training = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        rng_devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
             x = torch.randn(shape, device=device, dtype=dtype)
             macs, unsupported = fvcore_macs(model, x)
             flops = profiler_flops(model, x)

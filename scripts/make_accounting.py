@@ -37,8 +37,8 @@ PARAM_NOTES = {
 GFLOPS_NOTES = {
     "attention": "F.scaled_dot_product_attention counts 0 in torch.profiler; its two matmuls as the paper "
     "wrote them add 12 x 2 x 2N²D = 0.358 G",
-    "kvt_attention": "our KVT gathers the k selected values; the paper's dense masked attention also "
-    "counted the full A·V bmm and the N² score scaling (+0.175 G at k=9)",
+    "kvt_attention": "our KVT gathers the k selected values (N·k·D mul); the paper's dense masked attention "
+    "counted a full A·V bmm (2N²D) and the N² score scaling instead",
     "convnn_attention": "self_first scores the self entry by its own key, so w_k projects all N tokens; "
     "the paper's reference projected the r candidates only",
 }
