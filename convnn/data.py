@@ -1,0 +1,237 @@
+"""Datasets and the ``LightningDataModule`` that feeds training.
+
+Sources: CIFAR-10/100 through torchvision (downloaded into ``data.root`` when a network is there),
+any ImageFolder tree (``<root>/<train_split>/<class>/*.jpg``, ``<root>/<test_split>/...``: ImageNet,
+or the offline CIFAR-10 copy), and a learnable synthetic dataset for tests. Images become
+``[C, S, S]`` float tensors: resized to the model's input size ``S`` where it differs from the
+dataset's (ViT: 224), then normalised per channel with the dataset's mean/std (paper Sec. 10).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from convnn.config import DataConfig
+
+TORCHVISION_CIFAR = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
+
+
+class SyntheticImages(Dataset):
+    """Learnable random images: class ``c`` is a smooth random prototype plus Gaussian pixel noise.
+
+    Item ``i`` is ``([C, S, S] float in [0, 1], label)``, a pure function of ``(seed, i)``; labels
+    cycle through the classes so every class is equally represented.
+    """
+
+    def __init__(
+        self, size: int, num_classes: int, image_size: int, channels: int, seed: int, noise: float = 0.3
+    ) -> None:
+        self.size, self.num_classes, self.seed, self.noise = size, num_classes, seed, noise
+        g = torch.Generator().manual_seed(12345)
+        coarse = torch.rand(num_classes, channels, 4, 4, generator=g)
+        self.prototypes = F.interpolate(coarse, size=image_size, mode="bilinear", align_corners=False)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        label = index % self.num_classes
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        noise = torch.randn(self.prototypes.shape[1:], generator=g) * self.noise
+        return (self.prototypes[label] + noise).clamp(0, 1), label
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles ``range(n)`` anew each epoch with a permutation that depends only on ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` before every epoch, so a run resumed from a checkpoint sees the
+    same data order as an uninterrupted one.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def build_transform(cfg: DataConfig, image_size: int, train: bool) -> v2.Compose:
+    """PIL image or ``[C, H, W]`` tensor -> normalised float ``[C, S, S]`` with ``S = image_size``.
+
+    Resizing (shorter side to ``S``, then a centre crop) happens only when ``S`` differs from the
+    dataset's native ``data.image_size`` or the images may vary in size (ImageFolder).
+    ``data.augment=crop_flip`` adds a random crop (padding 1/8 of the side) and horizontal flip to
+    the training transform, before resizing.
+    """
+    steps: list = [v2.ToImage()]
+    if train and cfg.augment == "crop_flip":
+        steps += [
+            v2.RandomCrop(cfg.image_size, padding=cfg.image_size // 8),
+            v2.RandomHorizontalFlip(),
+        ]
+    if image_size != cfg.image_size or _uses_imagefolder(cfg):
+        steps += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std))]
+    return v2.Compose(steps)
+
+
+def _uses_imagefolder(cfg: DataConfig) -> bool:
+    """Whether ``cfg`` reads an ImageFolder tree (``data.format``, or ``auto`` and the split dirs exist)."""
+    if cfg.name == "synthetic":
+        return False
+    if cfg.format != "auto":
+        return cfg.format == "imagefolder"
+    if cfg.name not in TORCHVISION_CIFAR:
+        return True
+    root = Path(cfg.root)
+    return (root / cfg.train_split).is_dir() and (root / cfg.test_split).is_dir()
+
+
+def _imagefolder(cfg: DataConfig, split: str, image_size: int, train: bool) -> datasets.ImageFolder:
+    path = Path(cfg.root) / split
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{cfg.name}: no ImageFolder split {str(path)!r}; data.root={cfg.root!r} must hold "
+            f"{cfg.train_split}/ and {cfg.test_split}/ folders with one sub-folder per class"
+        )
+    ds = datasets.ImageFolder(str(path), transform=build_transform(cfg, image_size, train))
+    if len(ds.classes) != cfg.num_classes:
+        raise ValueError(
+            f"{cfg.name}: {str(path)!r} has {len(ds.classes)} class folders but data.num_classes="
+            f"{cfg.num_classes}"
+        )
+    return ds
+
+
+def _torchvision_cifar(cfg: DataConfig, train: bool, image_size: int, download: bool) -> Dataset:
+    cls = TORCHVISION_CIFAR[cfg.name]
+    try:
+        return cls(
+            cfg.root, train=train, download=download, transform=build_transform(cfg, image_size, train)
+        )
+    except (RuntimeError, OSError) as e:
+        raise FileNotFoundError(
+            f"{cfg.name} not found under data.root={cfg.root!r} and "
+            f"{'could not be downloaded' if download else 'data.download=false'} ({e}). Point data.root "
+            f"(or $CONVNN_DATA_ROOT, the parent of <name>/) at the torchvision files or at an ImageFolder "
+            f"copy with {cfg.train_split}/<class>/ and {cfg.test_split}/<class>/ folders"
+        ) from None
+
+
+def build_dataset(cfg: DataConfig, train: bool, image_size: int, seed: int = 0) -> Dataset:
+    """The full train or test split of ``cfg`` (before ``data.subset``), transformed to ``image_size``."""
+    if cfg.name == "synthetic":
+        size = cfg.train_size if train else cfg.test_size
+        if size is None:
+            raise ValueError("synthetic data needs data.train_size and data.test_size")
+        base = SyntheticImages(
+            size, cfg.num_classes, cfg.image_size, cfg.in_channels, seed + (0 if train else 1)
+        )
+        return _TransformedTensors(base, build_transform(cfg, image_size, train))
+    if _uses_imagefolder(cfg):
+        return _imagefolder(cfg, cfg.train_split if train else cfg.test_split, image_size, train)
+    return _torchvision_cifar(cfg, train, image_size, download=False)
+
+
+class _TransformedTensors(Dataset):
+    """Applies ``transform`` to the image of each ``(image, label)`` item of ``base``."""
+
+    def __init__(self, base: Dataset, transform: v2.Compose) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.base[index]
+        return self.transform(image), label
+
+
+def fixed_subset(ds: Dataset, n: int | None, seed: int, key: str) -> Dataset:
+    """``n`` items of ``ds`` chosen by a seeded permutation (sorted indices); all of it when ``n`` is None."""
+    if n is None:
+        return ds
+    if n > len(ds):
+        raise ValueError(f"{key}={n} exceeds the {len(ds)} images of that split")
+    g = torch.Generator().manual_seed(seed)
+    return Subset(ds, sorted(torch.randperm(len(ds), generator=g)[:n].tolist()))
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Train / test loaders for one ``DataConfig``; the test split doubles as Lightning's validation set.
+
+    Batches are ``([B, C, S, S] float, [B] int64)``. ``batch_size`` is per device.
+    """
+
+    def __init__(
+        self, cfg: DataConfig, image_size: int, batch_size: int, eval_batch_size: int, seed: int = 0
+    ) -> None:
+        super().__init__()
+        self.cfg, self.image_size, self.seed = cfg, image_size, seed
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.train_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        self._start_epoch = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in checkpoints, which are written at the end of an epoch: the epoch to continue with."""
+        return {"next_epoch": self.trainer.current_epoch + 1}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Lightning creates a resumed run's first iterator before it sets the sampler's epoch; this
+        makes the sampler start at the right epoch anyway."""
+        self._start_epoch = state["next_epoch"]
+
+    def prepare_data(self) -> None:
+        """Download torchvision CIFAR (rank 0) when the files are missing and ``data.download`` is set."""
+        if self.cfg.name in TORCHVISION_CIFAR and not _uses_imagefolder(self.cfg):
+            for train in (True, False):
+                _torchvision_cifar(self.cfg, train, self.image_size, download=self.cfg.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        sub = self.cfg.subset
+        train = build_dataset(self.cfg, True, self.image_size, self.seed)
+        test = build_dataset(self.cfg, False, self.image_size, self.seed)
+        self.train_set = fixed_subset(train, sub.train, sub.seed, "data.subset.train")
+        self.test_set = fixed_subset(test, sub.test, sub.seed + 1, "data.subset.test")
+
+    def _loader(self, ds: Dataset, batch_size: int, sampler: Sampler | None) -> DataLoader:
+        workers = self.cfg.num_workers
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.cfg.pin_memory,
+            persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = EpochShuffleSampler(len(self.train_set), self.seed)
+        sampler.set_epoch(self._start_epoch)
+        return self._loader(self.train_set, self.batch_size, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.eval_batch_size, None)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -1,0 +1,76 @@
+"""Experiment loggers for training: CSV (local), wandb (online when it can be, else offline), or none.
+
+wandb never prompts: without an API key or without a network it runs offline (the run is written
+under ``<run_dir>/wandb/offline-run-*`` and can be uploaded later with ``wandb sync``), and the
+``WANDB_MODE`` environment variable (``disabled``, ``offline``, ``online``) always wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import netrc
+import os
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+
+from convnn.config import LoggerConfig
+
+
+def _has_wandb_key(host: str) -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wandb_mode(requested: str) -> str:
+    """The wandb mode to run in: ``$WANDB_MODE`` if set, else ``requested`` unless it is ``auto``, which
+    means ``online`` when an API key and the wandb server are both there and ``offline`` otherwise."""
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return env
+    if requested != "auto":
+        return requested
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    return "online" if _has_wandb_key(host) and _reachable(host) else "offline"
+
+
+def build_logger(
+    cfg: LoggerConfig, run_dir: Path, experiment: str, run_name: str, config: dict[str, Any]
+) -> Logger | bool:
+    """The Lightning logger for ``logger.name`` (``False`` for ``none``).
+
+    wandb: project ``logger.project``, group ``logger.group`` or the experiment name, run name and a
+    stable id derived from the run directory (so a resumed run continues the same wandb run).
+    """
+    if cfg.name == "none":
+        return False
+    if cfg.name == "csv":
+        return CSVLogger(save_dir=str(run_dir), name="logs", version="")
+    run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    logger = WandbLogger(
+        project=cfg.project,
+        entity=cfg.entity,
+        group=cfg.group or experiment.replace("/", "-"),
+        name=run_name,
+        id=run_id,
+        save_dir=str(run_dir),
+        mode=wandb_mode(cfg.mode),
+        resume="allow",
+        config=config,
+    )
+    return logger

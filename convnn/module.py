@@ -1,0 +1,176 @@
+"""The ``LightningModule`` that trains any backbone: loss, metrics, optimiser, per-epoch history.
+
+Each epoch it measures train loss / top-1 / top-5 (running over the epoch's batches), then test
+loss / top-1 / top-5 on the test split (Lightning's validation loop), the training time and
+throughput, and appends one row (accuracies in percent) to ``history``. ``history`` and the RNG
+states travel in the checkpoint, so a resumed run continues exactly where the killed one stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from convnn.config import OptimConfig, SchedulerConfig
+from convnn.layers import reset_sampling
+
+SPLITS = ("train", "test")
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Seed python, numpy and torch for training epoch ``epoch`` (0-based) of a run seeded ``seed``.
+
+    Every random draw of an epoch (data-loader worker seeds, augmentation, dropout) then depends on
+    ``(seed, epoch)`` only, not on what ran before it in the process, which makes resuming exact.
+    """
+    L.seed_everything((seed * 1_000_003 + epoch + 1) % 2**32, workers=True, verbose=False)
+
+
+def lr_factor(epoch: int, epochs: int, cfg: SchedulerConfig, base_lr: float) -> float:
+    """Multiplier of the base learning rate in ``epoch`` (0-based): linear warm-up, then the schedule."""
+    if epoch < cfg.warmup_epochs:
+        return (epoch + 1) / (cfg.warmup_epochs + 1)
+    done = epoch - cfg.warmup_epochs
+    if cfg.name == "cosine":
+        floor = cfg.min_lr / base_lr
+        progress = done / max(1, epochs - cfg.warmup_epochs)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.name == "step":
+        return cfg.gamma ** (done // cfg.step_size)
+    return 1.0
+
+
+def _log_name(key: str) -> str:
+    """Logger name of a history column: ``train_acc1 -> train/acc1``, ``epoch_time_s -> epoch_time_s``."""
+    split, _, metric = key.partition("_")
+    return f"{split}/{metric}" if split in SPLITS else key
+
+
+class ImageClassifier(L.LightningModule):
+    """Cross-entropy training of ``model`` (``[B, C, H, W] -> [B, num_classes]`` logits).
+
+    Randomness is a function of ``(seed, epoch)``: every train epoch starts with ``seed_epoch`` and
+    reseeds the random-candidate layers (``reset_sampling``) with ``seed + 1 + epoch``; every test
+    epoch reseeds them with ``seed``, so evaluation is reproducible. A resumed run reseeds for its
+    first epoch while the checkpoint is loaded, before Lightning creates the data iterator, which is
+    where an uninterrupted run stands at that epoch's start.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        epochs: int,
+        optim: OptimConfig,
+        scheduler: SchedulerConfig,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.epochs, self.optim_cfg, self.sched_cfg = epochs, optim, scheduler
+        self.seed = seed
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=optim.label_smoothing)
+        top5 = min(5, num_classes)
+        self.metrics = nn.ModuleDict()
+        for split in SPLITS:
+            self.metrics[f"{split}_loss"] = MeanMetric()
+            self.metrics[f"{split}_acc1"] = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+            self.metrics[f"{split}_acc5"] = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.history: list[dict[str, float]] = []
+        self._train_start = self._train_time = 0.0
+        self._train_images = 0
+        self._reseeded_on_load = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W] -> [B, num_classes]`` logits."""
+        return self.model(x)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        self.metrics[f"{split}_loss"].update(loss.detach(), weight=y.numel())
+        self.metrics[f"{split}_acc1"].update(logits.detach(), y)
+        self.metrics[f"{split}_acc5"].update(logits.detach(), y)
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self._train_images += batch[1].numel()
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def on_train_epoch_start(self) -> None:
+        if self._reseeded_on_load:
+            self._reseeded_on_load = False
+        else:
+            seed_epoch(self.seed, self.current_epoch)
+        reset_sampling(self.model, self.seed + 1 + self.current_epoch)
+        self._train_images = 0
+        self._train_start = time.perf_counter()
+
+    def _fitting(self) -> bool:
+        return self.trainer.state.fn == TrainerFn.FITTING
+
+    def on_validation_epoch_start(self) -> None:
+        if self._fitting():
+            self._train_time = time.perf_counter() - self._train_start
+        reset_sampling(self.model, self.seed)
+
+    def _compute(self, split: str) -> dict[str, float]:
+        out = {}
+        for name in ("loss", "acc1", "acc5"):
+            metric = self.metrics[f"{split}_{name}"]
+            out[f"{split}_{name}"] = metric.compute().item() * (1.0 if name == "loss" else 100.0)
+            metric.reset()
+        return out
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._fitting():
+            self._compute("test")
+            return
+        images = self._train_images * self.trainer.world_size
+        row = {
+            "epoch": self.current_epoch + 1,
+            **self._compute("train"),
+            **self._compute("test"),
+            "epoch_time_s": self._train_time,
+            "images_per_s": images / self._train_time if self._train_time > 0 else 0.0,
+        }
+        self.history.append(row)
+        self.log_dict({_log_name(k): v for k, v in row.items() if k != "epoch"})
+
+    def configure_optimizers(self) -> Any:
+        o = self.optim_cfg
+        if o.name == "adamw":
+            opt = torch.optim.AdamW(
+                self.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas)
+            )
+        else:
+            opt = torch.optim.SGD(
+                self.parameters(), lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum
+            )
+        if self.sched_cfg.name == "none" and self.sched_cfg.warmup_epochs == 0:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda e: lr_factor(e, self.epochs, self.sched_cfg, o.lr)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["convnn_history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the history; seed the next epoch (checkpoints are written at the end of an epoch)."""
+        self.history = list(checkpoint["convnn_history"])
+        seed_epoch(self.seed, checkpoint["epoch"] + 1)
+        self._reseeded_on_load = True

@@ -1,0 +1,230 @@
+"""End-to-end ``convnn-train`` runs on CPU (in-process through the real Hydra entry point)."""
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from convnn import train
+from convnn.config import LoggerConfig
+from convnn.loggers import build_logger, wandb_mode
+from convnn.module import ImageClassifier
+from convnn.records import EPOCH_FIELDS, RECORD_FIELDS, read_record
+
+CIFAR10 = Path(os.environ.get("CONVNN_CIFAR10", "/work/shared/data/cifar10"))
+QUIET = ["trainer.progress_bar=none", "logger=none"]
+TINY_DATA = ["data=synthetic", "data.train_size=64", "data.test_size=32", "batch_size=32"]
+TINY_VGG = ["model=vgg11", "model.width_mult=0.125", "model.hidden_features=32"]
+BACKBONES = {
+    "vgg11": [*TINY_VGG, "layer=branching", "layer.sampling=random", "layer.num_candidates=16"],
+    "vit_tiny": [
+        "model=vit_tiny",
+        "model.image_size=32",
+        "model.patch_size=8",
+        "model.dim=32",
+        "model.depth=1",
+        "model.mlp_dim=64",
+        "layer=convnn_attention",
+        "layer.sampling=random",
+        "layer.num_candidates=12",
+    ],
+    "resnet18": ["model=resnet18", "layer=conv2d"],
+}
+
+
+def convnn_train(out_dir: Path, *overrides: str, monkeypatch) -> Path:
+    """Run ``convnn-train out_dir=<out_dir> <overrides>`` in-process; returns the run directory."""
+    monkeypatch.setattr(sys, "argv", ["convnn-train", f"out_dir={out_dir}", *overrides])
+    train.main()
+    runs = [p.parent for p in out_dir.rglob("results.json")]
+    return max(runs, key=lambda p: p.stat().st_mtime)
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_synthetic_data_trains_each_backbone_and_writes_the_record(backbone, tmp_path, monkeypatch, capsys):
+    overrides = [*TINY_DATA, *BACKBONES[backbone], "epochs=1", "trainer.progress_bar=none"]
+    run_dir = convnn_train(tmp_path, *overrides, monkeypatch=monkeypatch)
+    record = read_record(run_dir)
+    assert run_dir == tmp_path / "default" / train.run_subdir(overrides)
+    assert set(RECORD_FIELDS) <= set(record)
+    assert (record["status"], record["error"], record["experiment"], record["budget"]) == (
+        "finished", None, "default", "full",
+    )  # fmt: skip
+    assert record["overrides"] == [f"out_dir={tmp_path}", *overrides]
+    assert record["config"]["model"]["name"] == backbone and record["config"]["epochs"] == 1
+    [row] = record["epochs"]
+    assert tuple(row) == EPOCH_FIELDS and row["epoch"] == 1
+    for key in ("train_acc1", "train_acc5", "test_acc1", "test_acc5"):
+        assert 0 <= row[key] <= 100
+    assert row["test_acc1"] <= row["test_acc5"] and math.isfinite(row["test_loss"])
+    assert row["epoch_time_s"] > 0 and row["images_per_s"] == pytest.approx(64 / row["epoch_time_s"])
+    assert record["final"] == {k: row[k] for k in ("test_loss", "test_acc1", "test_acc5")}
+    assert record["best"]["epoch"] == 1
+    assert record["params"] == record["trainable_params"] > 0 and record["gflops"] > 0
+    assert record["wall_time_s"] > 0 and record["finished_at"] >= record["started_at"]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert "test/acc1" in (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0]
+    assert "convnn-train summary" in capsys.readouterr().out
+
+
+def test_a_learnable_problem_is_learned(tmp_path, monkeypatch):
+    model = [
+        "model=vgg11",
+        "model.width_mult=0.125",
+        "model.hidden_features=64",
+        "model.dropout=0",
+        "layer=conv2d",
+    ]
+    data = ["data=synthetic", "data.train_size=512", "data.test_size=128", "batch_size=32"]
+    run_dir = convnn_train(
+        tmp_path, *model, *data, "epochs=3", "optim.lr=1e-3", *QUIET, monkeypatch=monkeypatch
+    )
+    epochs = read_record(run_dir)["epochs"]
+    assert epochs[-1]["test_acc1"] > 30 and epochs[-1]["train_loss"] < epochs[0]["train_loss"]  # chance: 10 %
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    overrides = [*TINY_DATA, *BACKBONES["vgg11"], "data.augment=crop_flip", "epochs=2", *QUIET]
+    straight = read_record(convnn_train(tmp_path / "a", *overrides, monkeypatch=monkeypatch))
+
+    real_step = ImageClassifier.training_step
+
+    def dies_in_epoch_two(self, batch, batch_idx):
+        if self.current_epoch == 1 and batch_idx == 1:
+            raise RuntimeError("killed")
+        return real_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(ImageClassifier, "training_step", dies_in_epoch_two)
+    with pytest.raises(SystemExit):  # Hydra reports the error and exits 1
+        convnn_train(tmp_path / "b", *overrides, monkeypatch=monkeypatch)
+    killed = read_record(next((tmp_path / "b").rglob("results.json")))
+    assert (killed["status"], killed["error"], len(killed["epochs"])) == ("failed", "RuntimeError: killed", 1)
+
+    monkeypatch.setattr(ImageClassifier, "training_step", real_step)
+    resumed_dir = convnn_train(tmp_path / "b", *overrides, "resume=true", monkeypatch=monkeypatch)
+    resumed = read_record(resumed_dir)
+    assert resumed["status"] == "finished" and resumed["run_dir"] == killed["run_dir"]
+    metrics = [k for k in EPOCH_FIELDS if k not in ("epoch_time_s", "images_per_s")]
+    assert [[r[k] for k in metrics] for r in resumed["epochs"]] == [
+        [r[k] for k in metrics] for r in straight["epochs"]
+    ]
+    assert resumed["final"] == straight["final"] and resumed["started_at"] == killed["started_at"]
+
+    before = (resumed_dir / "results.json").read_text()
+    convnn_train(tmp_path / "b", *overrides, "resume=true", monkeypatch=monkeypatch)
+    assert (resumed_dir / "results.json").read_text() == before  # finished: nothing re-run
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("layer.ratio=1.5", "layer=branching: branching ratio must lie in [0, 1], got 1.5"),
+        ("layer.sampling=rnd", "sampling must be one of ['all', 'random', 'spatial'], got 'rnd'"),
+        ("layer.kernal=3", "unknown key 'layer.kernal' (=3); allowed keys at 'layer': ['name', 'ratio'"),
+        ("optim.lr=0", "invalid config: optim.lr=0.0; allowed: > 0"),
+    ],
+)
+def test_bad_overrides_stop_with_one_line_before_any_data_is_read(
+    override, message, tmp_path, monkeypatch, capsys
+):
+    missing_data = tmp_path / "no-data"
+    with pytest.raises(SystemExit) as e:
+        convnn_train(
+            tmp_path, "layer=branching", f"data.root={missing_data}", override, monkeypatch=monkeypatch
+        )
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1
+    assert not list(tmp_path.rglob("results.json")) and not missing_data.exists()
+
+
+def test_missing_data_stops_with_one_line_naming_data_root(tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "no-data"
+    with pytest.raises(SystemExit):
+        convnn_train(
+            tmp_path,
+            *TINY_VGG,
+            f"data.root={missing}",
+            "data.download=false",
+            *QUIET,
+            monkeypatch=monkeypatch,
+        )
+    assert f"cifar10 not found under data.root='{missing}'" in capsys.readouterr().err
+    record = read_record(next(tmp_path.rglob("results.json")))
+    assert record["status"] == "failed" and "FileNotFoundError" in record["error"]
+
+
+def test_wandb_runs_offline_without_key_or_network(tmp_path, monkeypatch):
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc key
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens: no network
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert wandb_mode("auto") == "offline"
+    overrides = [
+        *TINY_DATA,
+        *TINY_VGG,
+        "layer=conv2d",
+        "epochs=1",
+        "logger=wandb",
+        "trainer.progress_bar=none",
+    ]
+    run_dir = convnn_train(tmp_path / "runs", *overrides, monkeypatch=monkeypatch)
+    [offline] = list((run_dir / "wandb").glob("offline-run-*"))
+    [log] = list(offline.glob("run-*.wandb"))
+    assert log.stat().st_size > 0 and read_record(run_dir)["status"] == "finished"
+
+
+def test_wandb_project_group_and_id_come_from_the_experiment_and_run_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = LoggerConfig(name="wandb", project="convnn-test")
+    a = build_logger(cfg, tmp_path / "r1", "paper/table1", "layer=branching", {"seed": 0})
+    b = build_logger(cfg, tmp_path / "r1", "paper/table1", "layer=branching", {"seed": 0})
+    init = a._wandb_init
+    assert (init["project"], init["group"], init["name"], init["mode"]) == (
+        "convnn-test", "paper-table1", "layer=branching", "disabled",
+    )  # fmt: skip
+    assert (
+        init["id"]
+        == b._wandb_init["id"]
+        != build_logger(cfg, tmp_path / "r2", "e", "n", {})._wandb_init["id"]
+    )
+    assert wandb_mode("offline") == "disabled"  # $WANDB_MODE wins
+
+
+def test_wandb_mode_disabled_is_honoured(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    overrides = [
+        *TINY_DATA,
+        *TINY_VGG,
+        "layer=conv2d",
+        "epochs=1",
+        "logger=wandb",
+        "trainer.progress_bar=none",
+    ]
+    run_dir = convnn_train(tmp_path, *overrides, monkeypatch=monkeypatch)
+    assert read_record(run_dir)["status"] == "finished" and not list(run_dir.rglob("offline-run-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (CIFAR10 / "train").is_dir(), reason=f"offline CIFAR-10 copy not found at {CIFAR10}")
+def test_real_cifar10_is_learned_well_above_chance(tmp_path, monkeypatch):
+    overrides = [
+        "data=cifar10",
+        f"data.root={CIFAR10}",
+        "data.subset.train=4096",
+        "data.subset.test=1000",
+        "data.num_workers=0",
+        "model=vgg11",
+        "model.width_mult=0.25",
+        "model.hidden_features=256",
+        "layer=conv2d",
+        "batch_size=64",
+        "epochs=2",
+        "optim.lr=1e-3",
+        "checkpoint.enabled=false",
+        *QUIET,
+    ]
+    record = read_record(convnn_train(tmp_path, *overrides, monkeypatch=monkeypatch))
+    assert record["final"]["test_acc1"] > 25, record["epochs"]  # chance is 10 %
