@@ -37,8 +37,8 @@ SIMILARITIES = ("cosine", "dot", "euclidean")
 SAMPLINGS = ("all", "random", "spatial")
 RHOS = ("ones", "softmax")
 
-#: Target number of similarity entries per chunk when ``chunk_size`` is None (4 MiB in float32).
-AUTO_CHUNK_ELEMENTS = 1 << 20
+#: Target number of similarity entries per chunk when ``chunk_size`` is None (16 MiB in float32).
+AUTO_CHUNK_ELEMENTS = 1 << 22
 
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -173,7 +173,7 @@ def knn_select(
         self_sim: ``[B, N]`` value reported for the self entry when ``self_first``; by default the
             diagonal of the similarity when all tokens are candidates, else :func:`self_similarity`
             of ``q`` (exact when queries and keys share their projection).
-        chunk_size: queries per chunk; None picks one so a chunk holds about 1M similarities. Peak
+        chunk_size: queries per chunk; None picks one so a chunk holds about 4M similarities. Peak
             extra memory is O(B * chunk * M + B * N * k).
 
     Returns:
@@ -268,24 +268,25 @@ class SelectedSimilarity(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         q, k, positions = ctx.saved_tensors
         batch, n, picks = positions.shape
-        h = k.shape[-1]
+        m, h = k.shape[1:]
         grad = grad.to(q.dtype) / math.sqrt(h) if ctx.kind == "dot" else grad.to(q.dtype)
-        grad_q, grad_k = torch.empty_like(q), torch.zeros_like(k)
+        keys = k.reshape(batch * m, h)  # rows of all batches, addressed by b * m + position
+        rows_of = (positions + torch.arange(batch, device=k.device).view(batch, 1, 1) * m).reshape(batch, -1)
+        grad_q, grad_k = torch.empty_like(q), torch.zeros_like(keys)
         chunk = _auto_chunk(batch, picks * h)
         for start in range(0, n, chunk):
-            rows = slice(start, start + chunk)
-            pos = positions[:, rows]
-            flat = pos.reshape(batch, -1, 1).expand(-1, -1, h)
-            chosen = k.gather(1, flat).view(*pos.shape, h)
-            g, q_rows = grad[:, rows].unsqueeze(-1), q[:, rows].unsqueeze(2)
+            stop = min(start + chunk, n)
+            flat = rows_of[:, start * picks : stop * picks].reshape(-1)
+            chosen = keys.index_select(0, flat).view(batch, stop - start, picks, h)
+            g, q_rows = grad[:, start:stop].unsqueeze(-1), q[:, start:stop].unsqueeze(2)
             if ctx.kind == "euclidean":  # d(-|q - k|^2) = -2 (q - k) dq + 2 (q - k) dk
                 per_pair = 2 * g * (q_rows - chosen)
-                grad_q[:, rows] = -per_pair.sum(2)
+                grad_q[:, start:stop] = -per_pair.sum(2)
             else:
-                grad_q[:, rows] = (g * chosen).sum(2)
+                grad_q[:, start:stop] = (g * chosen).sum(2)
                 per_pair = g * q_rows
-            grad_k.scatter_add_(1, flat, per_pair.reshape(batch, -1, h).to(k.dtype))
-        return grad_q, grad_k, None, None, None
+            grad_k.index_add_(0, flat, per_pair.reshape(-1, h).to(k.dtype))
+        return grad_q, grad_k.view_as(k), None, None, None
 
 
 def _self_positions(n: int, candidates: Tensor) -> Tensor:
