@@ -406,8 +406,18 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``convnn-tables``."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """Entry point of ``convnn-tables``; a bad argument or source exits with a one-line error (status 2)."""
+    try:
+        for path in run(sys.argv[1:] if argv is None else argv):
+            print(path)
+    except ValueError as e:
+        print(f"convnn-tables: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run(argv: Sequence[str]) -> list[Path]:
+    """Make the table or figure ``argv`` asks for; the written paths."""
+    args = parse_args(argv)
     out_dir = Path(args.get("out", OUT_DIR))
     if "figure" in args:
         from convnn.figures import make_figure
@@ -415,16 +425,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         if "source" not in args:
             raise ValueError("figures need source=<run dir or wandb:entity/project>")
         records = select_budget(load_records(args["source"]), args.get("budget"))
-        paths = [make_figure(args["figure"], records, out_dir, args["source"], args.get("note"))]
-    else:
-        paths = make_table(
-            args["table"],
-            args.get("source"),
-            out_dir,
-            budget=args.get("budget"),
-            profile=args.get("profile") == "true",
-            dataset=args.get("dataset"),
-            note=args.get("note"),
-        )
-    for path in paths:
-        print(path)
+        return [make_figure(args["figure"], records, out_dir, args["source"], args.get("note"))]
+    return make_table(
+        args["table"],
+        args.get("source"),
+        out_dir,
+        budget=args.get("budget"),
+        profile=args.get("profile") == "true",
+        dataset=args.get("dataset"),
+        note=args.get("note"),
+    )

@@ -16,6 +16,7 @@ from convnn.tables import (
     TABLES,
     build_table,
     compose_config,
+    main,
     make_table,
     match_records,
     parse_args,
@@ -184,6 +185,14 @@ def test_wandb_runs_become_records() -> None:
 def test_bad_arguments_are_rejected(argv: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_args(argv)
+
+
+def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["table=table1", f"source={tmp_path / 'nowhere'}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is neither a directory nor 'wandb:entity/project'" in err
 
 
 def test_unknown_table_and_figure_are_rejected(tmp_path: Path) -> None:
