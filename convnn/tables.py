@@ -264,7 +264,8 @@ def render(
 def records_from_wandb(path: str, api: Any = None) -> list[Record]:
     """Records rebuilt from a wandb project ``entity/project`` (same fields as ``results.json``).
 
-    Per-epoch rows come from the run history (``train/loss``, ``test/acc1``, ... as logged by training).
+    Per-epoch rows come from the run history (``train/loss``, ``test/acc1``, ... as logged by training),
+    numbered from 1 in logging order like the records.
     """
     if api is None:
         import wandb
@@ -277,7 +278,7 @@ def records_from_wandb(path: str, api: Any = None) -> list[Record]:
         for h in run.history(pandas=False):
             if h.get("test/acc1") is None:
                 continue
-            row = {"epoch": int(h.get("epoch", len(epochs)))}
+            row = {"epoch": len(epochs) + 1}  # 1-based, as in results.json
             row.update({k.replace("/", "_"): v for k, v in h.items() if k.startswith(("train/", "test/"))})
             epochs.append(row)
         final = {k: epochs[-1].get(k) for k in ("test_loss", "test_acc1", "test_acc5")} if epochs else None
