@@ -153,7 +153,10 @@ def build_from_config(cfg: DictConfig) -> tuple[nn.Module, tuple[int, int, int]]
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="profile")
 def main(cfg: DictConfig) -> None:
     """``convnn-profile``: build ``model`` x ``layer`` for ``data`` and print its accounting."""
-    model, shape = build_from_config(cfg)
+    try:
+        model, shape = build_from_config(cfg)
+    except ValueError as error:  # a bad model / layer / option: one line, no traceback
+        raise SystemExit(f"convnn-profile: {error}") from None
     result = profile_model(model, shape)
     record = {"model": cfg.model.name, "layer": cfg.layer.name, "data": cfg.data.name, **result}
     _print_table(record)

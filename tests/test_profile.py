@@ -228,3 +228,12 @@ def test_convnn_profile_cli_prints_a_table_then_json():
     for key in ("params", "trainable_params", "gflops", "gflops_profiler"):
         assert record[key] == expected[key]
     assert set(record["unsupported_ops"]) == set(expected["unsupported_ops"])
+
+
+def test_convnn_profile_cli_rejects_an_incompatible_layer_in_one_line():
+    done = subprocess.run(
+        ["convnn-profile", "model=vit_tiny", "layer=conv2d"], capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert "convnn-profile: model 'vit_tiny' takes 'tokens' layers, but layer 'conv2d'" in done.stderr
+    assert "Traceback" not in done.stderr
