@@ -127,39 +127,41 @@ def test_paper_row_parameter_count(row):
 
 def test_bare_conv2d_vgg11_is_torchvision_vgg11_bn():
     """A bare Conv2d VGG-11 (the registry's ``conv2d`` in every slot) is torchvision's vgg11_bn, weight for
-    weight: same parameter count (128,812,810) and, with its weights loaded in order, the same logits."""
-    ours = build_model({"name": "vgg11"}, {"name": "conv2d"}, num_classes=10, image_size=32).eval()
-    reference = torchvision.models.vgg11_bn(num_classes=10).eval()
-    assert count(ours) == count(reference) == 128_812_810
-    _assert_same_function(ours, reference, torch.randn(2, 3, 32, 32))
+    weight: same parameter count (128,812,810) and, with our weights loaded in order, the same logits."""
+    ours = build_model({"name": "vgg11"}, {"name": "conv2d"}, num_classes=10, image_size=32)
+    _assert_same_function(ours, torchvision.models.vgg11_bn, {"num_classes": 10}, torch.randn(2, 3, 32, 32))
+    assert count(ours) == 128_812_810
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
 def test_resnet_with_bias_free_conv2d_slots_is_torchvision(name):
     ours = build_model({"name": name}, {"name": "conv2d", "bias": False}, num_classes=1000, image_size=64)
-    reference = getattr(torchvision.models, name)()
-    assert count(ours) == count(reference)
-    _assert_same_function(ours.eval(), reference.eval(), torch.randn(1, 3, 64, 64))
+    _assert_same_function(ours, getattr(torchvision.models, name), {}, torch.randn(1, 3, 64, 64))
 
 
-def _assert_same_function(ours: nn.Module, reference: nn.Module, x: torch.Tensor) -> None:
-    """Copy ``reference``'s state into ``ours`` in registration order (shapes must agree), compare logits."""
+def _assert_same_function(ours: nn.Module, reference_builder, kwargs: dict, x: torch.Tensor) -> None:
+    """Build the torchvision reference (uninitialised), load ``ours``' state into it in registration order
+    (names differ, shapes must agree), and compare eval-mode logits."""
+    with torch.device("meta"):
+        reference = reference_builder(**kwargs)
+    reference = reference.to_empty(device="cpu")
     ours_state, ref_state = ours.state_dict(), reference.state_dict()
     assert [v.shape for v in ours_state.values()] == [v.shape for v in ref_state.values()]
-    ours.load_state_dict(dict(zip(ours_state, ref_state.values(), strict=True)))
+    reference.load_state_dict(dict(zip(ref_state, ours_state.values(), strict=True)))
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), reference(x))
+        torch.testing.assert_close(ours.eval()(x), reference.eval()(x))
 
 
 def _record_slots(name: str, image_size: int, make=lambda i, o: nn.Conv2d(i, o, 3, padding=1)):
-    """The model and the ``(in, out)`` of every slot the builder asks its layer factory for."""
+    """The model (on the meta device) and the ``(in, out)`` of every slot the builder asks its factory for."""
     slots: list[tuple[int, int]] = []
 
     def layer(in_ch: int, out_ch: int) -> nn.Module:
         slots.append((in_ch, out_ch))
         return make(in_ch, out_ch)
 
-    return model_entry(name).builder(layer, 10, image_size, 3), slots
+    with torch.device("meta"):
+        return model_entry(name).builder(layer, 10, image_size, 3), slots
 
 
 def test_slots_are_vgg_convs_and_resnet_stride1_3x3_convs():
@@ -175,7 +177,7 @@ def test_slots_are_vgg_convs_and_resnet_stride1_3x3_convs():
 def test_vit_tiny_has_one_attention_slot_per_block():
     model, slots = _record_slots("vit_tiny", 224, lambda i, o: nn.Identity())
     assert slots == [(192, 192)] * 12
-    assert model(torch.randn(2, 3, 224, 224)).shape == (2, 10)
+    assert model(torch.randn(2, 3, 224, 224, device="meta")).shape == (2, 10)
 
 
 def test_registry_lists_every_backbone_with_its_slot_kind():
