@@ -13,7 +13,7 @@ from torch import nn
 
 from convnn.layers import available_layers
 from convnn.models import available_models, build_model, input_size, model_entry
-from convnn.profile import build_from_config, compose_config
+from convnn.profile import build_from_config, compose_config, fvcore_macs
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
 VGG11_SLOTS = [(3, 64), (64, 128), (128, 256), (256, 256), (256, 512), (512, 512), (512, 512), (512, 512)]
@@ -131,6 +131,11 @@ def test_bare_conv2d_vgg11_is_torchvision_vgg11_bn():
     ours = build_model({"name": "vgg11"}, {"name": "conv2d"}, num_classes=10, image_size=32)
     _assert_same_function(ours, torchvision.models.vgg11_bn, {"num_classes": 10}, torch.randn(2, 3, 32, 32))
     assert count(ours) == 128_812_810
+    # reference-notes.md: fvcore gives 0.120 GMAC for this network with "same"-padded convs, which fvcore
+    # 0.1.5 skips; ours are integer-padded and counted: + 9 C C' H W over the 8 convs = 152,764,416.
+    with torch.no_grad():
+        macs, _ = fvcore_macs(ours, torch.randn(1, 3, 32, 32))
+    assert abs(macs - 152_764_416 - 0.120e9) < 0.0005e9
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
