@@ -8,15 +8,19 @@ The usual pipeline of a layer::
 
     cand = sampler.candidates(n, grid=(h, w), device=x.device)       # None or LongTensor [M]
     values, idx = knn_select(q, k_cand, num_neighbors, kind="cosine", candidates=cand)
-    nn_rows = gather_neighbors(v, idx)                                 # [B, C, N * k]
-    out = aggregate(modulate(nn_rows, values, rho))                   # Conv1d(kernel k, stride k)
+    out = aggregate_neighbors(v, idx, values, rho, aggregate)         # [B, C', N]
+
+where ``aggregate`` is the layer's ``Conv1d(kernel k, stride k)``; :func:`aggregate_neighbors` equals
+``aggregate(modulate(gather_neighbors(v, idx), values, rho))`` (both steps are public too).
 
 Design choices the tests pin down:
 
 * similarity and top-k run in query chunks, so peak extra memory is O(B * chunk * M + B * N * k)
   instead of the dense ``[B, N, N]`` matrix;
-* the neighbour rows are gathered straight into the ``[B, C, N * k]`` layout the aggregation Conv1d
-  reads, through an expanded *view* of the index: no ``[B, C, N, k]`` expanded copy of the input;
+* the neighbour rows are gathered through an expanded *view* of the index, never from an expanded
+  ``[B, C, N, k]`` copy of the input; the only ``C * k * N`` tensor is the gathered result itself;
+* selection runs without autograd; gradients of the selected similarities (rho softmax) flow through
+  the selected pairs only (:class:`SelectedSimilarity`);
 * ``rho="ones"`` does no multiplication at all, and masks use the dtype's finite minimum, so nothing
   overflows in bf16 / fp16;
 * random candidates come from a ``torch.Generator`` when one is given. :class:`CandidateSampler` holds
@@ -245,13 +249,13 @@ def _select(
 
 
 class SelectedSimilarity(torch.autograd.Function):
-    """The similarities of selected pairs, with a sparse backward.
+    """The similarities of selected pairs, differentiable without storing any similarity matrix.
 
     Forward returns ``values [B, N, p]`` (already computed by the selection, without autograd) for the
-    pairs ``(i, positions[b, i, j])`` of prepared rows ``q [B, N, h]``, ``k [B, M, h]``. Backward
-    sends ``grad [B, N, p]`` to ``q`` and ``k`` through the selected pairs only, in query chunks:
-    O(N * p * h) work instead of the dense O(N * M * h) of differentiating the similarity matrix, and
-    nothing is stored beyond ``q``, ``k`` and the positions.
+    pairs ``(i, positions[b, i, j])`` of prepared rows ``q [B, N, h]``, ``k [B, M, h]``; nothing is
+    stored beyond ``q``, ``k`` and the positions. Backward rebuilds the gradient one query chunk at a
+    time as a ``[B, chunk, M]`` matrix that is zero outside the selected pairs and applies it with two
+    batched matmuls (on CPU far faster than scattering ``N * p`` rows of ``h`` values).
     """
 
     @staticmethod
@@ -267,26 +271,25 @@ class SelectedSimilarity(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         q, k, positions = ctx.saved_tensors
-        batch, n, picks = positions.shape
+        batch, n, _ = positions.shape
         m, h = k.shape[1:]
         grad = grad.to(q.dtype) / math.sqrt(h) if ctx.kind == "dot" else grad.to(q.dtype)
-        keys = k.reshape(batch * m, h)  # rows of all batches, addressed by b * m + position
-        rows_of = (positions + torch.arange(batch, device=k.device).view(batch, 1, 1) * m).reshape(batch, -1)
-        grad_q, grad_k = torch.empty_like(q), torch.zeros_like(keys)
-        chunk = _auto_chunk(batch, picks * h)
+        grad_q, grad_k = torch.empty_like(q), torch.zeros_like(k)
+        chunk = _auto_chunk(batch, m)
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
-            flat = rows_of[:, start * picks : stop * picks].reshape(-1)
-            chosen = keys.index_select(0, flat).view(batch, stop - start, picks, h)
-            g, q_rows = grad[:, start:stop].unsqueeze(-1), q[:, start:stop].unsqueeze(2)
-            if ctx.kind == "euclidean":  # d(-|q - k|^2) = -2 (q - k) dq + 2 (q - k) dk
-                per_pair = 2 * g * (q_rows - chosen)
-                grad_q[:, start:stop] = -per_pair.sum(2)
-            else:
-                grad_q[:, start:stop] = (g * chosen).sum(2)
-                per_pair = g * q_rows
-            grad_k.index_add_(0, flat, per_pair.reshape(-1, h).to(k.dtype))
-        return grad_q, grad_k.view_as(k), None, None, None
+            # the chunk's gradient as a [B, c, M] matrix, nonzero at the selected pairs only
+            g = q.new_zeros(batch, stop - start, m)
+            g.scatter_add_(2, positions[:, start:stop], grad[:, start:stop])
+            q_rows = q[:, start:stop]
+            grad_q[:, start:stop] = g @ k
+            grad_k += g.transpose(1, 2) @ q_rows
+            if ctx.kind == "euclidean":  # -|q - k|^2 = 2 q.k - |q|^2 - |k|^2
+                grad_q[:, start:stop] = 2 * grad_q[:, start:stop] - 2 * q_rows * g.sum(-1, keepdim=True)
+                grad_k -= k * g.sum(1).unsqueeze(-1)
+        if ctx.kind == "euclidean":
+            grad_k *= 2
+        return grad_q, grad_k, None, None, None
 
 
 def _self_positions(n: int, candidates: Tensor) -> Tensor:

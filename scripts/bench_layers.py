@@ -11,7 +11,7 @@ forward + backward (inputs and parameters excluded, gradients included), tracked
 ``TorchDispatchMode`` that follows every new storage until it is freed. It does not see scratch
 buffers that kernels allocate and free internally (e.g. oneDNN workspaces, top-k buffers).
 
-    python scripts/bench_layers.py               # full run (~10 min on 2 CPU cores)
+    python scripts/bench_layers.py               # full run (~5 min; one torch thread by default)
     python scripts/bench_layers.py --quick       # batch 4, one repeat, prints only: a smoke test
 """
 
@@ -231,13 +231,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: on a shared 2-core machine two threads stall in OpenMP barriers)",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     parser.add_argument(
         "--quick", action="store_true", help="batch 4, one repeat, small sweep; writes nothing"
     )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     batch, repeats = (4, 1) if args.quick else (args.batch, args.repeats)
-    sizes = [8, 16, 24] if args.quick else [8, 16, 24, 32, 48]
+    sizes = [8, 16, 24] if args.quick else [16, 32, 48, 64]
     shapes = []
     for channels, size in VGG_SHAPES:
         x = torch.randn(batch, channels, size, size, requires_grad=True)
@@ -247,15 +254,15 @@ def main() -> None:
     x = torch.randn(batch, VIT_TOKENS, VIT_WIDTH, requires_grad=True)
     shape = f"ViT-Tiny {VIT_TOKENS}x{VIT_WIDTH}, batch {batch}"
     shapes.append({"shape": shape, "rows": with_ratios(measure(token_cases(), x, repeats))})
-    sweep_batch, sweep_channels = 4, 32
+    sweep_batch, sweep_channels = 2, 16
     report = {
         "machine": machine(),
         "batch": batch,
         "repeats": repeats,
         "k": 9,
         "shapes": shapes,
-        "sweep_setting": f"convnn k=9, padding 0, {sweep_channels} channels, batch {sweep_batch}, maps 8x8 to "
-        f"{sizes[-1]}x{sizes[-1]}",
+        "sweep_setting": f"convnn k=9, padding 0, {sweep_channels} channels, batch {sweep_batch}, maps "
+        f"{sizes[0]}x{sizes[0]} to {sizes[-1]}x{sizes[-1]}",
         "sweep": sweep(sizes, sweep_batch, sweep_channels, repeats),
     }
     print(markdown(report))

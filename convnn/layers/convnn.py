@@ -163,7 +163,8 @@ class ConvNN(nn.Module):
         q = self.w_q(selection).transpose(1, 2)
         keys = self.w_k(selection if candidates is None else selection[:, :, candidates]).transpose(1, 2)
         self_sim = None
-        if self.self_first and candidates is not None and not isinstance(self.w_k, nn.Identity):
+        separate_keys = not isinstance(self.w_k, nn.Identity)
+        if self.self_first and candidates is not None and separate_keys and self.rho == "softmax":
             self_sim = pair_similarity(q, self.w_k(selection).transpose(1, 2), self.similarity)
         return knn_select(
             q,
