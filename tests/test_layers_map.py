@@ -272,3 +272,17 @@ def test_self_first_puts_each_token_first():
     x = rand(1, 1, 4, 4)
     torch.testing.assert_close(layer(x), x)
     assert math.isclose(n_params(layer), 2)
+
+
+def test_spatial_candidates_come_from_the_padded_map(monkeypatch):
+    layer = build_layer("convnn", 2, 2, sampling="spatial", num_candidates=9, padding=1, k=3)
+    seen = []
+    draw = layer.sampler.candidates
+
+    def spy(n, grid=None, device=None):
+        seen.append((n, grid))
+        return draw(n, grid=grid, device=device)
+
+    monkeypatch.setattr(layer.sampler, "candidates", spy)
+    layer(torch.randn(1, 2, 3, 7))
+    assert seen == [(45, (5, 9))]  # the 3x7 map padded to 5x9
