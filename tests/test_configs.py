@@ -22,7 +22,7 @@ def compose_train(*overrides: str):
     HydraConfig.instance().set_config(cfg)
     hydra_cfg = {
         "sweep_dir": str(cfg.hydra.sweep.dir),
-        "run_dir_pattern": cfg.hydra.run._get_node("dir")._value(),
+        "run_dir": str(cfg.hydra.run.dir),
     }
     with open_dict(cfg):
         cfg.name = str(cfg.name)
@@ -88,14 +88,14 @@ def test_defaults_are_the_papers_recipe():
 def test_smoke_budget_is_small():
     typed = validate_config(compose_train("budget=smoke")[0])
     assert (typed.budget, typed.epochs, typed.batch_size) == ("smoke", 2, 32)
-    assert (typed.data.subset.train, typed.data.subset.test) == (1024, 512)
+    assert (typed.data.subset.train, typed.data.subset.test) == (512, 256)
 
 
 def test_experiment_group_is_the_top_level_experiments_folder():
     assert (CONFIG_DIR / "experiment").resolve() == EXPERIMENTS.resolve()
     cfg, hydra_cfg = compose_train("experiment=quickstart")
     assert cfg.name == "quickstart" and hydra_cfg["sweep_dir"] == "runs/quickstart"
-    assert hydra_cfg["run_dir_pattern"] == "${out_dir}/${name}/${convnn_run_subdir:${hydra.overrides.task}}"
+    assert hydra_cfg["run_dir"] == "runs/quickstart/default"
     assert (cfg.model.name, cfg.layer.name, cfg.layer.ratio, cfg.data.name, cfg.epochs) == (
         "vgg11", "branching", 0.5, "cifar10", 1,
     )  # fmt: skip
