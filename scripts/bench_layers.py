@@ -202,7 +202,9 @@ def markdown(report: dict) -> str:
         f"torch {m['torch']}; forward + backward, median of {report['repeats']} interleaved repeats; "
         "peak = bytes of tensor storages live at once during fwd+bwd (TorchDispatchMode tracker, "
         "kernel-internal scratch not included). Ratios are against Algorithm 1 of the same shape, "
-        "measured side by side in this run; the machine was shared, so absolute times are noisy.",
+        "measured side by side in this run; the machine was shared, so absolute times are noisy. "
+        "Default one torch thread: with two, other jobs on the 2 shared cores stalled OpenMP barriers "
+        "(a 300 KB torch.cat took ~100 ms).",
         "",
         "| shape | layer | fwd+bwd ms | speed-up vs Alg. 1 | peak MiB | memory vs Alg. 1 |",
         "|---|---|---:|---:|---:|---:|",
