@@ -286,3 +286,24 @@ def test_spatial_candidates_come_from_the_padded_map(monkeypatch):
     monkeypatch.setattr(layer.sampler, "candidates", spy)
     layer(torch.randn(1, 2, 3, 7))
     assert seen == [(45, (5, 9))]  # the 3x7 map padded to 5x9
+
+
+@pytest.mark.parametrize("sampling", ["all", "random", "spatial"])
+@pytest.mark.parametrize(("patch", "self_first", "rho"), [(1, True, "softmax"), (2, False, "ones")])
+def test_position_selection_with_every_sampling(sampling, patch, self_first, rho):
+    layer = build_layer(
+        "convnn",
+        3,
+        4,
+        select_by="position",
+        sampling=sampling,
+        num_candidates=16,
+        patch=patch,
+        self_first=self_first,
+        rho=rho,
+        aggregate_position=True,
+    )
+    x = rand(2, 3, 8, 8, dtype=torch.float32).requires_grad_()
+    out = layer(x)
+    out.sum().backward()
+    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all() and torch.isfinite(x.grad).all()
