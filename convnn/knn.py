@@ -125,7 +125,8 @@ def spatial_candidates(n: int, r: int, grid: tuple[int, int] | None = None) -> T
     Sequences (``grid`` None): every ``(n // r)``-th token, ``M = r``. Maps (``grid = (H, W)`` of the
     map the tokens come from, padding included): a ``g x g`` grid with ``g = floor(sqrt(r))``, rows and
     columns from ``linspace(0, H - 1, g)`` / ``linspace(0, W - 1, g)`` rounded, indices ``row * W + col``
-    (``M = g * g``).
+    (``M = g * g``). A grid larger than the map is capped at the map's rows / columns (every
+    row / column once, never a duplicate candidate), so small late-stage maps stay usable.
     """
     if grid is None:
         if not 1 <= r <= n:
@@ -135,13 +136,10 @@ def spatial_candidates(n: int, r: int, grid: tuple[int, int] | None = None) -> T
     if height * width != n:
         raise ValueError(f"grid {grid} does not hold the {n} tokens")
     g = math.isqrt(r)
-    if g < 1 or g > min(height, width):
-        raise ValueError(
-            f"spatial sampling uses a floor(sqrt(r)) x floor(sqrt(r)) grid; r={r} gives {g} x {g}, "
-            f"which does not fit a {height} x {width} map"
-        )
-    rows = torch.linspace(0, height - 1, g).round().long()
-    cols = torch.linspace(0, width - 1, g).round().long()
+    if g < 1:
+        raise ValueError(f"spatial sampling needs num_candidates >= 1, got r={r}")
+    rows = torch.linspace(0, height - 1, min(g, height)).round().long()
+    cols = torch.linspace(0, width - 1, min(g, width)).round().long()
     return (rows[:, None] * width + cols[None, :]).flatten()
 
 
