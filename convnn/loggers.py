@@ -74,3 +74,24 @@ def build_logger(
         config=config,
     )
     return logger
+
+
+ACCOUNTING = ("params", "trainable_params", "gflops", "gflops_profiler")
+
+
+def log_accounting(logger: Logger | bool, record: dict[str, Any]) -> None:
+    """Log the model's size and cost once, as hyper-parameters (CSV: ``hparams.yaml``; wandb: config)."""
+    if logger:
+        logger.log_hyperparams({k: record[k] for k in ACCOUNTING})
+
+
+def close_logger(logger: Logger | bool, record: dict[str, Any]) -> None:
+    """wandb: put the final and best test values and the status into the run summary and finish the
+    run (flushing it to disk or the server; a sweep's next job starts a new run)."""
+    if not isinstance(logger, WandbLogger):
+        return
+    summary = {"status": record["status"], "wall_time_s": record["wall_time_s"]}
+    for part in ("final", "best"):
+        summary.update({f"{part}/{k}": v for k, v in (record[part] or {}).items()})
+    logger.experiment.summary.update(summary)
+    logger.experiment.finish(exit_code=0 if record["status"] == "finished" else 1)

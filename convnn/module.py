@@ -147,7 +147,7 @@ class ImageClassifier(L.LightningModule):
             "images_per_s": images / self._train_time if self._train_time > 0 else 0.0,
         }
         self.history.append(row)
-        self.log_dict({_log_name(k): v for k, v in row.items() if k != "epoch"})
+        self.log_dict({_log_name(k): v for k, v in row.items() if k != "epoch"}, sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         o = self.optim_cfg

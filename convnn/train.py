@@ -286,12 +286,11 @@ def _fit(
     record_path: Path,
     resolved: dict[str, Any],
 ) -> float | None:
-    import lightning as L
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     from convnn.callbacks import LAST_CHECKPOINT, RecordCallback, build_callbacks
     from convnn.data import ImageDataModule
-    from convnn.loggers import build_logger
+    from convnn.loggers import build_logger, close_logger, log_accounting
     from convnn.module import ImageClassifier
 
     logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints its own; no duplicates
@@ -313,8 +312,38 @@ def _fit(
     data = ImageDataModule(cfg.data, image_size, batch, eval_batch, seed=cfg.seed)
     recorder = RecordCallback(record, record_path, enabled=is_zero)
     logger = build_logger(cfg.logger, run_dir, cfg.name, run_dir.name, resolved)
+    trainer = _build_trainer(cfg, run_dir, logger, [recorder, *build_callbacks(cfg, ckpt_dir)])
+    log_accounting(logger, record)
+    start = time.perf_counter()
+    recorder.start(start)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    except BaseException as e:
+        recorder.finish(module.history, time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
+        close_logger(logger, recorder.record)
+        if isinstance(e, FileNotFoundError):
+            raise _fail(str(e)) from None
+        raise
+    interrupted = "interrupted (KeyboardInterrupt)" if trainer.interrupted else None
+    recorder.finish(module.history, time.perf_counter() - start, error=interrupted)
+    close_logger(logger, recorder.record)
+    if interrupted:
+        raise _fail(f"{interrupted}; continue it with resume=true")
+    if is_zero and not cfg.checkpoint.keep:
+        for ckpt in ckpt_dir.glob("*.ckpt"):
+            ckpt.unlink()
+    if is_zero:
+        print_summary(recorder.record)
+    final = recorder.record["final"]
+    return final["test_acc1"] if final else None
+
+
+def _build_trainer(cfg: TrainConfig, run_dir: Path, logger: Any, callbacks: list) -> Any:
+    """The Lightning ``Trainer`` for ``cfg``: the paper's gradient clipping, no sanity validation."""
+    import lightning as L
+
     t = cfg.trainer
-    trainer = L.Trainer(
+    return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
@@ -326,32 +355,12 @@ def _fit(
         gradient_clip_algorithm="norm",
         num_sanity_val_steps=0,
         logger=logger,
-        callbacks=[recorder, *build_callbacks(cfg, ckpt_dir)],
+        callbacks=callbacks,
         enable_progress_bar=t.progress_bar != "none",
         enable_model_summary=False,
         default_root_dir=str(run_dir),
         log_every_n_steps=50,
     )
-    start = time.perf_counter()
-    recorder.start(start)
-    try:
-        trainer.fit(module, datamodule=data, ckpt_path=resume_from)
-    except BaseException as e:
-        recorder.finish(module.history, time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
-        if isinstance(e, FileNotFoundError):
-            raise _fail(str(e)) from None
-        raise
-    interrupted = "interrupted (KeyboardInterrupt)" if trainer.interrupted else None
-    recorder.finish(module.history, time.perf_counter() - start, error=interrupted)
-    if interrupted:
-        raise _fail(f"{interrupted}; continue it with resume=true")
-    if is_zero and not cfg.checkpoint.keep:
-        for ckpt in ckpt_dir.glob("*.ckpt"):
-            ckpt.unlink()
-    if is_zero:
-        print_summary(recorder.record)
-    final = recorder.record["final"]
-    return final["test_acc1"] if final else None
 
 
 def print_summary(record: dict[str, Any]) -> None:

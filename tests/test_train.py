@@ -29,6 +29,7 @@ BACKBONES = {
         "layer=convnn_attention",
         "layer.sampling=random",
         "layer.num_candidates=12",
+        "trainer.precision=bf16",
     ],
     "resnet18": ["model=resnet18", "layer=conv2d"],
 }
@@ -186,6 +187,7 @@ def test_wandb_runs_offline_without_key_or_network(tmp_path, monkeypatch):
     [offline] = list((run_dir / "wandb").glob("offline-run-*"))
     [log] = list(offline.glob("run-*.wandb"))
     assert log.stat().st_size > 0 and read_record(run_dir)["status"] == "finished"
+    assert b"final/test_acc1" in log.read_bytes() and b"gflops_profiler" in log.read_bytes()
 
 
 def test_wandb_project_group_and_id_come_from_the_experiment_and_run_dir(tmp_path, monkeypatch):
