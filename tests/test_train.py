@@ -13,7 +13,8 @@ from convnn.loggers import build_logger, wandb_mode
 from convnn.module import ImageClassifier
 from convnn.records import EPOCH_FIELDS, RECORD_FIELDS, read_record
 
-CIFAR10 = Path(os.environ.get("CONVNN_CIFAR10", "/work/shared/data/cifar10"))
+SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"  # ../shared
+CIFAR10 = Path(os.environ.get("CONVNN_CIFAR10", SHARED_CIFAR10))
 QUIET = ["trainer.progress_bar=none", "logger=none"]
 TINY_DATA = ["data=synthetic", "data.train_size=64", "data.test_size=32", "batch_size=32"]
 TINY_VGG = ["model=vgg11", "model.width_mult=0.125", "model.hidden_features=32"]
