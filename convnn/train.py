@@ -21,7 +21,7 @@ import time
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -29,6 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from convnn.config import ConfigError, TrainConfig, check_layer_options, validate_config
 from convnn.records import RECORD_NAME, SCHEMA_VERSION, read_record
+
+if TYPE_CHECKING:
+    from torch import nn
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PROG = "convnn-train"
@@ -186,8 +189,9 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def build_model_or_fail(cfg: TrainConfig) -> Any:
-    """The backbone for ``cfg``; bad model / layer options exit with one line naming them."""
+def build_model_or_fail(cfg: TrainConfig) -> tuple[nn.Module, int]:
+    """The backbone for ``cfg`` and its input side ``S`` (it maps ``[B, C, S, S] -> [B, classes]``);
+    bad model / layer options exit with one line naming them."""
     from convnn.models import build_model, input_size
 
     try:
@@ -267,7 +271,7 @@ def run(cfg: DictConfig) -> float | None:
     return _fit(typed, model, image_size, batch, eval_batch, record, record_path, resolved)
 
 
-def _profile(model: Any, cfg: TrainConfig, image_size: int) -> dict[str, Any]:
+def _profile(model: nn.Module, cfg: TrainConfig, image_size: int) -> dict[str, Any]:
     from convnn.profile import profile_model
 
     stats = profile_model(model, (1, cfg.data.in_channels, image_size, image_size))
@@ -278,7 +282,7 @@ def _profile(model: Any, cfg: TrainConfig, image_size: int) -> dict[str, Any]:
 
 def _fit(
     cfg: TrainConfig,
-    model: Any,
+    model: nn.Module,
     image_size: int,
     batch: int,
     eval_batch: int,
@@ -286,6 +290,8 @@ def _fit(
     record_path: Path,
     resolved: dict[str, Any],
 ) -> float | None:
+    """Train ``model`` on ``cfg.data`` with Lightning, keeping ``record`` current at ``record_path``;
+    resumes from ``checkpoints/last.ckpt`` when ``resume=true``. Returns the final test top-1 (%)."""
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     from convnn.callbacks import LAST_CHECKPOINT, RecordCallback, build_callbacks
