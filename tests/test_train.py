@@ -2,7 +2,10 @@
 
 import math
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +45,12 @@ def convnn_train(out_dir: Path, *overrides: str, monkeypatch) -> Path:
     train.main()
     runs = [p.parent for p in out_dir.rglob("results.json")]
     return max(runs, key=lambda p: p.stat().st_mtime)
+
+
+def curves(record: dict) -> list[list[float]]:
+    """Every epoch's losses and accuracies (not its timings), for exact comparison of two runs."""
+    keys = [k for k in EPOCH_FIELDS if k not in ("epoch_time_s", "images_per_s")]
+    return [[row[k] for k in keys] for row in record["epochs"]]
 
 
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
@@ -120,15 +129,33 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch)
     resumed_dir = convnn_train(tmp_path / "b", *overrides, "resume=true", monkeypatch=monkeypatch)
     resumed = read_record(resumed_dir)
     assert resumed["status"] == "finished" and resumed["run_dir"] == killed["run_dir"]
-    metrics = [k for k in EPOCH_FIELDS if k not in ("epoch_time_s", "images_per_s")]
-    assert [[r[k] for k in metrics] for r in resumed["epochs"]] == [
-        [r[k] for k in metrics] for r in straight["epochs"]
-    ]
+    assert curves(resumed) == curves(straight)
     assert resumed["final"] == straight["final"] and resumed["started_at"] == killed["started_at"]
 
     before = (resumed_dir / "results.json").read_text()
     convnn_train(tmp_path / "b", *overrides, "resume=true", monkeypatch=monkeypatch)
     assert (resumed_dir / "results.json").read_text() == before  # finished: nothing re-run
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_of_the_process_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    data = ["data=synthetic", "data.train_size=512", "data.test_size=64", "batch_size=32"]
+    overrides = [*data, *BACKBONES["vgg11"], "epochs=2", *QUIET]
+    straight = read_record(convnn_train(tmp_path / "a", *overrides, monkeypatch=monkeypatch))
+    cmd = [sys.executable, "-m", "convnn.train", f"out_dir={tmp_path / 'b'}", *overrides]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list((tmp_path / "b").rglob("results.json"))
+        if found and len(read_record(found[0])["epochs"]) == 1:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed = read_record(found[0])
+    assert (killed["status"], len(killed["epochs"])) == ("running", 1)
+    resumed = read_record(convnn_train(tmp_path / "b", *overrides, "resume=true", monkeypatch=monkeypatch))
+    assert resumed["status"] == "finished" and curves(resumed) == curves(straight)
 
 
 @pytest.mark.parametrize(
