@@ -257,3 +257,32 @@ def test_real_cifar10_is_learned_well_above_chance(tmp_path, monkeypatch):
     run = ["data.num_workers=0", "batch_size=16", "epochs=1", "optim.lr=1e-3", "checkpoint.enabled=false"]
     record = read_record(convnn_train(tmp_path, *vit, *data, *run, *QUIET, monkeypatch=monkeypatch))
     assert record["final"]["test_acc1"] > 17, record["epochs"]  # chance 10 %; 1 s.e. is 1.3 points
+
+
+def test_learning_rate_schedules():
+    from convnn.config import SchedulerConfig
+    from convnn.module import lr_factor
+
+    none = SchedulerConfig()
+    assert [lr_factor(e, 10, none, 1e-3) for e in (0, 9)] == [1.0, 1.0]
+    warm_cos = SchedulerConfig(name="cosine", warmup_epochs=1, min_lr=1e-4)
+    factors = [lr_factor(e, 11, warm_cos, 1e-3) for e in range(11)]
+    assert factors[0] == 0.5 and factors[1] == 1.0  # warm-up, then the cosine starts at the top
+    assert factors[6] == pytest.approx(0.1 + 0.9 * 0.5) and factors[10] == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.9))
+    )
+    step = SchedulerConfig(name="step", step_size=3, gamma=0.5)
+    assert [lr_factor(e, 10, step, 1.0) for e in (0, 2, 3, 6)] == [1.0, 1.0, 0.5, 0.25]
+
+
+def test_optimiser_is_the_papers_adamw_without_a_scheduler_by_default():
+    import torch
+
+    from convnn.config import OptimConfig, SchedulerConfig
+
+    module = ImageClassifier(torch.nn.Linear(4, 3), 3, 150, OptimConfig(), SchedulerConfig())
+    opt = module.configure_optimizers()
+    assert isinstance(opt, torch.optim.AdamW)
+    assert (opt.defaults["lr"], opt.defaults["weight_decay"]) == (1e-4, 0.01)
+    cosine = ImageClassifier(torch.nn.Linear(4, 3), 3, 150, OptimConfig(), SchedulerConfig(name="cosine"))
+    assert cosine.configure_optimizers()["lr_scheduler"]["interval"] == "epoch"
