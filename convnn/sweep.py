@@ -11,6 +11,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -64,19 +65,47 @@ def format_jobs(jobs: Sequence[Sequence[str]], finished: Sequence[Sequence[str]]
     return "\n".join(lines)
 
 
-def should_skip(run_dir: str | Path, epochs: int) -> bool:
-    """True when ``run_dir`` holds a record with status ``"finished"`` and at least ``epochs`` epochs.
+# What a run computes; a record whose config differs here (e.g. the budget's subset was redefined) is stale.
+COMPUTED_KEYS = (
+    "model",
+    "layer",
+    "data.name",
+    "data.subset",
+    "epochs",
+    "batch_size",
+    "optim",
+    "scheduler",
+    "seed",
+)
 
-    Runs that are ``"running"`` (killed) or ``"failed"``, or finished with fewer epochs than asked
-    for now, are not skipped: ``resume=true`` continues them from their last checkpoint.
+
+def _select(config: Mapping[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
+
+
+def run_state(run_dir: str | Path, config: Mapping[str, Any]) -> str:
+    """What re-launching a job with resolved ``config`` into ``run_dir`` should do:
+
+    ``"new"`` (no record), ``"finished"`` (skip it), ``"unfinished"`` (killed or failed: resume it from
+    its checkpoint) or ``"stale"`` (its record was made with a different ``COMPUTED_KEYS`` config: start
+    it afresh).
     """
     path = Path(run_dir) / RECORD_NAME
     if not path.is_file():
-        return False
+        return "new"
     record = read_record(path)
-    return record.get("status") == "finished" and len(record.get("epochs") or []) >= epochs
+    if any(_select(record.get("config", {}), k) != _select(config, k) for k in COMPUTED_KEYS):
+        return "stale"
+    done = record.get("status") == "finished" and len(record.get("epochs") or []) >= config["epochs"]
+    return "finished" if done else "unfinished"
 
 
-def with_resume(job: Sequence[str]) -> list[str]:
-    """``job`` plus ``resume=true`` unless it sets ``resume`` itself (a died run then continues)."""
-    return list(job) if any(override_key(o) == "resume" for o in job) else [*job, "resume=true"]
+def relaunch(job: Sequence[str], state: str) -> list[str]:
+    """The job as launched: ``resume=true`` (continue a died run; a new one starts afresh anyway), or
+    ``resume=false`` for a stale run, unless the job sets ``resume`` itself."""
+    if any(override_key(o) == "resume" for o in job):
+        return list(job)
+    return [*job, f"resume={'false' if state == 'stale' else 'true'}"]

@@ -141,7 +141,7 @@ def build_table(
         if accounting is not None:
             stats.update({k: accounting[row["row"]][k] for k in ("params", "gflops", "gflops_profiler")})
         paper_loss, paper_acc = _paper_float(row["test_loss"]), _paper_float(row["test_acc1"])
-        params = stats.pop("params")
+        stats["params"] = None if stats["params"] is None else int(stats["params"])
         lines.append(
             {
                 "row": row["row"],
@@ -153,7 +153,6 @@ def build_table(
                 "paper_test_acc1": paper_acc,
                 "diff_test_loss": _diff(stats["test_loss_mean"], paper_loss),
                 "diff_test_acc1": _diff(stats["test_acc1_mean"], paper_acc),
-                "params_m": None if params is None else params / 1e6,
                 "paper_params_m": _paper_float(row["params_m"]),
                 "paper_gflops": _paper_float(row["gflops"]),
             }
@@ -180,11 +179,11 @@ DISPLAY_COLUMNS: tuple[tuple[str, Callable[[Mapping[str, Any]], str]], ...] = (
     ("Paper loss", lambda r: _fmt(r["paper_test_loss"], digits=3)),
     ("Paper acc %", lambda r: _fmt(r["paper_test_acc1"])),
     ("Δ acc", lambda r: MISSING if r["diff_test_acc1"] is None else f"{r['diff_test_acc1']:+.2f}"),
-    ("Params M", lambda r: _fmt(r["params_m"], digits=3)),
+    ("Params", lambda r: MISSING if r["params"] is None else f"{r['params']:,}"),
     ("Paper params M", lambda r: _fmt(r["paper_params_m"], digits=3)),
-    ("GFLOPs (profiler)", lambda r: _fmt(r["gflops_profiler"], digits=3)),
+    ("GFLOPs (profiler)", lambda r: _fmt(r["gflops_profiler"], digits=4)),
     ("Paper GFLOPS", lambda r: _fmt(r["paper_gflops"], digits=3)),
-    ("GFLOPs (fvcore MACs)", lambda r: _fmt(r["gflops"], digits=3)),
+    ("GFLOPs (fvcore MACs)", lambda r: _fmt(r["gflops"], digits=4)),
 )
 
 

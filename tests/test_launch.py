@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from convnn.records import read_record, write_record
-from convnn.sweep import expand_jobs, format_jobs, should_skip, with_resume
+from convnn.sweep import expand_jobs, format_jobs, relaunch, run_state
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -74,25 +74,32 @@ def test_params_replace_row_keys_and_duplicates_are_kept_once() -> None:
     assert jobs == [["p=1", "x=5"], ["p=2", "x=5"]]
 
 
-def _record(run_dir: Path, status: str, epochs: int) -> None:
+CONFIG = {"model": {"name": "vgg11"}, "layer": {"name": "conv2d"}, "data": {"name": "cifar10"}, "epochs": 2}
+
+
+def _record(run_dir: Path, status: str, epochs: int, **config: object) -> None:
     rows = [{"epoch": e + 1, "test_acc1": 50.0} for e in range(epochs)]
-    write_record(run_dir / "results.json", {"status": status, "epochs": rows})
+    write_record(run_dir / "results.json", {"status": status, "epochs": rows, "config": {**CONFIG, **config}})
 
 
-def test_should_skip_only_finished_runs_with_all_epochs(tmp_path: Path) -> None:
-    assert not should_skip(tmp_path / "absent", 2)
+def test_run_state_skips_only_finished_runs_of_the_same_config(tmp_path: Path) -> None:
+    assert run_state(tmp_path / "absent", CONFIG) == "new"
     _record(tmp_path / "done", "finished", 2)
     _record(tmp_path / "died", "running", 1)
     _record(tmp_path / "failed", "failed", 2)
-    assert should_skip(tmp_path / "done", 2)
-    assert not should_skip(tmp_path / "done", 3)  # asked for more epochs now: continue it
-    assert not should_skip(tmp_path / "died", 2)
-    assert not should_skip(tmp_path / "failed", 2)
+    _record(tmp_path / "old", "finished", 2, data={"name": "cifar10", "subset": {"train": 1024}})
+    assert run_state(tmp_path / "done", CONFIG) == "finished"
+    assert run_state(tmp_path / "done", {**CONFIG, "epochs": 3}) == "stale"  # asked for another budget now
+    assert run_state(tmp_path / "died", CONFIG) == "unfinished"
+    assert run_state(tmp_path / "failed", CONFIG) == "unfinished"
+    assert run_state(tmp_path / "old", CONFIG) == "stale"
 
 
-def test_launched_jobs_resume_unless_told_otherwise() -> None:
-    assert with_resume(["a=1"]) == ["a=1", "resume=true"]
-    assert with_resume(["a=1", "resume=false"]) == ["a=1", "resume=false"]
+def test_relaunched_jobs_resume_unless_stale_or_told_otherwise() -> None:
+    assert relaunch(["a=1"], "unfinished") == ["a=1", "resume=true"]
+    assert relaunch(["a=1"], "new") == ["a=1", "resume=true"]
+    assert relaunch(["a=1"], "stale") == ["a=1", "resume=false"]
+    assert relaunch(["a=1", "resume=false"], "unfinished") == ["a=1", "resume=false"]
     assert format_jobs([["a=1"]], [["a=2"]]).splitlines() == [
         "1 jobs to launch, 1 finished (skipped)",
         "   0  a=1",
@@ -144,6 +151,13 @@ def test_submitit_local_sweep_runs_for_real_then_skips_and_resumes(tmp_path: Pat
     assert launched.endswith("resume=true")
     assert ("layer.kernel_size=1" in launched) == (record["config"]["layer"]["kernel_size"] == 1)
     assert json.loads(died.read_text())["status"] == "running"  # a dry run changes nothing
+
+    stale = records[1]
+    record = read_record(stale)
+    write_record(stale, {**record, "config": {**record["config"], "batch_size": 64}})
+    lines = _sweep(search, out, "hydra.sweeper.dry_run=true").stdout.strip().splitlines()
+    assert lines[0] == "2 jobs to launch"
+    assert sorted(line.rsplit(" ", 1)[1] for line in lines[1:]) == ["resume=false", "resume=true"]
 
 
 def test_unknown_sweeper_option_fails_before_running(tmp_path: Path) -> None:

@@ -31,7 +31,8 @@ ROWS = {r["row"]: r for r in read_paper("table4")}
 def config_of(row_id: str, *extra: str) -> dict:
     """A resolved config as training records it, for paper row ``row_id`` (plus ``extra`` overrides)."""
     cfg = compose_config((*shlex.split(ROWS[row_id]["overrides"]), "budget=smoke", *extra))
-    return {**cfg, "epochs": 2, "batch_size": 32}
+    data = {**cfg["data"], "subset": {"train": 1024, "test": 512, "seed": 0}}
+    return {**cfg, "data": data, "epochs": 2, "batch_size": 32}
 
 
 def record(

@@ -12,8 +12,9 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
+from omegaconf import OmegaConf
 
-from convnn.sweep import expand_jobs, format_jobs, should_skip, with_resume
+from convnn.sweep import COMPUTED_KEYS, expand_jobs, format_jobs, relaunch, run_state
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,14 @@ class PaperSweeperConf:
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="paper", node=PaperSweeperConf, provider="convnn")
+
+
+def _resolved(cfg: Any, keys: set) -> dict:
+    """The top-level ``keys`` of ``cfg`` as resolved plain values."""
+    return {
+        k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+        for k in keys
+    }
 
 
 class PaperSweeper(BasicSweeper):
@@ -56,8 +65,9 @@ class PaperSweeper(BasicSweeper):
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def plan(self, overrides: list[Override]) -> tuple[list[list[str]], list[list[str]]]:
-        """``(jobs to launch, finished jobs)``; with ``skip_finished`` the launched jobs get
-        ``resume=true`` so a run that died continues from its last checkpoint."""
+        """``(jobs to launch, finished jobs)``. With ``skip_finished``, finished runs are left out, a
+        died run is relaunched with ``resume=true`` and a stale one (made with another config, e.g. a
+        redefined budget) with ``resume=false``; see :func:`convnn.sweep.run_state`."""
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         jobs = expand_jobs(self.rows, [o.input_line for o in overrides], parser)
         if not self.skip_finished:
@@ -67,8 +77,12 @@ class PaperSweeper(BasicSweeper):
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, job)
             HydraConfig.instance().set_config(cfg)  # the run dir may interpolate ${hydra:...}
             run_dir = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
-            (done if should_skip(run_dir, cfg.epochs) else todo).append(job)
-        return [with_resume(job) for job in todo], done
+            state = run_state(run_dir, _resolved(cfg, {k.split(".")[0] for k in COMPUTED_KEYS}))
+            if state == "finished":
+                done.append(job)
+            else:
+                todo.append(relaunch(job, state))
+        return todo, done
 
     def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
         """Batches of the jobs to launch (called by ``BasicSweeper.sweep``)."""
