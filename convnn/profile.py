@@ -6,16 +6,18 @@ as its last line, one JSON object.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Sequence
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import conv_flop_count, get_shape
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from rich.console import Console
@@ -24,6 +26,11 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from convnn.models import build_model, input_size
+
+with warnings.catch_warnings():  # importing fvcore.nn scripts a loss with torch.jit (deprecated)
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import conv_flop_count, get_shape
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -77,7 +84,25 @@ def fvcore_macs(model: nn.Module, x: torch.Tensor, extra_handles: bool = True) -
     if extra_handles:
         analysis.set_op_handle(**EXTRA_FVCORE_HANDLES)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-    return int(analysis.total()), dict(analysis.unsupported_ops())
+    with warnings.catch_warnings():  # fvcore traces with torch.jit, which torch now flags as deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        return int(analysis.total()), dict(analysis.unsupported_ops())
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for the block: torch.profiler's C++ side (kineto's USDT and
+    device-count lines, "Failed to compute flops" for string-padded convs) writes there directly,
+    bypassing ``sys.stderr``. Python-level errors raised in the block still surface after it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def profiler_flops(model: nn.Module, x: torch.Tensor) -> int:
@@ -86,9 +111,10 @@ def profiler_flops(model: nn.Module, x: torch.Tensor) -> int:
     It counts integer-padded ``conv2d`` (2 MACs), ``mm``/``addmm``/``bmm`` (2 M N K) and ``mul``/``add``
     (1 per element), and 0 for everything else (``"same"`` convs, Conv1d, SDPA, norms, top-k, ...).
     """
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
-        model(x)
-    return int(sum(event.flops for event in prof.key_averages()))
+    with _native_stderr_silenced():
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+            model(x)
+        return int(sum(event.flops for event in prof.key_averages()))
 
 
 def profile_model(model: nn.Module, input_shape: Sequence[int]) -> dict[str, Any]:
