@@ -3,6 +3,9 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Where datasets live (<root>/cifar10, ...): the offline copy beside the checkout when there is one.
+CONVNN_DATA_ROOT ?= $(if $(wildcard ../shared/data/cifar10),../shared/data,data)
+export CONVNN_DATA_ROOT
 
 .PHONY: install test test-all lint quickstart bench clean
 
