@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen first
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 Record = dict[str, Any]
 SMOOTH_WINDOW = 10  # the paper's moving average for loss curves
@@ -195,7 +196,7 @@ def make_figure(
     spec = FIGURES[name]
     records = [r for r in records if r.get("status") == "finished"]
     panels = _facet_values(records, spec.facets) or [(None,) * len(spec.facets)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(8.0, 5.5 * len(panels)), 4.8), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         facet = {f: v for f, v in zip(spec.facets, panel, strict=True) if v is not None}
         subset = select(records, facet)
@@ -217,7 +218,9 @@ def make_figure(
                 continue
             xs, means, stds, _ = zip(*points, strict=True)
             ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=color, label=series.label)
-        ax.set_title(", ".join(f"{k.split('.')[-1]}={v}" for k, v in facet.items()) or spec.title)
+        ax.set_title(", ".join(f"{k}={v}" for k, v in facet.items()) or spec.title)
+        if spec.kind == "loss":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(spec.xlabel)
         ax.set_ylabel("loss" if spec.kind == "loss" else "best test top-1 (%)")
         if ax.get_legend_handles_labels()[0]:
@@ -244,4 +247,4 @@ def describe(records: Sequence[Record], source: str) -> str:
         }
     )
     seeds = sorted({r.get("seed") for r in records}, key=str)
-    return f"{'; '.join(budgets) or 'no runs'}; seeds {seeds}; {len(records)} runs from {source}"
+    return f"{'; '.join(budgets) or 'no runs'}\nseeds {seeds}; {len(records)} runs from {source}"
