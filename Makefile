@@ -3,6 +3,8 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The venv's entry points (convnn-train, ...) come first, as if it were activated (tests call them).
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Where datasets live (<root>/cifar10, ...): the offline copy beside the checkout when there is one.
 CONVNN_DATA_ROOT ?= $(if $(wildcard ../shared/data/cifar10),../shared/data,data)
 export CONVNN_DATA_ROOT
