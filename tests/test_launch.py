@@ -18,7 +18,6 @@ defaults:
   - override /data: synthetic
   - override /model: vgg11
   - override /layer: conv2d
-  - override /hydra/sweeper: paper
 model:
   width_mult: 0.0625
   hidden_features: 16
@@ -59,6 +58,14 @@ def test_local_launcher_is_submitit_local() -> None:
     cfg = launcher(["hydra/launcher=local"])
     assert cfg._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
     assert cfg.gpus_per_node == 0
+
+
+def test_every_multirun_uses_the_paper_sweeper_by_default() -> None:
+    """Any `-m` sweep (not only the paper's experiments) can dry-run and skip finished runs, and the
+    submitit launchers work without an experiment (the sweeper sets HydraConfig before they resolve)."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        cfg = compose("train", return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_ == "hydra_plugins.convnn_sweeper.paper_sweeper.PaperSweeper"
 
 
 def test_rows_are_a_union_and_params_a_product() -> None:
