@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from convnn.config import ConfigError, TrainConfig, check_layer_options, validate_config
 from convnn.records import RECORD_NAME, SCHEMA_VERSION, read_record
+from convnn.sweep import run_state
 
 if TYPE_CHECKING:
     from torch import nn
@@ -218,14 +219,6 @@ def _per_device_batch(cfg: TrainConfig) -> tuple[int, int]:
     return cfg.batch_size // world, eval_batch // world
 
 
-def _finished_already(record_path: Path, epochs: int) -> dict[str, Any] | None:
-    if not record_path.is_file():
-        return None
-    record = read_record(record_path)
-    done = record.get("status") == "finished" and len(record.get("epochs") or []) >= epochs
-    return record if done else None
-
-
 def run(cfg: DictConfig) -> float | None:
     """Train one run described by the composed Hydra ``cfg``; returns the final test top-1 (%)."""
     hc = HydraConfig.get()
@@ -235,10 +228,15 @@ def run(cfg: DictConfig) -> float | None:
         typed = validate_config(cfg)
     except ConfigError as e:
         raise _fail(str(e)) from None
-    if typed.resume and (done := _finished_already(record_path, typed.epochs)):
+    state = run_state(run_dir, OmegaConf.to_container(cfg, resolve=True)) if typed.resume else "new"
+    if state == "finished":
+        done = read_record(record_path)
         print(f"{PROG}: {run_dir} already finished; nothing to do (resume=true)")
         print_summary(done)
         return done["final"]["test_acc1"]
+    if state == "stale":
+        print(f"{PROG}: {record_path} was made with another config; starting afresh instead of resuming")
+        typed.resume = False
 
     import lightning as L
 

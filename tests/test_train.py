@@ -14,7 +14,7 @@ from convnn import train
 from convnn.config import LoggerConfig
 from convnn.loggers import build_logger, wandb_mode
 from convnn.module import ImageClassifier
-from convnn.records import EPOCH_FIELDS, RECORD_FIELDS, read_record
+from convnn.records import EPOCH_FIELDS, RECORD_FIELDS, read_record, write_record
 
 SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"  # ../shared
 CIFAR10 = Path(os.environ.get("CONVNN_CIFAR10", SHARED_CIFAR10))
@@ -87,8 +87,14 @@ def test_sweep_jobs_and_single_runs_share_run_directories(tmp_path, monkeypatch,
     dirs = sorted(p.parent for p in tmp_path.rglob("results.json"))
     assert dirs == [tmp_path / "default" / train.run_subdir([*overrides, f"seed={s}"]) for s in (0, 1)]
     capsys.readouterr()
-    convnn_train(tmp_path, *overrides, "seed=1", "resume=true", monkeypatch=monkeypatch)
+    run_dir = convnn_train(tmp_path, *overrides, "seed=1", "resume=true", monkeypatch=monkeypatch)
     assert "already finished; nothing to do" in capsys.readouterr().out
+
+    record = read_record(run_dir)  # a record made with another budget is not "done": rerun afresh
+    write_record(run_dir / "results.json", {**record, "config": {**record["config"], "batch_size": 7}})
+    convnn_train(tmp_path, *overrides, "seed=1", "resume=true", monkeypatch=monkeypatch)
+    assert "made with another config; starting afresh" in capsys.readouterr().out
+    assert read_record(run_dir)["config"]["batch_size"] == record["config"]["batch_size"]
 
 
 @pytest.mark.slow
