@@ -18,7 +18,8 @@ Design choices the tests pin down:
 * similarity and top-k run in query chunks, so peak extra memory is O(B * chunk * M + B * N * k)
   instead of the dense ``[B, N, N]`` matrix;
 * the neighbour rows are gathered through an expanded *view* of the index, never from an expanded
-  ``[B, C, N, k]`` copy of the input; the only ``C * k * N`` tensor is the gathered result itself;
+  ``[B, C, N, k]`` copy of the input; the only ``C * k * N`` tensor is the gathered result itself,
+  and in training (``rho="ones"``) not even that: :class:`GatherAggregate` works in token steps;
 * selection runs without autograd; gradients of the selected similarities (rho softmax) flow through
   the selected pairs only (:class:`SelectedSimilarity`);
 * ``rho="ones"`` does no multiplication at all, and masks use the dtype's finite minimum, so nothing
@@ -197,7 +198,9 @@ def knn_select(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
     chunk = chunk_size or _auto_chunk(batch, m)
-    q, k = prepare(q, kind), prepare(k, kind)
+    shared = k is q
+    q = prepare(q, kind).contiguous()
+    k = q if shared else prepare(k, kind).contiguous()
     picks = num_neighbors - 1 if self_first else num_neighbors
     if candidates is not None:
         candidates = candidates.to(q.device)
@@ -354,9 +357,11 @@ def aggregate_neighbors(v: Tensor, indices: Tensor, values: Tensor, rho: str, co
     """Gather, modulate and aggregate in one step: ``v [B, C, N]``, ``indices [B, N', k] -> [B, C', N']``.
 
     Equals ``conv(modulate(gather_neighbors(v, indices), values, rho))`` for a ``conv`` with kernel
-    and stride k, but gathers into the ``[B, C * k, N']`` layout and applies ``conv``'s own weight as
-    the equivalent 1x1 convolution, which CPU and GPU kernels run faster. Parameters and the Conv1d
-    op (and so every FLOP counter) are unchanged.
+    and stride k, but folds the batch into the length and gathers into the ``[1, C * k, B * N']``
+    layout, then applies ``conv``'s own weight as the equivalent 1x1 convolution, which CPU and GPU
+    kernels run faster. With ``rho="ones"`` and gradients on, :class:`GatherAggregate` runs the same
+    ops in token steps without keeping the gathered rows. Parameters and the Conv1d op (and so every
+    FLOP counter) are unchanged.
     """
     check_choice("rho", rho, RHOS)
     batch, channels, _ = v.shape
@@ -364,12 +369,93 @@ def aggregate_neighbors(v: Tensor, indices: Tensor, values: Tensor, rho: str, co
     if conv.kernel_size != (k,) or conv.stride != (k,):
         got = (conv.kernel_size[0], conv.stride[0])
         raise ValueError(f"conv needs kernel_size = stride = k = {k}, got {got}")
-    by_slot = indices.transpose(1, 2).reshape(batch, 1, -1).expand(batch, channels, -1)
-    rows = v.gather(2, by_slot).unflatten(2, (k, -1))
-    if rho == "softmax":
-        rows = rows * values.softmax(dim=-1).to(rows.dtype).transpose(1, 2).contiguous().unsqueeze(1)
+    tokens, m = indices.shape[1], v.shape[2]
+    # the batch folds into the length: token b * N' + i of the folded map is token i of image b
+    flat = indices + torch.arange(batch, device=indices.device).view(batch, 1, 1) * m
+    flat = flat.permute(2, 0, 1).reshape(k, -1)
+    v_flat = v.transpose(0, 1).reshape(channels, -1)
     weight = conv.weight.reshape(conv.out_channels, -1, 1)
-    return F.conv1d(rows.flatten(1, 2), weight, conv.bias, groups=conv.groups)
+    if rho == "ones" and _fused_applies(v_flat, weight, conv.groups):
+        out = GatherAggregate.apply(v_flat, flat, weight, conv.bias)
+    else:
+        rows = gather_rows(v_flat, flat)
+        if rho == "softmax":
+            weights = values.softmax(dim=-1).to(rows.dtype).permute(2, 0, 1).reshape(1, k, -1)
+            rows = (rows.view(channels, k, -1) * weights).view(channels * k, -1)
+        out = F.conv1d(rows.unsqueeze(0), weight, conv.bias, groups=conv.groups)
+    return out.view(-1, batch, tokens).transpose(0, 1).contiguous()
+
+
+def gather_rows(v_flat: Tensor, flat: Tensor) -> Tensor:
+    """Gathered rows: ``v_flat [C, L]``, token indices ``flat [k, T]`` -> ``[C * k, T]``.
+
+    Row ``c * k + j`` is ``v_flat[c, flat[j]]``; the index is broadcast over channels as an expanded
+    view, so the output is the only new tensor.
+    """
+    channels, (k, tokens) = v_flat.shape[0], flat.shape
+    return v_flat.gather(1, flat.reshape(1, -1).expand(channels, -1)).view(channels * k, tokens)
+
+
+def _fused_applies(v_flat: Tensor, weight: Tensor, groups: int) -> bool:
+    """Whether :class:`GatherAggregate` may stand in for gather + ``F.conv1d``: a dense (groups 1)
+    aggregation that needs gradients, outside autocast and outside tracing (traced graphs keep the
+    plain ops)."""
+    return (
+        groups == 1
+        and torch.is_grad_enabled()
+        and (v_flat.requires_grad or weight.requires_grad)
+        and v_flat.dtype == weight.dtype
+        and not torch.is_autocast_enabled(v_flat.device.type)
+        and not torch.jit.is_tracing()
+    )
+
+
+#: Tokens per step of :class:`GatherAggregate` (its temporaries are ``[C * k, STEP_TOKENS]``).
+STEP_TOKENS = 2048
+
+
+class GatherAggregate(torch.autograd.Function):
+    """``F.conv1d(gather_rows(v_flat, flat)[None], weight, bias) -> [1, C', T]`` without the full rows.
+
+    The same gather and Conv1d ops as the plain path (so profilers see the same ops and the same
+    FLOPs), run over the T tokens in steps of :data:`STEP_TOKENS`, so the ``[C * k, T]`` gathered rows
+    never exist at once; only ``v_flat [C, L]`` and ``flat [k, T]`` are saved. The backward walks the
+    same steps: it re-gathers a step's rows for the weight gradient and scatters ``weight^T @ grad``
+    into ``v_flat``'s gradient. All temporaries are ``[C * k, STEP_TOKENS]`` and stay in cache, which on
+    CPU is much faster than the conv's and the gather's own backward over the full rows.
+    """
+
+    @staticmethod
+    def forward(v_flat: Tensor, flat: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        tokens = flat.shape[1]
+        out = v_flat.new_empty(1, weight.shape[0], tokens)
+        for start in range(0, tokens, STEP_TOKENS):
+            rows = gather_rows(v_flat, flat[:, start : start + STEP_TOKENS])
+            out[:, :, start : start + STEP_TOKENS] = F.conv1d(rows.unsqueeze(0), weight, bias)
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        v_flat, flat, weight, _ = inputs
+        ctx.save_for_backward(v_flat, flat, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        v_flat, flat, weight = ctx.saved_tensors
+        channels, grad = v_flat.shape[0], grad[0]
+        w = weight.squeeze(-1)
+        grad_v = torch.zeros_like(v_flat) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[2] else None
+        for start in range(0, flat.shape[1], STEP_TOKENS):
+            step_grad = grad[:, start : start + STEP_TOKENS]
+            step_flat = flat[:, start : start + STEP_TOKENS]
+            if grad_w is not None:
+                grad_w.addmm_(step_grad, gather_rows(v_flat, step_flat).t())
+            if grad_v is not None:
+                index = step_flat.reshape(1, -1).expand(channels, -1)
+                grad_v.scatter_add_(1, index, (w.t() @ step_grad).view(channels, -1))
+        grad_b = grad.sum(1) if ctx.needs_input_grad[3] else None
+        return grad_v, None, None if grad_w is None else grad_w.unsqueeze(-1), grad_b
 
 
 class CandidateSampler(nn.Module):

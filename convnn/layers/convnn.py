@@ -161,9 +161,12 @@ class ConvNN(nn.Module):
     def _select_by_features(self, selection: Tensor, candidates: Tensor | None) -> tuple[Tensor, Tensor]:
         """k-NN of ``selection [B, C, N]`` through ``w_q`` / ``w_k`` -> ``(values, indices) [B, N, k]``."""
         q = self.w_q(selection).transpose(1, 2)
-        keys = self.w_k(selection if candidates is None else selection[:, :, candidates]).transpose(1, 2)
-        self_sim = None
         separate_keys = not isinstance(self.w_k, nn.Identity)
+        if candidates is None and not separate_keys:  # identity keys are the queries: prepared once
+            keys = q
+        else:
+            keys = self.w_k(selection if candidates is None else selection[:, :, candidates]).transpose(1, 2)
+        self_sim = None
         if self.self_first and candidates is not None and separate_keys and self.rho == "softmax":
             self_sim = pair_similarity(q, self.w_k(selection).transpose(1, 2), self.similarity)
         return knn_select(
