@@ -228,7 +228,8 @@ def run(cfg: DictConfig) -> float | None:
         typed = validate_config(cfg)
     except ConfigError as e:
         raise _fail(str(e)) from None
-    state = run_state(run_dir, OmegaConf.to_container(cfg, resolve=True)) if typed.resume else "new"
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    state = run_state(run_dir, resolved) if typed.resume else "new"
     if state == "finished":
         done = read_record(record_path)
         print(f"{PROG}: {run_dir} already finished; nothing to do (resume=true)")
@@ -243,7 +244,6 @@ def run(cfg: DictConfig) -> float | None:
     L.seed_everything(typed.seed, workers=True, verbose=False)
     model, image_size = build_model_or_fail(typed)
     batch, eval_batch = _per_device_batch(typed)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     record = {
         "schema": SCHEMA_VERSION,
         "status": "running",
