@@ -228,10 +228,14 @@ def test_params_and_gflops_regenerate_without_training(tmp_path: Path) -> None:
     assert stats["gflops_profiler"] == pytest.approx(0.293, abs=0.005)
 
 
-def test_sweep_figure_points_and_png(tmp_path: Path) -> None:
+def test_sweep_figure_points_cost_panel_and_png(tmp_path: Path) -> None:
     def at(r: int, sampling: str, seed: int, acc: float) -> dict:
         cfg = {
-            "layer": {"ratio": 0.5, "sampling": sampling, "num_candidates": r},
+            "layer": {
+                "ratio": 0.5,
+                "sampling": sampling,
+                "num_candidates": r * r,
+            },  # the paper's r: r^2 candidates
             "data": {"name": "cifar10"},
         }
         return {
@@ -240,6 +244,8 @@ def test_sweep_figure_points_and_png(tmp_path: Path) -> None:
             "seed": seed,
             "budget": "smoke",
             "best": {"test_acc1": acc},
+            "gflops": 0.1 * r,
+            "gflops_profiler": 0.2 * r,
         }
 
     recs = [
@@ -249,9 +255,23 @@ def test_sweep_figure_points_and_png(tmp_path: Path) -> None:
         at(8, "spatial", 0, 60.0),
     ]
     random_series = FIGURES["fig5"].series[0]
+    assert random_series.label == "Branching (λ=0.5), random"
     assert sweep_points(recs, random_series) == [(4.0, 71.0, pytest.approx(2**0.5), 2), (8.0, 75.0, 0.0, 1)]
+    assert sweep_points(recs, random_series, "gflops_profiler") == [
+        (4.0, pytest.approx(0.8), 0.0, 2),
+        (8.0, pytest.approx(1.6), 0.0, 1),
+    ]
+    assert FIGURES["fig5"].cost and FIGURES["fig8"].cost and not FIGURES["fig4"].cost
     path = make_figure("fig5", recs, tmp_path, "synthetic")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    one_row = make_figure("fig7", [], tmp_path, "synthetic")
+    assert _png_size(path)[1] > 1.8 * _png_size(one_row)[1]  # the GFLOPs row below the accuracy row
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    header = path.read_bytes()[16:24]
+    return int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
 
 
 def test_loss_figure_and_smoothing(records: list[dict], tmp_path: Path) -> None:
