@@ -443,6 +443,10 @@ def _fit(
             raise RunError(f"interrupted by {name}; continue it with resume=true", code) from None
         record.fail(f"{type(e).__name__}: {e}")
         close_logger(logger, record.data)
+        if isinstance(e, OSError):  # a full disk, a vanished file: no traceback needed
+            raise RunError(
+                f"{type(e).__name__}: {e}; resume=true continues from the last checkpoint", EXIT_FAILED
+            ) from None
         raise
     record.finish()
     close_logger(logger, record.data)
