@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from convnn.figures import FIGURES, make_figure, smooth, sweep_points
+from convnn.figures import FIGURES, draw_figure, make_figure, smooth, sweep_points
 from convnn.records import write_record
 from convnn.tables import (
     TABLES,
@@ -303,3 +303,13 @@ def test_loss_figure_and_smoothing(records: list[dict], tmp_path: Path) -> None:
         r["config"]["layer"]["ratio"] = 0.5
     path = make_figure("fig3", records, tmp_path, "synthetic")
     assert path.name == "fig3.png" and path.stat().st_size > 10_000
+
+
+def test_loss_figure_has_no_empty_legend_entries_and_shows_single_epochs() -> None:
+    one_epoch = record("t4.c10.branching.p1", 0, 80.0, 1.0, 81.0)
+    one_epoch["config"] = {**one_epoch["config"], "layer": {**one_epoch["config"]["layer"], "ratio": 0.5}}
+    one_epoch["epochs"] = one_epoch["epochs"][:1]
+    fig = draw_figure("fig3", [one_epoch], "synthetic")
+    [ax] = fig.axes
+    assert ax.get_legend_handles_labels()[1] == ["Branching (λ=0.5)"]  # not Conv2D / ConvNN: no runs
+    assert [line.get_marker() for line in ax.get_lines()] == ["o", "o"]  # train and test, one point each
