@@ -381,17 +381,13 @@ def select_budget(records: Sequence[Record], budget: str | None, setup: str | No
 
 def profile_rows(rows: Sequence[Mapping[str, str]]) -> dict[str, dict[str, Any]]:
     """Params and GFLOPs (both methods) of every row's network, built from its config, no training."""
-    from convnn.models import build_model, input_size
+    from convnn.models import build_from_config
     from convnn.profile import profile_model
 
     out = {}
     for row in rows:
         cfg = compose_config(tuple(shlex.split(row["overrides"])))
-        size = input_size(cfg["model"], cfg["data"]["image_size"])
-        model = build_model(
-            cfg["model"], cfg["layer"], cfg["data"]["num_classes"], size, cfg["data"]["in_channels"]
-        )
-        out[row["row"]] = profile_model(model, (cfg["data"]["in_channels"], size, size))
+        out[row["row"]] = profile_model(*build_from_config(cfg))
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
 import re
 import shutil
@@ -26,7 +27,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from convnn.config import ConfigError, TrainConfig, check_layer_options, validate_config
+from convnn.config import ConfigError, TrainConfig, validate_config
 from convnn.identity import effective_budget, run_identity
 from convnn.records import RECORD_NAME, RunRecord
 from convnn.runlock import RunLock, RunLockedError
@@ -138,10 +139,25 @@ def preflight(args: list[str]) -> None:
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         try:
-            compose("train", overrides=args)
+            cfg = compose("train", overrides=args)
         except (HydraException, OmegaConfBaseException) as e:
             raise _fail(_composition_message(e, args, compose)) from None
     GlobalHydra.instance().clear()
+    problem = unwritable(Path(str(cfg.out_dir)))
+    if problem:
+        raise _fail(f"out_dir={str(cfg.out_dir)!r} is not writable ({problem})")
+
+
+def unwritable(path: Path) -> str | None:
+    """Why runs cannot be written under ``path`` (its nearest existing ancestor is a file, read-only
+    or not writable), or ``None`` when they can."""
+    path = path.absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is read-only or not writable by this user"
+    return None
 
 
 def _composition_message(error: Exception, args: list[str], compose: Any) -> str:
@@ -209,23 +225,19 @@ def _device(cfg: TrainConfig) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def build_model_or_fail(cfg: TrainConfig) -> tuple[nn.Module, int]:
-    """The backbone for ``cfg`` and its input side ``S`` (it maps ``[B, C, S, S] -> [B, classes]``);
-    bad model / layer options raise ``RunError`` with one line naming them."""
-    from convnn.models import build_model, input_size
+def build_model_or_fail(cfg: DictConfig) -> tuple[nn.Module, int]:
+    """The backbone for ``cfg`` and its input side ``S`` (it maps ``[B, C, S, S] -> [B, classes]``),
+    from :func:`convnn.models.build_from_config`; a bad option or one that does not fit the input
+    size raises ``RunError`` with one line naming it."""
+    from convnn.models import build_from_config
 
     try:
-        check_layer_options(cfg.layer)
-        model = build_model(
-            cfg.model, cfg.layer, cfg.data.num_classes, cfg.data.image_size, cfg.data.in_channels
-        )
-    except ConfigError as e:
-        raise RunError(str(e)) from None
+        model, (_, size, _) = build_from_config(cfg, check_input=True)
     except (ValueError, TypeError) as e:
         raise RunError(
             f"invalid config: model={cfg.model.get('name')} layer={cfg.layer.get('name')}: {e}"
         ) from None
-    return model, input_size(cfg.model, cfg.data.image_size)
+    return model, size
 
 
 def _per_device_batch(cfg: TrainConfig) -> tuple[int, int]:
@@ -325,7 +337,7 @@ def _run_locked(cfg: DictConfig, typed: TrainConfig, run_dir: Path) -> float | N
     from convnn.data import ImageDataModule
 
     L.seed_everything(typed.seed, workers=True, verbose=False)
-    model, image_size = build_model_or_fail(typed)
+    model, image_size = build_model_or_fail(cfg)
     batch, eval_batch = _per_device_batch(typed)
     data = ImageDataModule(typed.data, image_size, batch, eval_batch, seed=typed.seed)
     try:
@@ -441,12 +453,11 @@ def _fit(
             record.interrupt(name)
             close_logger(logger, record.data)
             raise RunError(f"interrupted by {name}; continue it with resume=true", code) from None
-        record.fail(f"{type(e).__name__}: {e}")
+        record.fail(" ".join(f"{type(e).__name__}: {e}".split()))
         close_logger(logger, record.data)
-        if isinstance(e, OSError):  # a full disk, a vanished file: no traceback needed
-            raise RunError(
-                f"{type(e).__name__}: {e}; resume=true continues from the last checkpoint", EXIT_FAILED
-            ) from None
+        if isinstance(e, OSError):  # a full disk, a corrupt image (also from a loader worker): one line
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise RunError(f"{last}; resume=true continues from the last checkpoint", EXIT_FAILED) from None
         raise
     record.finish()
     close_logger(logger, record.data)

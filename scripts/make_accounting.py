@@ -22,7 +22,8 @@ import fvcore
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from convnn.profile import build_from_config, compose_config, profile_model
+from convnn.models import build_from_config
+from convnn.profile import compose_config, profile_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_DIR = ROOT / "results" / "paper"

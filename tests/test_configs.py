@@ -161,6 +161,8 @@ def test_unknown_key_in_a_validated_node_lists_the_allowed_keys():
             "layer.kernal=3; allowed: layer 'conv2d' options ['kernel_size', 'bias']",
         ),
         ({"name": "convnn", "proj_dim": 1.5}, "layer.proj_dim=1.5; allowed: int | None"),
+        ({"name": "branching", "k": "nine"}, "layer.k='nine'; allowed: int"),  # a ConvNN option
+        ({"name": "branching", "sampling": 3}, "layer.sampling=3; allowed: str"),
     ],
 )
 def test_layer_options_are_checked_against_the_builder_signature(layer, message):
