@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from convnn.config import ConfigError, TrainConfig, validate_config
 from convnn.identity import effective_budget, run_identity
+from convnn.quiet import filter_known_warnings
 from convnn.records import RECORD_NAME, RunRecord
 from convnn.runlock import RunLock, RunLockedError
 from convnn.sweep import RunState, run_state
@@ -262,6 +263,7 @@ def run(cfg: DictConfig) -> float | None:
     Rank 0 holds the run directory's lock (:class:`convnn.runlock.RunLock`) for the whole run. A
     ``RunError`` raised before the record exists removes the run directory Hydra made for it.
     """
+    filter_known_warnings()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         typed = validate_config(cfg)

@@ -191,6 +191,8 @@ def test_a_signal_records_interrupted_and_exits_128_plus_it(tmp_path, sig, code)
     assert f"interrupted by {sig.name}; continue it with resume=true" in err
     assert (record["status"], record["error"]) == ("interrupted", f"interrupted by {sig.name}")
     assert "Traceback" not in err and not (path.parent / "run.lock").exists()
+    for harmless in ("srun", "LeafSpec", "litlogger"):  # filtered once, in convnn.quiet
+        assert harmless not in err + out, harmless
 
 
 def test_resume_keeps_csv_rows_and_says_where_it_continues(tmp_path, monkeypatch, capsys):
@@ -230,3 +232,18 @@ def test_resume_keeps_csv_rows_and_says_where_it_continues(tmp_path, monkeypatch
 def test_resume_true_with_nothing_to_resume_says_so(tmp_path, monkeypatch, capsys):
     convnn_train(tmp_path, *TINY, "epochs=1", "resume=true", monkeypatch=monkeypatch)
     assert "nothing to resume in " in capsys.readouterr().out
+
+
+def test_the_progress_bar_numbers_epochs_from_1(tmp_path, monkeypatch, capsys):
+    overrides = [
+        *TINY_DATA,
+        *TINY_VGG,
+        "layer=conv2d",
+        "logger=none",
+        "trainer.progress_bar=tqdm",
+        "epochs=2",
+    ]
+    convnn_train(tmp_path, *overrides, monkeypatch=monkeypatch)
+    captured = capsys.readouterr()
+    bars = captured.err + captured.out
+    assert "Epoch 1/2" in bars and "Epoch 2/2" in bars and "Epoch 2/1" not in bars
