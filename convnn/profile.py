@@ -13,7 +13,6 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -25,6 +24,7 @@ from rich.table import Table
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from convnn import paths
 from convnn.models import build_from_config
 
 with warnings.catch_warnings():  # importing fvcore.nn scripts a loss with torch.jit (deprecated)
@@ -32,7 +32,7 @@ with warnings.catch_warnings():  # importing fvcore.nn scripts a loss with torch
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import conv_flop_count, get_shape
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+CONFIG_DIR = str(paths.CONFIG_DIR)
 
 
 def _conv_same_macs(inputs: list, outputs: list) -> int:

@@ -29,11 +29,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from convnn.identity import identity_diff, row_identity, select, setup_identity
+from convnn.paths import CONFIG_DIR, PAPER_DIR
 from convnn.records import collect_records
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = ROOT / "configs"
-PAPER_DIR = ROOT / "results" / "paper"
 OUT_DIR = Path("results") / "reproduced"  # relative: the working directory's, never the package's
 TABLES = ("table1", "table2", "table3", "table4", "table5", "resnet50")
 WANDB_PREFIX = "wandb:"

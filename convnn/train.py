@@ -27,6 +27,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from convnn import paths
 from convnn.config import ConfigError, TrainConfig, validate_config
 from convnn.identity import effective_budget, run_identity
 from convnn.quiet import filter_known_warnings
@@ -37,7 +38,7 @@ from convnn.sweep import RunState, run_state
 if TYPE_CHECKING:
     from torch import nn
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = paths.CONFIG_DIR
 PROG = "convnn-train"
 
 RUN_DIR_EXCLUDED = {
@@ -190,7 +191,7 @@ def _composition_message(error: Exception, args: list[str], compose: Any) -> str
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=CONFIG_DIR.parent, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "HEAD"], cwd=paths.PACKAGE_DIR, capture_output=True, text=True, timeout=10
         )
     except (OSError, subprocess.SubprocessError):
         return None
