@@ -247,3 +247,14 @@ def test_the_progress_bar_numbers_epochs_from_1(tmp_path, monkeypatch, capsys):
     captured = capsys.readouterr()
     bars = captured.err + captured.out
     assert "Epoch 1/2" in bars and "Epoch 2/2" in bars and "Epoch 2/1" not in bars
+
+
+def test_a_corrupt_record_is_named_and_kept(tmp_path, monkeypatch, capsys):
+    run_dir = run_dir_of(tmp_path, *TINY, "epochs=1")
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text('{"status": "fini')
+    code, err = fails(tmp_path, *TINY, "epochs=1", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and f"{run_dir / 'results.json'} is not a valid run record" in err.splitlines()[-1]
+    assert (run_dir / "results.json").read_text() == '{"status": "fini'
+    convnn_train(tmp_path, *TINY, "epochs=1", "overwrite=true", monkeypatch=monkeypatch)
+    assert read_record(run_dir)["status"] == "finished"
