@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -129,6 +130,12 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+SCHEMA_NAME = "train_schema"
+ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig, provider="convnn")
+"""``configs/train.yaml`` starts from this schema (its first default), so Hydra checks keys and types
+while composing and the defaults live in the dataclasses above only."""
 
 
 def _fail(key: str, value: Any, allowed: str) -> ConfigError:

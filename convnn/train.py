@@ -163,8 +163,13 @@ def unwritable(path: Path) -> str | None:
 
 
 def _composition_message(error: Exception, args: list[str], compose: Any) -> str:
-    """One line for a Hydra composition error: the unknown key or group option and what is allowed."""
+    """One line for a Hydra composition error: a value of the wrong type (the schema), the unknown
+    key or group option and what is allowed."""
     text = " ".join(str(error).split())
+    cause = error.__cause__
+    if getattr(cause, "full_key", None) and "could not be converted" in str(cause):
+        value = next((a.split("=", 1)[1] for a in args if a.split("=", 1)[0] == cause.full_key), None)
+        return f"invalid config: {cause.full_key}={value!r}; {str(cause).splitlines()[0]}"
     missing = re.search(
         r"Could not find '([^']+)/([^'/]+)'.*?Available options in '[^']+':(.*?)(Config search|$)", text
     )
