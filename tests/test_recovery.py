@@ -176,7 +176,7 @@ def _train_process(out: Path, *overrides: str) -> subprocess.Popen:
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_records_interrupted_and_exits_128_plus_it(tmp_path, sig, code):
-    overrides = [*TINY, "data.train_size=2048", "epochs=20"]
+    overrides = [*TINY, "data.train_size=256", "epochs=50"]
     proc = _train_process(tmp_path, *overrides)
     deadline = time.monotonic() + 300
     path = run_dir_of(tmp_path, *overrides) / "results.json"
