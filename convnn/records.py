@@ -37,6 +37,7 @@ RECORD_FIELDS = (
     "git_commit",
     "versions",
     "device",
+    "slurm",
     "seed",
     "budget",
     "params",

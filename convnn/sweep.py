@@ -56,12 +56,18 @@ def expand_jobs(
     return jobs
 
 
-def format_jobs(jobs: Sequence[Sequence[str]], finished: Sequence[Sequence[str]] = ()) -> str:
+Jobs = Sequence[Sequence[str]]
+
+
+def format_jobs(jobs: Jobs, finished: Jobs = (), queued: Jobs = ()) -> str:
     """A numbered listing of the jobs to launch, one per line, headed by their count; ``finished``
-    jobs (skipped) are listed after them."""
-    lines = [f"{len(jobs)} jobs to launch" + (f", {len(finished)} finished (skipped)" if finished else "")]
-    lines += [f"{i:4d}  {' '.join(job)}" for i, job in enumerate(jobs)]
+    jobs and ``queued`` ones (still held by the scheduler), both skipped, are listed after them."""
+    head = f"{len(jobs)} jobs to launch"
+    head += f", {len(finished)} finished (skipped)" if finished else ""
+    head += f", {len(queued)} queued or running (skipped)" if queued else ""
+    lines = [head, *(f"{i:4d}  {' '.join(job)}" for i, job in enumerate(jobs))]
     lines += [f"done  {' '.join(job)}" for job in finished]
+    lines += [f"held  {' '.join(job)}" for job in queued]
     return "\n".join(lines)
 
 

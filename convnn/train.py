@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
 import re
 import subprocess
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from convnn.config import ConfigError, TrainConfig, check_layer_options, validate_config
 from convnn.records import RECORD_NAME, SCHEMA_VERSION, read_record
+from convnn.slurm import job_info, lightning_plugins, remove_hpc_checkpoints
 from convnn.sweep import run_state
 
 if TYPE_CHECKING:
@@ -255,6 +257,7 @@ def run(cfg: DictConfig) -> float | None:
         "git_commit": _git_commit(),
         "versions": _versions(),
         "device": _device(typed),
+        "slurm": job_info(),
         "seed": typed.seed,
         "budget": typed.budget,
         **_profile(model, typed, image_size),
@@ -310,6 +313,8 @@ def _fit(
     elif is_zero and ckpt_dir.is_dir():
         for stale in ckpt_dir.glob("*.ckpt"):
             stale.unlink()
+    for hpc in remove_hpc_checkpoints(run_dir):  # every rank: Lightning would restore it (SLURM)
+        print(f"{PROG}: removed {hpc} (Lightning's auto-requeue checkpoint; submitit owns requeueing)")
     if cfg.trainer.compile:
         model.compile()
     module = ImageClassifier(model, cfg.data.num_classes, cfg.epochs, cfg.optim, cfg.scheduler, cfg.seed)
@@ -323,7 +328,7 @@ def _fit(
     try:
         trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     except BaseException as e:
-        recorder.finish(module.history, time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
+        recorder.finish(module.history, time.perf_counter() - start, error=_failure(e))
         close_logger(logger, recorder.record)
         if isinstance(e, FileNotFoundError):
             raise _fail(str(e)) from None
@@ -340,6 +345,17 @@ def _fit(
         print_summary(recorder.record)
     final = recorder.record["final"]
     return final["test_acc1"] if final else None
+
+
+def _failure(error: BaseException) -> str:
+    """The record's ``error`` for an exception out of ``trainer.fit``, naming the scheduler's signals."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if isinstance(error, SIGTERMException):
+        return "SIGTERM: cancelled or pre-empted by the scheduler (scancel, time limit, node failure)"
+    if isinstance(error, SystemExit) and error.code == -1 and os.environ.get("SUBMITIT_EXECUTOR"):
+        return "requeued by submitit (time limit or pre-emption): resumes from its last checkpoint"
+    return f"{type(error).__name__}: {error}"
 
 
 def _build_trainer(cfg: TrainConfig, run_dir: Path, logger: Any, callbacks: list) -> Any:
@@ -363,6 +379,7 @@ def _build_trainer(cfg: TrainConfig, run_dir: Path, logger: Any, callbacks: list
         enable_progress_bar=t.progress_bar != "none",
         enable_model_summary=False,
         default_root_dir=str(run_dir),
+        plugins=lightning_plugins(),
         log_every_n_steps=1,  # nothing is logged per step; this only silences a warning
     )
 

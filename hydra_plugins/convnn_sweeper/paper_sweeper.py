@@ -14,6 +14,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import OmegaConf
 
+from convnn.slurm import queued_overrides, without_resume
 from convnn.sweep import COMPUTED_KEYS, expand_jobs, format_jobs, relaunch, run_state
 
 log = logging.getLogger(__name__)
@@ -64,15 +65,18 @@ class PaperSweeper(BasicSweeper):
         HydraConfig.instance().set_config(config)
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
-    def plan(self, overrides: list[Override]) -> tuple[list[list[str]], list[list[str]]]:
-        """``(jobs to launch, finished jobs)``. With ``skip_finished``, finished runs are left out, a
-        died run is relaunched with ``resume=true`` and a stale one (made with another config, e.g. a
-        redefined budget) with ``resume=false``; see :func:`convnn.sweep.run_state`."""
+    def plan(self, overrides: list[Override]) -> tuple[list[list[str]], list[list[str]], list[list[str]]]:
+        """``(jobs to launch, finished jobs, queued jobs)``. With ``skip_finished``, finished runs are
+        left out, and so are jobs this sweep submitted that the scheduler still holds (pending, running
+        or requeued: see :func:`convnn.slurm.queued_overrides`); a died run is relaunched with
+        ``resume=true`` and a stale one (made with another config, e.g. a redefined budget) with
+        ``resume=false``; see :func:`convnn.sweep.run_state`."""
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         jobs = expand_jobs(self.rows, [o.input_line for o in overrides], parser)
         if not self.skip_finished:
-            return jobs, []
-        todo, done = [], []
+            return jobs, [], []
+        queued = {without_resume(job) for job in queued_overrides(self._submitit_folder())}
+        todo, done, held = [], [], []
         for job in jobs:
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, job)
             HydraConfig.instance().set_config(cfg)  # the run dir may interpolate ${hydra:...}
@@ -80,15 +84,24 @@ class PaperSweeper(BasicSweeper):
             state = run_state(run_dir, _resolved(cfg, {k.split(".")[0] for k in COMPUTED_KEYS}))
             if state == "finished":
                 done.append(job)
+            elif without_resume(job) in queued:
+                held.append(job)
             else:
                 todo.append(relaunch(job, state))
-        return todo, done
+        return todo, done, held
+
+    def _submitit_folder(self) -> str:
+        """The launcher's ``submitit_folder`` (with ``%j``), resolved; empty without a submitit launcher."""
+        HydraConfig.instance().set_config(self.config)
+        return str(OmegaConf.select(self.config, "hydra.launcher.submitit_folder", default="") or "")
 
     def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
         """Batches of the jobs to launch (called by ``BasicSweeper.sweep``)."""
-        jobs, done = self.plan(overrides)
+        jobs, done, held = self.plan(overrides)
         if done:
             log.info("skipping %d finished runs", len(done))
+        if held:
+            log.info("skipping %d runs still queued or running on SLURM", len(held))
         size = max_batch_size or len(jobs) or 1
         return [jobs[i : i + size] for i in range(0, len(jobs), size)]
 
@@ -97,8 +110,8 @@ class PaperSweeper(BasicSweeper):
         if not self.dry_run:
             return super().sweep(arguments)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        jobs, done = self.plan(parser.parse_overrides([*self._parse_config(), *arguments]))
+        jobs, done, held = self.plan(parser.parse_overrides([*self._parse_config(), *arguments]))
         if not self.skip_finished:  # otherwise plan() has composed every job already
             self.validate_batch_is_legal(jobs)
-        print(format_jobs(jobs, done))
+        print(format_jobs(jobs, done, held))
         return []

@@ -1,0 +1,319 @@
+"""Sweeps on a real SLURM cluster (``scripts/slurm_cluster.sh start``; CI starts one): sbatch --array
+through the project's launcher config, scancel, time-limit requeue, Lightning's hpc checkpoints, a
+re-launch while jobs are queued, and the SLURM ids in the run record. Skipped when no cluster is up.
+
+The time-limit sweep needs about two minutes of wall time (the USR2 comes 30 s before a 2-minute
+limit), so it is submitted when the module starts and checked by its last test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from convnn.records import read_record, write_record
+from tests.test_launch import sweep_command
+
+pytestmark = pytest.mark.slurm
+
+EXPERIMENT = """# @package _global_
+defaults:
+  - override /data: synthetic
+  - override /model: vgg11
+  - override /layer: conv2d
+model: {{width_mult: 0.0625, hidden_features: 16}}
+data: {{train_size: {train_size}, test_size: 32}}
+epochs: {epochs}
+batch_size: 32
+logger: {{name: none}}
+trainer: {{progress_bar: none}}
+hydra: {{sweeper: {sweeper}}}
+"""
+EXPERIMENTS = {
+    "pair": EXPERIMENT.format(train_size=64, epochs=1, sweeper="{params: {seed: '0,1'}}"),
+    # task 0 trains 20 short epochs (cancelled mid-run), task 1 one epoch
+    "cancel": EXPERIMENT.format(
+        train_size=64,
+        epochs=1,
+        sweeper="{rows: {long: 'seed=0 epochs=20 data.train_size=512', quick: seed=1}}",
+    ),
+    # about 4 minutes of epochs: it is still training when the 2-minute limit comes
+    "timeout": EXPERIMENT.format(train_size=2048, epochs=100, sweeper="{}"),
+}
+JOB_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}  # tiny jobs share 2 CPUs
+RESTORED = "Restoring states from the checkpoint path at"  # Lightning's line when it loads a checkpoint
+
+
+def _cluster_up() -> str | None:
+    """Why no test cluster can be used here, or ``None`` when one is up."""
+    if shutil.which("sinfo") is None or shutil.which("sacct") is None:
+        return "no SLURM client here (start a test cluster as root: scripts/slurm_cluster.sh start)"
+    try:
+        nodes = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"sinfo failed ({e}); start a test cluster as root: scripts/slurm_cluster.sh start"
+    if nodes.returncode or not {"idle", "mixed", "allocated"} & set(nodes.stdout.split()):
+        return f"no SLURM node is up (sinfo: {(nodes.stdout + nodes.stderr).strip()[:200]!r})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    reason = _cluster_up()
+    if reason:
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("slurm")
+    (root / "configs" / "experiment").mkdir(parents=True)
+    for name, text in EXPERIMENTS.items():
+        (root / "configs" / "experiment" / f"{name}.yaml").write_text(text)
+    return root / "configs"
+
+
+def command(search: Path, out: Path, experiment: str, *extra: str) -> list[str]:
+    """A sweep of ``experiment`` on the cluster with the project's launcher config, named for cleanup."""
+    return sweep_command(
+        search,
+        out,
+        "hydra/launcher=slurm",
+        f"hydra.launcher.name=convnn-test-{experiment}",
+        "hydra.launcher.timeout_min=10",
+        *extra,
+        experiment=experiment,
+    )
+
+
+def sweep(search: Path, out: Path, experiment: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command(search, out, experiment, *extra), capture_output=True, text=True, timeout=300, env=JOB_ENV
+    )
+
+
+def start(search: Path, out: Path, experiment: str, *extra: str) -> subprocess.Popen:
+    """The sweep in the background (its output in ``out/<experiment>.log``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / f"{experiment}.log", "w")  # noqa: SIM115 - the child writes it until it ends
+    return subprocess.Popen(
+        command(search, out, experiment, *extra), stdout=log, stderr=subprocess.STDOUT, text=True, env=JOB_ENV
+    )
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 240.0) -> Any:
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def record_of(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "results.json"
+    return read_record(path) if path.is_file() else None
+
+
+def record_where(run_dir: Path, check: Callable[[dict[str, Any]], bool]) -> Callable[[], Any]:
+    """A poll for :func:`wait_for`: the run's record once ``check`` holds for it."""
+
+    def poll() -> dict[str, Any] | None:
+        record = record_of(run_dir)
+        return record if record and check(record) else None
+
+    return poll
+
+
+def queue() -> dict[str, str]:
+    """Every job SLURM holds, per array task: id -> state."""
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], capture_output=True, text=True, check=True)
+    return dict(line.split() for line in out.stdout.splitlines())
+
+
+def sacct(job_id: str) -> tuple[str, str]:
+    """``(state, node)`` of a job as the accounting database has it."""
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,NodeList"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    state, node = out.stdout.strip().splitlines()[0].split("|")
+    return state, node
+
+
+def cancel(experiment: str) -> None:
+    subprocess.run(["scancel", f"--name=convnn-test-{experiment}"], check=False)
+
+
+@pytest.fixture(scope="module")
+def time_limited(
+    search: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """The time-limit sweep, submitted first: a 2-minute limit, USR2 30 s before it, one requeue."""
+    out = tmp_path_factory.mktemp("timeout")
+    process = start(
+        search,
+        out,
+        "timeout",
+        "hydra.launcher.timeout_min=2",
+        "hydra.launcher.signal_delay_s=30",
+        "hydra.launcher.max_num_timeout=1",
+    )
+    yield process, out / "timeout" / "default"
+    cancel("timeout")
+    if process.poll() is None:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pair(search: Path, tmp_path_factory: pytest.TempPathFactory, time_limited: Any) -> tuple[Path, str]:
+    """A 2-job array sweep run to the end: ``(run directories' parent, sweep output)``."""
+    out = tmp_path_factory.mktemp("pair")
+    result = sweep(search, out, "pair")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "pair", result.stdout + result.stderr
+
+
+def test_array_sweep_records_jobs_and_a_rerun_skips_them(search: Path, pair: tuple[Path, str]) -> None:
+    """Items 1, 2, 7: the default launcher config on a CPU-only node; both records finished, each with
+    its SLURM job id, array index, node and submitit log, which sacct and the log files confirm."""
+    root, _ = pair
+    records = [read_record(root / f"seed={seed}") for seed in (0, 1)]
+    assert [r["status"] for r in records] == ["finished", "finished"]
+    slurm = [r["slurm"] for r in records]
+    array = slurm[0]["array_job_id"]
+    assert {s["array_task_id"] for s in slurm} == {0, 1} and slurm[1]["array_job_id"] == array
+    for info in slurm:
+        assert info["job_id"] == f"{array}_{info['array_task_id']}"
+        done = ("COMPLETED", info["node"])  # the job ends a moment after its result is written
+        wait_for(
+            f"sacct: {info['job_id']} {done}", lambda info=info, done=done: sacct(info["job_id"]) == done, 60
+        )
+        log = Path(info["log"])
+        assert log == root / ".submitit" / info["job_id"] / f"{info['job_id']}_0_log.out"
+        assert log.is_file() and log.with_suffix(".err").is_file()
+        assert "SLURM auto-requeueing enabled" not in log.with_suffix(".err").read_text()  # submitit owns it
+    script = (root / ".submitit" / array / f"{array}_submission.sh").read_text()
+    assert "#SBATCH --array=0-1" in script and "#SBATCH --ntasks-per-node=1" in script
+
+    before = set(queue())
+    again = sweep(search, root.parent, "pair")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "skipping 2 finished runs" in again.stdout + again.stderr
+    assert "sweep output dir" not in again.stdout + again.stderr  # nothing submitted
+    assert set(queue()) <= before
+    assert [read_record(root / f"seed={seed}")["slurm"] for seed in (0, 1)] == slurm
+
+
+def test_a_job_asking_more_than_the_node_has_fails_at_once(search: Path, tmp_path: Path) -> None:
+    """Item 2: more CPUs than the node has is refused by sbatch with its reason, not queued forever."""
+    cpus = os.cpu_count() or 1
+    result = sweep(search, tmp_path, "pair", f"hydra.launcher.cpus_per_task={cpus * 64}")
+    assert result.returncode != 0
+    assert "sbatch" in result.stderr and "More processors requested than permitted" in result.stderr
+    assert not list(tmp_path.rglob("results.json"))
+
+
+def test_lightning_hpc_checkpoint_is_never_restored(search: Path, pair: tuple[Path, str]) -> None:
+    """Item 5: an ``hpc_ckpt_*.ckpt`` (Lightning's auto-requeue file, which Lightning restores under
+    SLURM whenever ``ckpt_path=None``) in a run directory rerun afresh (stale config) is removed and
+    not restored: the rerun trains its epoch instead of taking the checkpoint's marked history."""
+    root, _ = pair
+    run_dir = root / "seed=0"
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt["convnn_history"] = [{**row, "test_acc1": -1.0} for row in ckpt["convnn_history"]]
+    torch.save(ckpt, run_dir / "hpc_ckpt_7.ckpt")
+    record = read_record(run_dir)
+    write_record(run_dir / "results.json", {**record, "config": {**record["config"], "batch_size": 64}})
+
+    result = sweep(search, root.parent, "pair")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping 1 finished runs" in result.stdout + result.stderr
+    rerun = read_record(run_dir)
+    assert rerun["status"] == "finished" and rerun["config"]["batch_size"] == 32
+    assert rerun["slurm"]["job_id"] != record["slurm"]["job_id"]
+    assert [row["epoch"] for row in rerun["epochs"]] == [1]
+    assert rerun["epochs"][0]["test_acc1"] >= 0.0  # trained, not the hpc checkpoint's -1
+    assert not list(run_dir.glob("hpc_ckpt_*"))
+    log = Path(rerun["slurm"]["log"])
+    assert "removed" in log.read_text() and "hpc_ckpt_7.ckpt" in log.read_text()
+    assert RESTORED not in log.with_suffix(".err").read_text()
+
+
+def test_cancelled_job_is_reported_resumed_and_never_launched_twice(search: Path, tmp_path: Path) -> None:
+    """Items 3 and 6: while task 0 runs and task 1 waits (array_parallelism=1), a re-launch submits
+    nothing; scancel of task 0 mid-run fails the sweep with the job's state, not a hang; a re-run
+    resumes task 0 from its checkpoint (its first epochs kept exactly) and skips the finished task 1."""
+    long_dir = tmp_path / "cancel" / "data.train_size=512,epochs=20,seed=0"
+    quick_dir = tmp_path / "cancel" / "seed=1"
+    process = start(search, tmp_path, "cancel", "hydra.launcher.array_parallelism=1")
+    try:
+        running = wait_for("task 0's first epoch", record_where(long_dir, lambda r: len(r["epochs"]) >= 1))
+        job = running["slurm"]["job_id"]
+        array = running["slurm"]["array_job_id"]
+        assert queue().get(f"{array}_1") == "PENDING"
+
+        held = sweep(search, tmp_path, "cancel", "hydra.sweeper.dry_run=true")
+        assert held.returncode == 0, held.stderr[-3000:]
+        assert held.stdout.splitlines()[0] == "0 jobs to launch, 2 queued or running (skipped)"
+        before = set(queue())
+        relaunched = sweep(search, tmp_path, "cancel")
+        assert relaunched.returncode == 0, relaunched.stderr[-3000:]
+        assert "skipping 2 runs still queued or running" in relaunched.stdout + relaunched.stderr
+        assert set(queue()) <= before  # no second copy submitted
+
+        subprocess.run(["scancel", job], check=True)
+        process.wait(timeout=240)
+    finally:
+        if process.poll() is None:
+            cancel("cancel")
+            process.terminate()
+    output = (tmp_path / "cancel.log").read_text()
+    assert process.returncode != 0
+    assert f"Job {job} " in output and "CANCELLED" in output
+    cancelled = read_record(long_dir)
+    assert cancelled["status"] == "failed" and cancelled["error"].startswith("SIGTERM")
+    kept = cancelled["epochs"]
+    assert 1 <= len(kept) < 20
+
+    wait_for("task 1 to finish", record_where(quick_dir, lambda r: r["status"] == "finished"))
+    result = sweep(search, tmp_path, "cancel")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping 1 finished runs" in result.stdout + result.stderr
+    resumed = read_record(long_dir)
+    assert resumed["status"] == "finished"
+    assert [row["epoch"] for row in resumed["epochs"]] == list(range(1, 21))
+    assert resumed["epochs"][: len(kept)] == kept  # restored from the checkpoint, not retrained
+    err = Path(resumed["slurm"]["log"]).with_suffix(".err").read_text()
+    assert RESTORED in err and str(long_dir / "checkpoints" / "last.ckpt") in err
+
+
+def test_time_limit_requeues_and_resumes_from_the_last_checkpoint(time_limited: Any) -> None:
+    """Item 4: at the time limit (USR2 ``signal_delay_s`` before it) submitit requeues the job, which
+    resumes from ``last.ckpt``: same job id, restart count 1, epochs kept exactly and continued."""
+    process, run_dir = time_limited
+    requeue = record_where(run_dir, lambda r: (r["error"] or "").startswith("requeued by submitit"))
+    requeued = wait_for("the USR2 requeue", lambda: process.poll() is not None or requeue(), timeout=300)
+    assert process.poll() is None, (run_dir.parent.parent / "timeout.log").read_text()[-3000:]
+    kept = requeued["epochs"]
+    assert kept and requeued["slurm"]["restart_count"] == 0
+    resumed = wait_for(
+        "an epoch after the requeue",
+        record_where(run_dir, lambda r: r["slurm"]["restart_count"] == 1 and len(r["epochs"]) > len(kept)),
+        timeout=180,
+    )
+    assert resumed["status"] == "running" and resumed["slurm"]["job_id"] == requeued["slurm"]["job_id"]
+    assert resumed["epochs"][: len(kept)] == kept
+    assert [row["epoch"] for row in resumed["epochs"]] == list(range(1, len(resumed["epochs"]) + 1))
+    err = Path(resumed["slurm"]["log"]).with_suffix(".err").read_text()
+    assert "this job is timed-out" in err and RESTORED in err
+    assert process.poll() is None  # the sweep still waits for the requeued job
