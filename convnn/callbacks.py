@@ -1,9 +1,8 @@
-"""Lightning callbacks of a training run: the run-record writer, checkpoints, the progress bar."""
+"""Lightning callbacks of a training run: the run-record keeper, checkpoints, the progress bar."""
 
 from __future__ import annotations
 
-import time
-from datetime import UTC, datetime
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,46 +10,66 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 
+from convnn.checkpoints import LAST_CHECKPOINT
 from convnn.config import TrainConfig
-from convnn.records import summarize_epochs, write_record
+from convnn.records import RunRecord
 
-LAST_CHECKPOINT = "last"  # checkpoints/last.ckpt, replaced after every epoch
+
+class Diverged(RuntimeError):
+    """A non-finite loss ended epoch ``epoch`` (1-based)."""
+
+    def __init__(self, epoch: int, values: dict[str, float]) -> None:
+        self.epoch = epoch
+        shown = ", ".join(f"{k}={v}" for k, v in values.items())
+        super().__init__(f"non-finite loss in epoch {epoch} ({shown})")
+
+
+def format_epoch(row: dict[str, Any], epochs: int) -> str:
+    """One terminal line per epoch: ``epoch 2/5: train loss 2.1 acc 21.3% | test loss ... (12.0 s)``."""
+
+    def part(split: str) -> str:
+        return f"{split} loss {row[f'{split}_loss']:.4f} acc {row[f'{split}_acc1']:.2f}%"
+
+    return f"epoch {row['epoch']}/{epochs}: {part('train')} | {part('test')} ({row['epoch_time_s']:.1f} s)"
 
 
 class RecordCallback(Callback):
-    """Keeps ``results.json`` current: written at the start, after every epoch and at the end.
+    """Owns the run's epoch history and keeps ``record`` (:class:`convnn.records.RunRecord`) current.
 
-    ``record["wall_time_s"]`` counts every process that worked on the run (a resumed run adds to it).
-    Only rank 0 writes (``enabled``).
+    After every test epoch it appends the module's ``epoch_metrics`` (numbered from 1) to
+    ``history``, writes the record, prints one line (``verbose``) and raises :class:`Diverged` on a
+    non-finite loss, before that epoch's checkpoint is written. ``history`` is this callback's
+    checkpoint state, so a resumed run continues it.
     """
 
-    def __init__(self, record: dict[str, Any], path: Path, enabled: bool = True) -> None:
-        self.record, self.path, self.enabled = record, path, enabled
-        self._wall_before = record["wall_time_s"]
-        self._start = 0.0
+    def __init__(self, record: RunRecord, verbose: bool = True) -> None:
+        self.record, self.verbose = record, verbose
+        self.history: list[dict[str, Any]] = []
 
-    def _write(self, history: list[dict[str, float]], elapsed: float) -> None:
-        self.record["epochs"] = list(history)
-        self.record["final"], self.record["best"] = summarize_epochs(history)
-        self.record["wall_time_s"] = self._wall_before + elapsed
-        if self.enabled:
-            write_record(self.path, self.record)
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
 
-    def start(self, start: float) -> None:
-        """Mark the process's start time (``time.perf_counter()``) and write the ``running`` record."""
-        self._start = start
-        self._write(self.record["epochs"], 0.0)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict["history"])
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.history:
+            self.record.update(self.history)
+            if self.verbose:
+                where, epoch = self.record.path.parent, len(self.history) + 1
+                print(f"resuming {where} from epoch {epoch} of {trainer.max_epochs}")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.FITTING:
-            self._write(pl_module.history, time.perf_counter() - self._start)
-
-    def finish(self, history: list[dict[str, float]], elapsed: float, error: str | None) -> None:
-        """Write the final record: ``finished``, or ``failed`` with ``error``."""
-        self.record["status"] = "failed" if error else "finished"
-        self.record["error"] = error
-        self.record["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-        self._write(history, elapsed)
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        row = {"epoch": trainer.current_epoch + 1, **pl_module.epoch_metrics}
+        self.history.append(row)
+        self.record.update(self.history)
+        bad = {k: v for k, v in row.items() if k.endswith("loss") and not math.isfinite(v)}
+        if bad:
+            raise Diverged(row["epoch"], bad)
+        if self.verbose:
+            print(format_epoch(row, trainer.max_epochs), flush=True)
 
 
 def build_callbacks(cfg: TrainConfig, ckpt_dir: Path) -> list[Callback]:

@@ -117,7 +117,8 @@ class TrainConfig:
 
     name: str = "default"
     seed: int = 0
-    resume: bool = False
+    resume: bool = True
+    overwrite: bool = False
     out_dir: str = "runs"
     budget: str = "full"
     epochs: int = 150

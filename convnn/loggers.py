@@ -7,6 +7,7 @@ under ``<run_dir>/wandb/offline-run-*`` and can be uploaded later with ``wandb s
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import netrc
 import os
@@ -49,18 +50,44 @@ def wandb_mode(requested: str) -> str:
     return "online" if _has_wandb_key(host) and _reachable(host) else "offline"
 
 
+def _csv_logger(run_dir: Path, keep_epochs: int) -> CSVLogger:
+    """Lightning's CSV logger at ``<run_dir>/logs/metrics.csv``, keeping the rows of the first
+    ``keep_epochs`` epochs of an earlier process (Lightning deletes the file when it starts)."""
+    path = run_dir / "logs" / "metrics.csv"
+    kept: list[dict[str, str]] = []
+    if keep_epochs and path.is_file():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields = reader.fieldnames or []
+            kept = [row for row in reader if row.get("epoch") and float(row["epoch"]) <= keep_epochs]
+    logger = CSVLogger(save_dir=str(run_dir), name="logs", version="")
+    if kept:
+        logger.experiment  # creates the writer, which removes the old file  # noqa: B018
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(kept)
+    return logger
+
+
 def build_logger(
-    cfg: LoggerConfig, run_dir: Path, experiment: str, run_name: str, config: dict[str, Any]
+    cfg: LoggerConfig,
+    run_dir: Path,
+    experiment: str,
+    run_name: str,
+    config: dict[str, Any],
+    keep_epochs: int = 0,
 ) -> Logger | bool:
     """The Lightning logger for ``logger.name`` (``False`` for ``none``).
 
     wandb: project ``logger.project``, group ``logger.group`` or the experiment name, run name and a
     stable id derived from the run directory (so a resumed run continues the same wandb run).
+    ``keep_epochs``: a resumed run's epochs so far, whose CSV rows stay.
     """
     if cfg.name == "none":
         return False
     if cfg.name == "csv":
-        return CSVLogger(save_dir=str(run_dir), name="logs", version="")
+        return _csv_logger(run_dir, keep_epochs)
     run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
     logger = WandbLogger(
         project=cfg.project,

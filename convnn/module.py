@@ -1,9 +1,9 @@
-"""The ``LightningModule`` that trains any backbone: loss, metrics, optimiser, per-epoch history.
+"""The ``LightningModule`` that trains any backbone: loss, metrics, optimiser.
 
 Each epoch it measures train loss / top-1 / top-5 (running over the epoch's batches), then test
 loss / top-1 / top-5 on the test split (Lightning's validation loop), the training time and
-throughput, and appends one row (accuracies in percent) to ``history``. ``history`` and the RNG
-states travel in the checkpoint, so a resumed run continues exactly where the killed one stopped.
+throughput, logs them (epochs numbered from 1) and leaves them in ``epoch_metrics`` (accuracies in
+percent) for the record callback, which owns the epoch history (:mod:`convnn.callbacks`).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class ImageClassifier(L.LightningModule):
             self.metrics[f"{split}_loss"] = MeanMetric()
             self.metrics[f"{split}_acc1"] = MulticlassAccuracy(num_classes, top_k=1, average="micro")
             self.metrics[f"{split}_acc5"] = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
-        self.history: list[dict[str, float]] = []
+        self.epoch_metrics: dict[str, float] = {}
         self._train_start = self._train_time = 0.0
         self._train_images = 0
         self._reseeded_on_load = False
@@ -139,15 +139,14 @@ class ImageClassifier(L.LightningModule):
             self._compute("test")
             return
         images = self._train_images * self.trainer.world_size
-        row = {
-            "epoch": self.current_epoch + 1,
+        self.epoch_metrics = {
             **self._compute("train"),
             **self._compute("test"),
             "epoch_time_s": self._train_time,
             "images_per_s": images / self._train_time if self._train_time > 0 else 0.0,
         }
-        self.history.append(row)
-        self.log_dict({_log_name(k): v for k, v in row.items() if k != "epoch"}, sync_dist=True)
+        logged = {_log_name(k): v for k, v in self.epoch_metrics.items()}
+        self.log_dict({**logged, "epoch": float(self.current_epoch + 1)}, sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         o = self.optim_cfg
@@ -166,11 +165,7 @@ class ImageClassifier(L.LightningModule):
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["convnn_history"] = self.history
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the history; seed the next epoch (checkpoints are written at the end of an epoch)."""
-        self.history = list(checkpoint["convnn_history"])
+        """Seed the next epoch (checkpoints are written at the end of an epoch)."""
         seed_epoch(self.seed, checkpoint["epoch"] + 1)
         self._reseeded_on_load = True

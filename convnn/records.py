@@ -1,20 +1,28 @@
 """The run record: one ``results.json`` per run, the source of truth for tables.
 
 A record is a JSON object with the fields listed in ``RECORD_FIELDS`` (accuracies in percent,
-0-100, like the paper). It is written atomically, so a reader never sees a half-written file.
+0-100, like the paper). :class:`RunRecord` is its only writer: it creates the record, updates it
+after every epoch and closes it as ``finished``, ``failed``, ``diverged`` or ``interrupted``. Writes
+are atomic (temp file + ``os.replace``), strict JSON (a NaN or infinity is written as ``null``) and
+readable like any file the user writes (the umask applies).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RECORD_NAME = "results.json"
-STATUSES = ("running", "finished", "failed")
+STATUSES = ("running", "finished", "failed", "diverged", "interrupted")
 EPOCH_FIELDS = (
     "epoch",
     "train_loss",
@@ -30,16 +38,19 @@ RECORD_FIELDS = (
     "schema",
     "status",
     "error",
+    "resumable",
     "config",
+    "identity",
     "experiment",
     "overrides",
     "run_dir",
     "git_commit",
     "versions",
     "device",
-    "slurm",
+    "launcher",
     "seed",
     "budget",
+    "effective_budget",
     "params",
     "trainable_params",
     "gflops",
@@ -53,15 +64,42 @@ RECORD_FIELDS = (
 )
 
 
-def write_record(path: str | Path, record: dict[str, Any]) -> None:
-    """Write ``record`` as JSON to ``path`` atomically (temp file in the same directory + ``os.replace``)."""
+class RecordError(ValueError):
+    """An unreadable ``results.json``; ``str(error)`` is one line naming the file and the problem."""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf) replaced by ``None``, so it is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None], binary: bool = False) -> None:
+    """Write ``path`` atomically: ``write(f)`` fills a temp file beside it, which is fsynced, given
+    the permissions a plain ``open`` would (``0o666`` minus the umask) and renamed over ``path``.
+    On any error (a full disk, a signal) the old file stays as it was and no temp file is left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2, sort_keys=False)
-            f.write("\n")
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -70,31 +108,158 @@ def write_record(path: str | Path, record: dict[str, Any]) -> None:
         raise
 
 
+def write_record(path: str | Path, record: dict[str, Any]) -> None:
+    """Write ``record`` as strict JSON to ``path`` atomically (see :func:`atomic_write`)."""
+    text = json.dumps(strict_json(record), indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda f: f.write(text))
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
 def read_record(path: str | Path) -> dict[str, Any]:
-    """Read one record; ``path`` is a ``results.json`` file or the run directory holding it."""
+    """Read one record; ``path`` is a ``results.json`` file or the run directory holding it.
+
+    Raises ``RecordError`` naming the file when it is not a JSON object (truncated, corrupt, bare NaN).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / RECORD_NAME
-    with open(path) as f:
-        return json.load(f)
+    try:
+        record = json.loads(path.read_text(), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RecordError(
+            f"{path} is not a valid run record ({e}); delete it or rerun with overwrite=true"
+        ) from None
+    if not isinstance(record, dict):
+        raise RecordError(f"{path} is not a valid run record (a JSON {type(record).__name__}, not an object)")
+    return record
 
 
 def collect_records(root: str | Path) -> list[dict[str, Any]]:
-    """Every record under ``root`` (walked recursively), sorted by run directory."""
-    paths = sorted(Path(root).rglob(RECORD_NAME))
-    return [read_record(p) for p in paths]
+    """Every readable record under ``root`` (walked recursively), sorted by run directory; an
+    unreadable one is skipped with a warning naming it."""
+    records = []
+    for path in sorted(Path(root).rglob(RECORD_NAME)):
+        try:
+            records.append(read_record(path))
+        except RecordError as e:
+            warnings.warn(f"skipped: {e}", stacklevel=2)
+    return records
 
 
 def summarize_epochs(epochs: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """``(final, best)`` from per-epoch rows: the last epoch's test metrics and the best-top-1 epoch's.
 
-    Ties in top-1 go to the earlier epoch. Both are ``None`` when no epoch has finished.
+    Ties in top-1 go to the earlier epoch; epochs without a finite top-1 never count as best. Both are
+    ``None`` when no epoch has finished.
     """
     if not epochs:
         return None, None
     keys = ("test_loss", "test_acc1", "test_acc5")
     last = epochs[-1]
-    top = max(epochs, key=lambda row: (row["test_acc1"], -row["epoch"]))
-    final = {k: last[k] for k in keys}
-    best = {"epoch": top["epoch"], **{k: top[k] for k in keys}}
-    return final, best
+    final = {k: last.get(k) for k in keys}
+    scored = [
+        row
+        for row in epochs
+        if isinstance(row.get("test_acc1"), int | float) and math.isfinite(row["test_acc1"])
+    ]
+    if not scored:
+        return final, None
+    top = max(scored, key=lambda row: (row["test_acc1"], -row["epoch"]))
+    return final, {"epoch": top["epoch"], **{k: top.get(k) for k in keys}}
+
+
+class RunRecord:
+    """The one owner of a run's ``results.json``.
+
+    ``RunRecord.create(path, fields)`` starts a ``running`` record (or continues ``previous``, a
+    killed or failed record of the same run, keeping its start time and wall time);
+    :meth:`update` writes the epoch history after every epoch; :meth:`finish`, :meth:`fail`,
+    :meth:`diverge` and :meth:`interrupt` close it. ``fields`` may hold any extra JSON values, e.g.
+    the ``launcher`` dict (SLURM job id, array index, node) that other code fills in. Only an
+    ``enabled`` record writes (rank 0 of a DDP run). ``wall_time_s`` counts every process that worked
+    on the run.
+    """
+
+    def __init__(self, path: Path, data: dict[str, Any], enabled: bool = True) -> None:
+        self.path, self.data, self.enabled = Path(path), data, enabled
+        self._wall_before = float(data.get("wall_time_s") or 0.0)
+        self._start = time.perf_counter()
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        fields: dict[str, Any],
+        previous: dict[str, Any] | None = None,
+        enabled: bool = True,
+    ) -> RunRecord:
+        """A new ``running`` record at ``path`` made of ``fields``, written at once."""
+        data = {
+            "schema": SCHEMA_VERSION,
+            "status": "running",
+            "error": None,
+            "resumable": True,
+            "launcher": {},
+            **fields,
+            "epochs": list((previous or {}).get("epochs") or []),
+            "final": None,
+            "best": None,
+            "wall_time_s": float((previous or {}).get("wall_time_s") or 0.0),
+            "started_at": (previous or {}).get("started_at") or _now(),
+            "finished_at": None,
+        }
+        record = cls(Path(path), data, enabled)
+        record.update(data["epochs"])
+        return record
+
+    @classmethod
+    def load(cls, path: str | Path, enabled: bool = True) -> RunRecord:
+        """The record at ``path`` (a file or its run directory); ``RecordError`` if unreadable."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / RECORD_NAME
+        return cls(path, read_record(path), enabled)
+
+    @property
+    def status(self) -> str:
+        return self.data["status"]
+
+    @property
+    def epochs(self) -> list[dict[str, Any]]:
+        return self.data["epochs"]
+
+    def _write(self) -> None:
+        self.data["wall_time_s"] = self._wall_before + time.perf_counter() - self._start
+        if self.enabled:
+            write_record(self.path, self.data)
+
+    def update(self, epochs: Iterable[dict[str, Any]]) -> None:
+        """Record the epoch history so far (and the ``final`` / ``best`` derived from it)."""
+        self.data["epochs"] = list(epochs)
+        self.data["final"], self.data["best"] = summarize_epochs(self.data["epochs"])
+        self._write()
+
+    def _close(self, status: str, error: str | None, resumable: bool = True) -> None:
+        self.data.update(status=status, error=error, resumable=resumable, finished_at=_now())
+        self._write()
+
+    def finish(self) -> None:
+        """The run trained all its epochs."""
+        self._close("finished", None)
+
+    def fail(self, error: str, resumable: bool = True) -> None:
+        """The run stopped on ``error``; ``resumable=False`` when re-launching cannot help (a corrupt
+        checkpoint): the sweeper then reports it instead of relaunching it."""
+        self._close("failed", error, resumable)
+
+    def diverge(self, epoch: int, error: str) -> None:
+        """A non-finite loss in ``epoch`` (1-based) stopped the run."""
+        self.data["diverged_at_epoch"] = epoch
+        self._close("diverged", error, resumable=False)
+
+    def interrupt(self, signal_name: str) -> None:
+        """A signal (``SIGINT``, ``SIGTERM``) stopped the run; it continues with ``resume=true``."""
+        self._close("interrupted", f"interrupted by {signal_name}")

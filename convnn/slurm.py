@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,8 @@ OmegaConf.register_new_resolver("convnn_tasks_per_node", tasks_per_node, replace
 
 
 def job_info() -> dict[str, Any] | None:
-    """The SLURM job this process runs in (``None`` outside SLURM): ``job_id`` as squeue and submitit's
+    """The SLURM job this process runs in (the record's ``launcher``; ``None`` outside SLURM):
+    ``scheduler`` (``slurm``), ``job_id`` as squeue and submitit's
     log names show it (``<array job>_<index>`` for an array task), ``array_job_id``, ``array_task_id``,
     ``node``, ``restart_count`` (requeues so far) and the submitit ``log`` (stdout) when submitit ran it."""
     env = os.environ
@@ -49,6 +49,7 @@ def job_info() -> dict[str, Any] | None:
         return None
     array_job, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
     info: dict[str, Any] = {
+        "scheduler": "slurm",
         "job_id": f"{array_job}_{task}" if array_job and task else env["SLURM_JOB_ID"],
         "array_job_id": array_job,
         "array_task_id": int(task) if task else None,
@@ -61,6 +62,12 @@ def job_info() -> dict[str, Any] | None:
 
         info["log"] = str(submitit.JobEnvironment().paths.stdout)
     return info
+
+
+def requeued_by_submitit(error: BaseException) -> bool:
+    """Whether ``error`` is submitit's exit after requeueing this job (``sys.exit(-1)`` from its USR2
+    handler, the only ``SystemExit(-1)`` in a submitit job)."""
+    return isinstance(error, SystemExit) and error.code == -1 and "SUBMITIT_EXECUTOR" in os.environ
 
 
 def lightning_plugins() -> list[Any]:
@@ -99,26 +106,21 @@ def queued_job_ids() -> set[str] | None:
     return {line.strip() for line in out.stdout.splitlines() if line.strip()}
 
 
-def queued_overrides(submitit_folder: str) -> list[list[str]]:
-    """The overrides of every job that submitit submitted into ``submitit_folder`` (the launcher's,
-    with ``%j``) and that SLURM still holds: a re-launched sweep must not submit these again."""
+def queued_jobs(submitit_folder: str) -> dict[str, list[str]]:
+    """Job id -> overrides of every job submitit submitted into ``submitit_folder`` (the launcher's,
+    with ``%j``) that SLURM still holds: a re-launched sweep must not submit these again."""
     ids = queued_job_ids()
     if not ids:
-        return []
+        return {}
     from submitit.core.utils import DelayedSubmission, JobPaths
 
-    found = []
+    found = {}
     for job_id in sorted(ids):
         pickle = JobPaths(submitit_folder, job_id=job_id).submitted_pickle
         if not pickle.is_file():
             continue
         try:
-            found.append(list(DelayedSubmission.load(pickle).args[0]))
+            found[job_id] = list(DelayedSubmission.load(pickle).args[0])
         except Exception as e:  # noqa: BLE001 - e.g. rewritten by a requeue right now
             log.warning("cannot read %s (%s)", pickle, e)
     return found
-
-
-def without_resume(job: Sequence[str]) -> frozenset[str]:
-    """A job's overrides minus ``resume=...`` (the sweeper adds it), to compare jobs across launches."""
-    return frozenset(o for o in job if o.split("=", 1)[0].lstrip("+~") != "resume")

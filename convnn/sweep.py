@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from convnn.records import RECORD_NAME, read_record
+from convnn.identity import identity_diff, run_identity
+from convnn.records import RECORD_NAME, RecordError, read_record
+from convnn.runlock import lock_holder
 
 
 def override_key(override: str) -> str:
@@ -56,62 +59,73 @@ def expand_jobs(
     return jobs
 
 
-Jobs = Sequence[Sequence[str]]
+@dataclass(frozen=True)
+class JobOutcome:
+    """One job of a sweep: ``status`` is ``launch`` (dry run), ``finished``, ``skipped`` (already
+    finished, or running elsewhere) or ``failed``; ``reason`` says why for the last two."""
+
+    job: tuple[str, ...]
+    status: str
+    reason: str = ""
 
 
-def format_jobs(jobs: Jobs, finished: Jobs = (), queued: Jobs = ()) -> str:
-    """A numbered listing of the jobs to launch, one per line, headed by their count; ``finished``
-    jobs and ``queued`` ones (still held by the scheduler), both skipped, are listed after them."""
+def format_jobs(jobs: Sequence[Sequence[str]], outcomes: Sequence[JobOutcome] = ()) -> str:
+    """The dry run's listing: the jobs to launch, numbered, headed by their count; then the jobs
+    that will not be launched (finished, running elsewhere, or failing a check) with their reason."""
     head = f"{len(jobs)} jobs to launch"
-    head += f", {len(finished)} finished (skipped)" if finished else ""
-    head += f", {len(queued)} queued or running (skipped)" if queued else ""
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("skipped", "failed")}
+    head += "".join(f", {n} {s}" for s, n in counts.items() if n)
     lines = [head, *(f"{i:4d}  {' '.join(job)}" for i, job in enumerate(jobs))]
-    lines += [f"done  {' '.join(job)}" for job in finished]
-    lines += [f"held  {' '.join(job)}" for job in queued]
+    lines += [f"{o.status:8s}  {' '.join(o.job)}: {o.reason}" for o in outcomes]
     return "\n".join(lines)
 
 
-# What a run computes; a record whose config differs here (e.g. the budget's subset was redefined) is stale.
-COMPUTED_KEYS = (
-    "model",
-    "layer",
-    "data.name",
-    "data.subset",
-    "epochs",
-    "batch_size",
-    "optim",
-    "scheduler",
-    "seed",
-)
+def format_summary(outcomes: Sequence[JobOutcome]) -> str:
+    """The sweep's final summary: ``N finished, N skipped, N failed``, then one line per job that did
+    not finish (its overrides and the reason)."""
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("finished", "skipped", "failed")}
+    lines = ["sweep summary: " + ", ".join(f"{n} {s}" for s, n in counts.items())]
+    lines += [f"{o.status:8s}  {' '.join(o.job)}: {o.reason}" for o in outcomes if o.status != "finished"]
+    return "\n".join(lines)
 
 
-def _select(config: Mapping[str, Any], key: str) -> Any:
-    node: Any = config
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, Mapping) else None
-    return node
+@dataclass(frozen=True)
+class RunState:
+    """What is in a run directory, for a (re-)launch with a given config.
 
-
-def run_state(run_dir: str | Path, config: Mapping[str, Any]) -> str:
-    """What re-launching a job with resolved ``config`` into ``run_dir`` should do:
-
-    ``"new"`` (no record), ``"finished"`` (skip it), ``"unfinished"`` (killed or failed: resume it from
-    its checkpoint) or ``"stale"`` (its record was made with a different ``COMPUTED_KEYS`` config: start
-    it afresh).
+    ``name``: ``"new"`` (no record), ``"finished"``, ``"unfinished"`` (killed, failed or interrupted:
+    ``convnn-train`` resumes it from its checkpoint), ``"stale"`` (the record is of a different run:
+    another identity or seed), ``"blocked"`` (failed in a way re-launching cannot fix: a corrupt
+    checkpoint, divergence), ``"corrupt"`` (``results.json`` unreadable) or ``"running"`` (another
+    live process holds the directory's lock). ``reason`` says why, for messages and sweep summaries.
     """
+
+    name: str
+    reason: str = ""
+    record: dict[str, Any] | None = None
+
+
+def run_state(run_dir: str | Path, config: Mapping[str, Any], check_lock: bool = False) -> RunState:
+    """The :class:`RunState` of ``run_dir`` for a run with resolved ``config`` (same identity and
+    seed as its record, see :func:`convnn.identity.run_identity`). ``check_lock`` also reports a
+    directory held by a live process as ``running`` (the sweeper's view; the run itself holds it)."""
+    if check_lock and (holder := lock_holder(run_dir)):
+        return RunState("running", f"in use by pid {holder.get('pid')} on {holder.get('host')}")
     path = Path(run_dir) / RECORD_NAME
     if not path.is_file():
-        return "new"
-    record = read_record(path)
-    if any(_select(record.get("config", {}), k) != _select(config, k) for k in COMPUTED_KEYS):
-        return "stale"
-    done = record.get("status") == "finished" and len(record.get("epochs") or []) >= config["epochs"]
-    return "finished" if done else "unfinished"
-
-
-def relaunch(job: Sequence[str], state: str) -> list[str]:
-    """The job as launched: ``resume=true`` (continue a died run; a new one starts afresh anyway), or
-    ``resume=false`` for a stale run, unless the job sets ``resume`` itself."""
-    if any(override_key(o) == "resume" for o in job):
-        return list(job)
-    return [*job, f"resume={'false' if state == 'stale' else 'true'}"]
+        return RunState("new")
+    try:
+        record = read_record(path)
+    except RecordError as e:
+        return RunState("corrupt", str(e))
+    old = {**run_identity(record.get("config") or {}), "seed": (record.get("config") or {}).get("seed")}
+    new = {**run_identity(config), "seed": config.get("seed")}
+    if old != new:
+        return RunState("stale", f"its record differs in {', '.join(identity_diff(old, new))}", record)
+    if record.get("status") == "finished" and len(record.get("epochs") or []) >= config["epochs"]:
+        return RunState("finished", "", record)
+    if record.get("resumable") is False:
+        return RunState("blocked", f"{record.get('status')}: {record.get('error')}", record)
+    return RunState(
+        "unfinished", f"{record.get('status')} after {len(record.get('epochs') or [])} epochs", record
+    )

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
-import time
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,9 +27,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from convnn.config import ConfigError, TrainConfig, check_layer_options, validate_config
-from convnn.records import RECORD_NAME, SCHEMA_VERSION, read_record
-from convnn.slurm import job_info, lightning_plugins, remove_hpc_checkpoints
-from convnn.sweep import run_state
+from convnn.identity import effective_budget, run_identity
+from convnn.records import RECORD_NAME, RunRecord
+from convnn.runlock import RunLock, RunLockedError
+from convnn.slurm import job_info, lightning_plugins, remove_hpc_checkpoints, requeued_by_submitit
+from convnn.sweep import RunState, run_state
 
 if TYPE_CHECKING:
     from torch import nn
@@ -42,6 +42,7 @@ PROG = "convnn-train"
 RUN_DIR_EXCLUDED = {
     "experiment",
     "resume",
+    "overwrite",
     "name",
     "out_dir",
     "data.root",
@@ -91,10 +92,31 @@ OmegaConf.register_new_resolver("convnn_run_subdir", run_subdir, replace=True)
 OmegaConf.register_new_resolver("convnn_experiment", experiment_name, replace=True)
 
 
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BUSY, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 75, 130, 143
+
+
+class RunError(Exception):
+    """A run that stops with a one-line message and an exit code (``EXIT_*``).
+
+    A single run prints the message and exits with ``code``; in a sweep the job fails with it and
+    the sweeper lists it in its summary. Picklable (submitit sends it back from the job process).
+    """
+
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(" ".join(message.split()), code)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+    @property
+    def code(self) -> int:
+        return self.args[1]
+
+
 def _fail(message: str) -> SystemExit:
     """Print ``message`` as one line to stderr; the ``SystemExit`` (status 2) to raise."""
     print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
-    return SystemExit(2)
+    return SystemExit(EXIT_BAD_INPUT)
 
 
 def preflight(args: list[str]) -> None:
@@ -188,13 +210,9 @@ def _device(cfg: TrainConfig) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 def build_model_or_fail(cfg: TrainConfig) -> tuple[nn.Module, int]:
     """The backbone for ``cfg`` and its input side ``S`` (it maps ``[B, C, S, S] -> [B, classes]``);
-    bad model / layer options exit with one line naming them."""
+    bad model / layer options raise ``RunError`` with one line naming them."""
     from convnn.models import build_model, input_size
 
     try:
@@ -203,9 +221,9 @@ def build_model_or_fail(cfg: TrainConfig) -> tuple[nn.Module, int]:
             cfg.model, cfg.layer, cfg.data.num_classes, cfg.data.image_size, cfg.data.in_channels
         )
     except ConfigError as e:
-        raise _fail(str(e)) from None
+        raise RunError(str(e)) from None
     except (ValueError, TypeError) as e:
-        raise _fail(
+        raise RunError(
             f"invalid config: model={cfg.model.get('name')} layer={cfg.layer.get('name')}: {e}"
         ) from None
     return model, input_size(cfg.model, cfg.data.image_size)
@@ -217,59 +235,161 @@ def _per_device_batch(cfg: TrainConfig) -> tuple[int, int]:
     eval_batch = cfg.eval_batch_size or cfg.batch_size
     for key, value in (("batch_size", cfg.batch_size), ("eval_batch_size", eval_batch)):
         if value % world:
-            raise _fail(f"invalid config: {key}={value}; allowed: a multiple of devices x nodes = {world}")
+            raise RunError(f"invalid config: {key}={value}; allowed: a multiple of devices x nodes = {world}")
     return cfg.batch_size // world, eval_batch // world
 
 
+def _is_rank_zero() -> bool:
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return rank_zero_only.rank == 0
+
+
 def run(cfg: DictConfig) -> float | None:
-    """Train one run described by the composed Hydra ``cfg``; returns the final test top-1 (%)."""
-    hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
-    record_path = run_dir / RECORD_NAME
+    """Train one run described by the composed Hydra ``cfg``; returns the final test top-1 (%).
+
+    Rank 0 holds the run directory's lock (:class:`convnn.runlock.RunLock`) for the whole run. A
+    ``RunError`` raised before the record exists removes the run directory Hydra made for it.
+    """
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         typed = validate_config(cfg)
     except ConfigError as e:
-        raise _fail(str(e)) from None
+        raise RunError(str(e)) from None
+    if not _is_rank_zero():
+        return _run_locked(cfg, typed, run_dir)
+    existed = (run_dir / RECORD_NAME).exists()
+    try:
+        with RunLock(run_dir) as lock:
+            if lock.previous:
+                old = lock.previous
+                print(f"{PROG}: took over the stale lock of pid {old.get('pid')} on {old.get('host')}")
+            return _run_locked(cfg, typed, run_dir)
+    except RunLockedError as e:
+        raise RunError(str(e), EXIT_BUSY) from None
+    except RunError:
+        if not existed and not (run_dir / RECORD_NAME).exists():
+            _remove_unused_run_dir(run_dir)
+        raise
+
+
+def _remove_unused_run_dir(run_dir: Path) -> None:
+    """Remove ``run_dir`` when it holds nothing but what Hydra wrote for it (``.hydra/``)."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _start_state(
+    typed: TrainConfig, run_dir: Path, resolved: dict[str, Any], explicit_resume: bool
+) -> RunState:
+    """What this launch does with ``run_dir``: ``new`` / ``unfinished`` (resume) or it stops.
+
+    A finished run is reported (``finished``); a stale, blocked or corrupt one stops with one line
+    unless ``overwrite=true``, which makes every state ``new``.
+    """
+    state = run_state(run_dir, resolved)
+    if typed.overwrite and state.name != "new":
+        print(f"{PROG}: overwrite=true: starting {run_dir} afresh")
+        return RunState("new")
+    if state.name == "corrupt":
+        raise RunError(state.reason)
+    if state.name == "stale":
+        raise RunError(f"{run_dir} holds a different run ({state.reason}); overwrite=true replaces it")
+    if state.name == "blocked":
+        raise RunError(
+            f"{run_dir} cannot be resumed ({state.reason}); overwrite=true starts it afresh", EXIT_FAILED
+        )
+    if state.name == "unfinished" and not typed.resume:
+        raise RunError(
+            f"{run_dir} holds an unfinished run ({state.reason}); resume=true continues it, "
+            "overwrite=true starts it afresh"
+        )
+    if state.name == "new" and explicit_resume:
+        print(f"{PROG}: nothing to resume in {run_dir}; starting a new run")
+    return state
+
+
+def _run_locked(cfg: DictConfig, typed: TrainConfig, run_dir: Path) -> float | None:
+    hc = HydraConfig.get()
+    record_path = run_dir / RECORD_NAME
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    state = run_state(run_dir, resolved) if typed.resume else "new"
-    if state == "finished":
-        done = read_record(record_path)
-        print(f"{PROG}: {run_dir} already finished; nothing to do (resume=true)")
-        print_summary(done)
-        return done["final"]["test_acc1"]
-    if state == "stale":
-        print(f"{PROG}: {record_path} was made with another config; starting afresh instead of resuming")
-        typed.resume = False
+    explicit_resume = any(o.split("=", 1)[0].lstrip("+") == "resume" for o in hc.overrides.task)
+    state = _start_state(typed, run_dir, resolved, explicit_resume)
+    if state.name == "finished":
+        print(f"{PROG}: {run_dir} already finished; nothing to do (overwrite=true trains it again)")
+        if _is_rank_zero():
+            print_summary(state.record)
+        return state.record["final"]["test_acc1"]
 
     import lightning as L
+
+    from convnn.data import ImageDataModule
 
     L.seed_everything(typed.seed, workers=True, verbose=False)
     model, image_size = build_model_or_fail(typed)
     batch, eval_batch = _per_device_batch(typed)
-    record = {
-        "schema": SCHEMA_VERSION,
-        "status": "running",
-        "error": None,
+    data = ImageDataModule(typed.data, image_size, batch, eval_batch, seed=typed.seed)
+    try:
+        data.prepare_data()
+        data.setup("fit")
+    except (OSError, ValueError) as e:
+        raise RunError(str(e)) from None
+    from convnn.checkpoints import LAST_CHECKPOINT
+
+    ckpt = run_dir / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
+    resume_epoch = None
+    if state.name == "unfinished":
+        resume_epoch = _checked_checkpoint(ckpt, state.record)
+    if resume_epoch is None:
+        _clear_outputs(run_dir)
+        print(f"{PROG}: run directory {run_dir}")
+    fields = {
         "config": resolved,
+        "identity": run_identity(resolved),
         "experiment": typed.name,
         "overrides": list(hc.overrides.task),
         "run_dir": str(run_dir),
         "git_commit": _git_commit(),
         "versions": _versions(),
         "device": _device(typed),
-        "slurm": job_info(),
+        "launcher": job_info() or {},
         "seed": typed.seed,
         "budget": typed.budget,
+        "effective_budget": effective_budget(resolved),
         **_profile(model, typed, image_size),
-        "epochs": [],
-        "final": None,
-        "best": None,
-        "wall_time_s": 0.0,
-        "started_at": _now(),
-        "finished_at": None,
     }
+    previous = state.record if resume_epoch is not None else None
+    record = RunRecord.create(record_path, fields, previous=previous, enabled=_is_rank_zero())
     L.seed_everything(typed.seed, workers=True, verbose=False)
-    return _fit(typed, model, image_size, batch, eval_batch, record, record_path, resolved)
+    return _fit(
+        typed, model, data, record, resolved, ckpt if resume_epoch is not None else None, resume_epoch
+    )
+
+
+def _checked_checkpoint(ckpt: Path, record: dict[str, Any]) -> int | None:
+    """The epochs a readable ``ckpt`` holds (``None`` without one: the run starts afresh). An
+    unreadable one marks the record failed (not resumable, its epoch history kept) and stops."""
+    from convnn.checkpoints import CheckpointError, checkpoint_epochs
+
+    if not ckpt.is_file():
+        print(f"{PROG}: no checkpoint to resume from in {ckpt.parent.parent}; starting it afresh")
+        return None
+    try:
+        return checkpoint_epochs(ckpt)
+    except CheckpointError as e:
+        message = f"{e}; overwrite=true starts the run afresh"
+        if _is_rank_zero():
+            RunRecord(ckpt.parent.parent / RECORD_NAME, record).fail(message, resumable=False)
+        raise RunError(message, EXIT_FAILED) from None
+
+
+def _clear_outputs(run_dir: Path) -> None:
+    """A fresh start: remove the checkpoints and CSV curves of an earlier run in ``run_dir``."""
+    if not _is_rank_zero():
+        return
+    for stale in (run_dir / "checkpoints").glob("*.ckpt"):
+        stale.unlink()
+    (run_dir / "logs" / "metrics.csv").unlink(missing_ok=True)
 
 
 def _profile(model: nn.Module, cfg: TrainConfig, image_size: int) -> dict[str, Any]:
@@ -284,83 +404,71 @@ def _profile(model: nn.Module, cfg: TrainConfig, image_size: int) -> dict[str, A
 def _fit(
     cfg: TrainConfig,
     model: nn.Module,
-    image_size: int,
-    batch: int,
-    eval_batch: int,
-    record: dict[str, Any],
-    record_path: Path,
+    data: Any,
+    record: RunRecord,
     resolved: dict[str, Any],
+    resume_from: Path | None,
+    resume_epoch: int | None,
 ) -> float | None:
-    """Train ``model`` on ``cfg.data`` with Lightning, keeping ``record`` current at ``record_path``;
-    resumes from ``checkpoints/last.ckpt`` when ``resume=true``. Returns the final test top-1 (%)."""
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+    """Train ``model`` on ``data`` with Lightning, keeping ``record`` current; continues from
+    ``resume_from`` (a checkpoint after ``resume_epoch`` epochs) when given. Returns the final test
+    top-1 (%). Divergence, signals and errors close the record and raise ``RunError``."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from convnn.callbacks import LAST_CHECKPOINT, RecordCallback, build_callbacks
-    from convnn.data import ImageDataModule
+    from convnn.callbacks import Diverged, RecordCallback, build_callbacks
     from convnn.loggers import build_logger, close_logger, log_accounting
     from convnn.module import ImageClassifier
 
     logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints its own; no duplicates
-    run_dir = record_path.parent
-    ckpt_dir = run_dir / "checkpoints"
-    last = ckpt_dir / f"{LAST_CHECKPOINT}.ckpt"
-    resume_from = str(last) if cfg.resume and last.is_file() else None
-    is_zero = rank_zero_only.rank == 0
-    if resume_from and record_path.is_file():
-        previous = read_record(record_path)
-        record["started_at"] = previous.get("started_at") or record["started_at"]
-        record["wall_time_s"] = previous.get("wall_time_s") or 0.0
-    elif is_zero and ckpt_dir.is_dir():
-        for stale in ckpt_dir.glob("*.ckpt"):
-            stale.unlink()
-    for hpc in remove_hpc_checkpoints(run_dir):  # every rank: Lightning would restore it (SLURM)
-        print(f"{PROG}: removed {hpc} (Lightning's auto-requeue checkpoint; submitit owns requeueing)")
+    run_dir = record.path.parent
     if cfg.trainer.compile:
         model.compile()
     module = ImageClassifier(model, cfg.data.num_classes, cfg.epochs, cfg.optim, cfg.scheduler, cfg.seed)
-    data = ImageDataModule(cfg.data, image_size, batch, eval_batch, seed=cfg.seed)
-    recorder = RecordCallback(record, record_path, enabled=is_zero)
-    logger = build_logger(cfg.logger, run_dir, cfg.name, run_dir.name, resolved)
-    trainer = _build_trainer(cfg, run_dir, logger, [recorder, *build_callbacks(cfg, ckpt_dir)])
-    log_accounting(logger, record)
-    start = time.perf_counter()
-    recorder.start(start)
+    recorder = RecordCallback(record, verbose=_is_rank_zero())
+    logger = build_logger(
+        cfg.logger, run_dir, cfg.name, run_dir.name, resolved, keep_epochs=resume_epoch or 0
+    )
+    for hpc in remove_hpc_checkpoints(run_dir):  # every rank, before Lightning looks for one
+        print(f"{PROG}: removed {hpc} (Lightning's auto-requeue checkpoint; submitit owns requeueing)")
+    trainer = _build_trainer(cfg, run_dir, logger, [recorder, *build_callbacks(cfg, run_dir / "checkpoints")])
+    log_accounting(logger, record.data)
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
+    except Diverged as e:
+        record.diverge(e.epoch, str(e))
+        close_logger(logger, record.data)
+        raise RunError(f"diverged: {e}; lower optim.lr (overwrite=true reruns it)", EXIT_FAILED) from None
     except BaseException as e:
-        recorder.finish(module.history, time.perf_counter() - start, error=_failure(e))
-        close_logger(logger, recorder.record)
-        if isinstance(e, FileNotFoundError):
-            raise _fail(str(e)) from None
+        if requeued_by_submitit(e):  # before the SIGINT check: Lightning marks any exit "interrupted"
+            record.interrupt("SIGUSR2 (time limit or pre-emption: requeued by submitit, resumes)")
+            close_logger(logger, record.data)
+            raise
+        sigint = isinstance(e, KeyboardInterrupt) or (type(e) is SystemExit and trainer.interrupted)
+        if isinstance(e, SIGTERMException) or sigint:
+            name, code = ("SIGINT", EXIT_SIGINT) if sigint else ("SIGTERM", EXIT_SIGTERM)
+            record.interrupt(name)
+            close_logger(logger, record.data)
+            raise RunError(f"interrupted by {name}; continue it with resume=true", code) from None
+        record.fail(f"{type(e).__name__}: {e}")
+        close_logger(logger, record.data)
         raise
-    interrupted = "interrupted (KeyboardInterrupt)" if trainer.interrupted else None
-    recorder.finish(module.history, time.perf_counter() - start, error=interrupted)
-    close_logger(logger, recorder.record)
-    if interrupted:
-        raise _fail(f"{interrupted}; continue it with resume=true")
-    if is_zero and not cfg.checkpoint.keep:
-        for ckpt in ckpt_dir.glob("*.ckpt"):
+    record.finish()
+    close_logger(logger, record.data)
+    if _is_rank_zero() and not cfg.checkpoint.keep:
+        for ckpt in (run_dir / "checkpoints").glob("*.ckpt"):
             ckpt.unlink()
-    if is_zero:
-        print_summary(recorder.record)
-    final = recorder.record["final"]
+    if _is_rank_zero():
+        print_summary(record.data)
+    final = record.data["final"]
     return final["test_acc1"] if final else None
 
 
-def _failure(error: BaseException) -> str:
-    """The record's ``error`` for an exception out of ``trainer.fit``, naming the scheduler's signals."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    if isinstance(error, SIGTERMException):
-        return "SIGTERM: cancelled or pre-empted by the scheduler (scancel, time limit, node failure)"
-    if isinstance(error, SystemExit) and error.code == -1 and os.environ.get("SUBMITIT_EXECUTOR"):
-        return "requeued by submitit (time limit or pre-emption): resumes from its last checkpoint"
-    return f"{type(error).__name__}: {error}"
-
-
 def _build_trainer(cfg: TrainConfig, run_dir: Path, logger: Any, callbacks: list) -> Any:
-    """The Lightning ``Trainer`` for ``cfg``: the paper's gradient clipping, no sanity validation."""
+    """The Lightning ``Trainer`` for ``cfg``: the paper's gradient clipping, no sanity validation,
+    checkpoints written atomically."""
     import lightning as L
+
+    from convnn.checkpoints import AtomicCheckpointIO
 
     t = cfg.trainer
     return L.Trainer(
@@ -379,7 +487,7 @@ def _build_trainer(cfg: TrainConfig, run_dir: Path, logger: Any, callbacks: list
         enable_progress_bar=t.progress_bar != "none",
         enable_model_summary=False,
         default_root_dir=str(run_dir),
-        plugins=lightning_plugins(),
+        plugins=[AtomicCheckpointIO(), *lightning_plugins()],
         log_every_n_steps=1,  # nothing is logged per step; this only silences a warning
     )
 
@@ -416,7 +524,16 @@ def print_summary(record: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def _hydra_app(cfg: DictConfig) -> float | None:
-    return run(cfg)
+    """One job: a ``RunError`` prints one line, then exits (single run) or fails the job (sweep)."""
+    from hydra.types import RunMode
+
+    try:
+        return run(cfg)
+    except RunError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        raise SystemExit(e.code) from None
 
 
 def main() -> None:

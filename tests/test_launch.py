@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from convnn.records import read_record, write_record
-from convnn.sweep import expand_jobs, format_jobs, relaunch, run_state
+from convnn.sweep import JobOutcome, expand_jobs, format_jobs, format_summary, run_state
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -49,7 +49,7 @@ def test_slurm_launcher_is_submitit_slurm_and_overridable() -> None:
         ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4"]
         + ["hydra.launcher.timeout_min=60", "hydra.launcher.array_parallelism=8", "hydra.launcher.mem_gb=32"]
     )
-    assert cfg._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert cfg._target_ == "hydra_plugins.convnn_sweeper.slurm_launcher.SlurmLauncher"
     assert (cfg.partition, cfg.gpus_per_node, cfg.tasks_per_node) == ("gpu", 4, 4)  # one task per GPU (DDP)
     assert (cfg.timeout_min, cfg.array_parallelism, cfg.mem_gb, cfg.cpus_per_task) == (60, 8, 32, 2)
 
@@ -94,36 +94,58 @@ def test_params_replace_row_keys_and_duplicates_are_kept_once() -> None:
     assert jobs == [["p=1", "x=5"], ["p=2", "x=5"]]
 
 
-CONFIG = {"model": {"name": "vgg11"}, "layer": {"name": "conv2d"}, "data": {"name": "cifar10"}, "epochs": 2}
+CONFIG = {
+    "model": {"name": "vgg11"},
+    "layer": {"name": "conv2d"},
+    "data": {"name": "cifar10"},
+    "epochs": 2,
+    "seed": 0,
+}
 
 
-def _record(run_dir: Path, status: str, epochs: int, **config: object) -> None:
+def _record(run_dir: Path, status: str, epochs: int, resumable: bool = True, **config: object) -> None:
     rows = [{"epoch": e + 1, "test_acc1": 50.0} for e in range(epochs)]
-    write_record(run_dir / "results.json", {"status": status, "epochs": rows, "config": {**CONFIG, **config}})
+    record = {"status": status, "epochs": rows, "resumable": resumable, "config": {**CONFIG, **config}}
+    write_record(run_dir / "results.json", record)
 
 
-def test_run_state_skips_only_finished_runs_of_the_same_config(tmp_path: Path) -> None:
-    assert run_state(tmp_path / "absent", CONFIG) == "new"
+def test_run_state_skips_only_finished_runs_of_the_same_identity(tmp_path: Path) -> None:
+    assert run_state(tmp_path / "absent", CONFIG).name == "new"
     _record(tmp_path / "done", "finished", 2)
     _record(tmp_path / "died", "running", 1)
     _record(tmp_path / "failed", "failed", 2)
+    _record(tmp_path / "nan", "diverged", 1, resumable=False)
     _record(tmp_path / "old", "finished", 2, data={"name": "cifar10", "subset": {"train": 1024}})
-    assert run_state(tmp_path / "done", CONFIG) == "finished"
-    assert run_state(tmp_path / "done", {**CONFIG, "epochs": 3}) == "stale"  # asked for another budget now
-    assert run_state(tmp_path / "died", CONFIG) == "unfinished"
-    assert run_state(tmp_path / "failed", CONFIG) == "unfinished"
-    assert run_state(tmp_path / "old", CONFIG) == "stale"
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text('{"status": "fini')
+    assert run_state(tmp_path / "done", CONFIG).name == "finished"
+    assert run_state(tmp_path / "done", {**CONFIG, "out_dir": "/x", "name": "e"}).name == "finished"
+    stale = run_state(tmp_path / "done", {**CONFIG, "epochs": 3})  # asked for another budget now
+    assert (stale.name, stale.reason) == ("stale", "its record differs in epochs")
+    assert run_state(tmp_path / "done", {**CONFIG, "seed": 1}).name == "stale"
+    assert run_state(tmp_path / "died", CONFIG).name == "unfinished"
+    assert run_state(tmp_path / "failed", CONFIG).name == "unfinished"
+    assert run_state(tmp_path / "nan", CONFIG).name == "blocked"
+    assert run_state(tmp_path / "old", CONFIG).reason == "its record differs in data.subset"
+    corrupt = run_state(tmp_path / "bad", CONFIG)
+    assert corrupt.name == "corrupt" and str(tmp_path / "bad" / "results.json") in corrupt.reason
 
 
-def test_relaunched_jobs_resume_unless_stale_or_told_otherwise() -> None:
-    assert relaunch(["a=1"], "unfinished") == ["a=1", "resume=true"]
-    assert relaunch(["a=1"], "new") == ["a=1", "resume=true"]
-    assert relaunch(["a=1"], "stale") == ["a=1", "resume=false"]
-    assert relaunch(["a=1", "resume=false"], "unfinished") == ["a=1", "resume=false"]
-    assert format_jobs([["a=1"]], [["a=2"]]).splitlines() == [
-        "1 jobs to launch, 1 finished (skipped)",
+def test_listings_and_summary_name_every_job_that_does_not_finish() -> None:
+    outcomes = [
+        JobOutcome(("a=2",), "skipped", "finished"),
+        JobOutcome(("a=3",), "failed", "invalid config: layer.ratio=1.5"),
+    ]
+    assert format_jobs([["a=1"]], outcomes).splitlines() == [
+        "1 jobs to launch, 1 skipped, 1 failed",
         "   0  a=1",
-        "done  a=2",
+        "skipped   a=2: finished",
+        "failed    a=3: invalid config: layer.ratio=1.5",
+    ]
+    assert format_summary([JobOutcome(("a=1",), "finished"), *outcomes]).splitlines() == [
+        "sweep summary: 1 finished, 1 skipped, 1 failed",
+        "skipped   a=2: finished",
+        "failed    a=3: invalid config: layer.ratio=1.5",
     ]
 
 
@@ -166,18 +188,17 @@ def test_submitit_local_sweep_runs_for_real_then_skips_and_resumes(tmp_path: Pat
     again = _sweep(search, out, "hydra.sweeper.dry_run=true")
     assert again.returncode == 0, again.stderr[-3000:]
     lines = again.stdout.strip().splitlines()
-    assert lines[0] == "1 jobs to launch, 1 finished (skipped)"
-    launched = lines[1]
-    assert launched.endswith("resume=true")
-    assert ("layer.kernel_size=1" in launched) == (record["config"]["layer"]["kernel_size"] == 1)
+    assert lines[0] == "1 jobs to launch, 1 skipped"
+    assert ("layer.kernel_size=1" in lines[1]) == (record["config"]["layer"]["kernel_size"] == 1)
+    assert lines[2].startswith("skipped") and lines[2].endswith(": finished")
     assert json.loads(died.read_text())["status"] == "running"  # a dry run changes nothing
 
     stale = records[1]
     record = read_record(stale)
     write_record(stale, {**record, "config": {**record["config"], "batch_size": 64}})
     lines = _sweep(search, out, "hydra.sweeper.dry_run=true").stdout.strip().splitlines()
-    assert lines[0] == "2 jobs to launch"
-    assert sorted(line.rsplit(" ", 1)[1] for line in lines[1:]) == ["resume=false", "resume=true"]
+    assert lines[0] == "1 jobs to launch, 1 failed"
+    assert lines[2].startswith("failed") and lines[2].endswith("stale: its record differs in batch_size")
 
 
 def test_unknown_sweeper_option_fails_before_running(tmp_path: Path) -> None:

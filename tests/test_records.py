@@ -1,10 +1,21 @@
 import json
+import math
 import os
+import stat
+import warnings
 
 import pytest
 
 from convnn import records
-from convnn.records import collect_records, read_record, summarize_epochs, write_record
+from convnn.records import (
+    RecordError,
+    RunRecord,
+    collect_records,
+    read_record,
+    summarize_epochs,
+    write_record,
+)
+from tests.faults import fill, small_fs
 
 
 def _row(epoch, acc1, loss=1.0):
@@ -18,39 +29,53 @@ def test_write_then_read_round_trips(tmp_path):
     assert read_record(tmp_path / "run" / "results.json") == record
 
 
-def test_a_failed_write_leaves_the_old_record_and_no_temp_file(tmp_path, monkeypatch):
-    path = tmp_path / "results.json"
-    write_record(path, {"status": "running"})
-
-    def broken_dump(obj, f, **kwargs):
-        f.write('{"status": "fin')  # half a record, then the process "dies"
-        raise OSError("disk full")
-
-    monkeypatch.setattr(json, "dump", broken_dump)
-    with pytest.raises(OSError, match="disk full"):
-        write_record(path, {"status": "finished"})
-    assert read_record(path) == {"status": "running"}
-    assert os.listdir(tmp_path) == ["results.json"]
+def test_a_write_onto_a_full_disk_leaves_the_old_record_and_no_temp_file(tmp_path):
+    with small_fs(tmp_path / "fs", 64) as fs:
+        write_record(fs / "results.json", {"status": "running"})
+        fill(fs, 2048)
+        with pytest.raises(OSError) as e:
+            write_record(fs / "results.json", {"status": "finished", "blob": "x" * 20_000})
+        assert e.value.errno == 28  # ENOSPC, for real
+        assert read_record(fs) == {"status": "running"}
+        assert sorted(os.listdir(fs)) == [".filler", "results.json"]
 
 
-def test_write_replaces_atomically_via_os_replace(tmp_path, monkeypatch):
-    calls = []
-    real_replace = os.replace
-
-    def spy(src, dst):
-        calls.append((os.path.dirname(src), str(dst)))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", spy)
-    write_record(tmp_path / "results.json", {"a": 1})
-    assert calls == [(str(tmp_path), str(tmp_path / "results.json"))]
+def test_records_are_strict_json_with_non_finite_values_as_null(tmp_path):
+    write_record(tmp_path / "results.json", {"loss": math.nan, "rows": [{"a": math.inf, "b": 1.5}]})
+    text = (tmp_path / "results.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"loss": None, "rows": [{"a": None, "b": 1.5}]}
 
 
-def test_collect_walks_the_tree_in_run_dir_order(tmp_path):
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_records_respect_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        write_record(tmp_path / "results.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == mode
+
+
+@pytest.mark.parametrize("text", ['{"status": "fin', "", '{"loss": NaN}', "[1, 2]", "\xff\xfe"])
+def test_an_unreadable_record_is_named_in_one_line(tmp_path, text):
+    (tmp_path / "results.json").write_text(text, encoding="latin-1")
+    with pytest.raises(RecordError) as e:
+        read_record(tmp_path)
+    assert str(tmp_path / "results.json") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_collect_walks_the_tree_in_run_dir_order_and_skips_corrupt_records(tmp_path):
     for name in ("b/x", "a", "b/y/z"):
         write_record(tmp_path / name / "results.json", {"run_dir": name})
     (tmp_path / "a" / "other.json").write_text("{}")
-    assert [r["run_dir"] for r in collect_records(tmp_path)] == ["a", "b/x", "b/y/z"]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "results.json").write_text('{"status": "runn')  # truncated
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = collect_records(tmp_path)
+    assert [r["run_dir"] for r in found] == ["a", "b/x", "b/y/z"]
+    assert len(caught) == 1 and str(tmp_path / "c" / "results.json") in str(caught[0].message)
 
 
 def test_final_is_the_last_epoch_and_best_the_top1_epoch():
@@ -59,3 +84,47 @@ def test_final_is_the_last_epoch_and_best_the_top1_epoch():
     assert final == {"test_loss": 1.9, "test_acc1": 55.0, "test_acc5": 90.0}
     assert best == {"epoch": 2, "test_loss": 1.5, "test_acc1": 61.0, "test_acc5": 90.0}
     assert summarize_epochs([]) == (None, None)
+    assert summarize_epochs([_row(1, 40.0), _row(2, math.nan, math.nan)])[1]["epoch"] == 1
+
+
+def test_run_record_lifecycle(tmp_path):
+    path = tmp_path / "results.json"
+    rec = RunRecord.create(path, {"config": {"epochs": 3}, "seed": 0})
+    on_disk = read_record(path)
+    assert (on_disk["status"], on_disk["epochs"], on_disk["launcher"], on_disk["resumable"]) == (
+        "running", [], {}, True,
+    )  # fmt: skip
+    rec.data["launcher"]["slurm_job_id"] = "123_4"  # other code extends the record
+    rec.update([_row(1, 30.0), _row(2, 45.0)])
+    assert read_record(path)["best"]["epoch"] == 2 and read_record(path)["launcher"] == {
+        "slurm_job_id": "123_4"
+    }
+    rec.interrupt("SIGTERM")
+    assert (read_record(path)["status"], read_record(path)["error"]) == (
+        "interrupted",
+        "interrupted by SIGTERM",
+    )
+
+    again = RunRecord.create(
+        path, {"config": {"epochs": 3}, "seed": 0}, previous=RunRecord.load(tmp_path).data
+    )
+    assert again.epochs == rec.epochs and again.data["started_at"] == rec.data["started_at"]
+    assert again.data["wall_time_s"] >= rec.data["wall_time_s"]
+    again.update([*rec.epochs, _row(3, math.nan, math.nan)])
+    again.diverge(3, "non-finite loss in epoch 3")
+    loaded = RunRecord.load(path)
+    assert (loaded.status, loaded.data["diverged_at_epoch"], loaded.data["resumable"]) == (
+        "diverged",
+        3,
+        False,
+    )
+    assert loaded.epochs[-1]["test_loss"] is None and loaded.data["final"]["test_loss"] is None
+    loaded.fail("RuntimeError: x")
+    assert RunRecord.load(path).status == "failed"
+    RunRecord.create(path, {}).finish()
+    assert read_record(path)["status"] == "finished" and read_record(path)["finished_at"]
+
+
+def test_a_disabled_record_never_writes(tmp_path):
+    RunRecord.create(tmp_path / "results.json", {}, enabled=False).finish()
+    assert not (tmp_path / "results.json").exists()

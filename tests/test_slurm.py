@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from convnn.records import read_record, write_record
+from convnn.records import read_record
 from tests.test_launch import sweep_command
 
 pytestmark = pytest.mark.slurm
@@ -39,11 +40,11 @@ hydra: {{sweeper: {sweeper}}}
 """
 EXPERIMENTS = {
     "pair": EXPERIMENT.format(train_size=64, epochs=1, sweeper="{params: {seed: '0,1'}}"),
-    # task 0 trains 20 short epochs (cancelled mid-run), task 1 one epoch
+    # task 0 trains 12 epochs of about 2 s (cancelled mid-run), task 1 one short epoch
     "cancel": EXPERIMENT.format(
         train_size=64,
         epochs=1,
-        sweeper="{rows: {long: 'seed=0 epochs=20 data.train_size=512', quick: seed=1}}",
+        sweeper="{rows: {long: 'seed=0 epochs=12 data.train_size=2048', quick: seed=1}}",
     ),
     # about 4 minutes of epochs: it is still training when the 2-minute limit comes
     "timeout": EXPERIMENT.format(train_size=2048, epochs=100, sweeper="{}"),
@@ -153,11 +154,35 @@ def cancel(experiment: str) -> None:
     subprocess.run(["scancel", f"--name=convnn-test-{experiment}"], check=False)
 
 
+class RecordWatcher(threading.Thread):
+    """Keeps every distinct state (status, error, restart count, epochs) of a run's record, polled
+    from a thread while the module's other tests run: the state between a requeue and the restart
+    lasts seconds."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(daemon=True)
+        self.run_dir, self.seen, self.stop = run_dir, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.2):
+            record = record_of(self.run_dir)
+            if record and (not self.seen or _state(self.seen[-1]) != _state(record)):
+                self.seen.append(record)
+
+    def first(self, check: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+        return next((r for r in self.seen if check(r)), None)
+
+
+def _state(record: dict[str, Any]) -> tuple:
+    return record["status"], record["error"], record["launcher"].get("restart_count"), len(record["epochs"])
+
+
 @pytest.fixture(scope="module")
 def time_limited(
     search: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[subprocess.Popen, Path]]:
-    """The time-limit sweep, submitted first: a 2-minute limit, USR2 30 s before it, one requeue."""
+) -> Iterator[tuple[subprocess.Popen, Path, RecordWatcher]]:
+    """The time-limit sweep, submitted first: a 2-minute limit, USR2 30 s before it; its record is
+    watched from then on."""
     out = tmp_path_factory.mktemp("timeout")
     process = start(
         search,
@@ -165,9 +190,12 @@ def time_limited(
         "timeout",
         "hydra.launcher.timeout_min=2",
         "hydra.launcher.signal_delay_s=30",
-        "hydra.launcher.max_num_timeout=1",
+        "hydra.launcher.max_num_timeout=3",
     )
-    yield process, out / "timeout" / "default"
+    watcher = RecordWatcher(out / "timeout" / "default")
+    watcher.start()
+    yield process, out / "timeout" / "default", watcher
+    watcher.stop.set()
     cancel("timeout")
     if process.poll() is None:
         process.terminate()
@@ -189,7 +217,7 @@ def test_array_sweep_records_jobs_and_a_rerun_skips_them(search: Path, pair: tup
     root, _ = pair
     records = [read_record(root / f"seed={seed}") for seed in (0, 1)]
     assert [r["status"] for r in records] == ["finished", "finished"]
-    slurm = [r["slurm"] for r in records]
+    slurm = [r["launcher"] for r in records]
     array = slurm[0]["array_job_id"]
     assert {s["array_task_id"] for s in slurm} == {0, 1} and slurm[1]["array_job_id"] == array
     for info in slurm:
@@ -208,10 +236,10 @@ def test_array_sweep_records_jobs_and_a_rerun_skips_them(search: Path, pair: tup
     before = set(queue())
     again = sweep(search, root.parent, "pair")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "skipping 2 finished runs" in again.stdout + again.stderr
+    assert "sweep summary: 0 finished, 2 skipped, 0 failed" in again.stdout
     assert "sweep output dir" not in again.stdout + again.stderr  # nothing submitted
     assert set(queue()) <= before
-    assert [read_record(root / f"seed={seed}")["slurm"] for seed in (0, 1)] == slurm
+    assert [read_record(root / f"seed={seed}")["launcher"] for seed in (0, 1)] == slurm
 
 
 def test_a_job_asking_more_than_the_node_has_fails_at_once(search: Path, tmp_path: Path) -> None:
@@ -225,26 +253,30 @@ def test_a_job_asking_more_than_the_node_has_fails_at_once(search: Path, tmp_pat
 
 def test_lightning_hpc_checkpoint_is_never_restored(search: Path, pair: tuple[Path, str]) -> None:
     """Item 5: an ``hpc_ckpt_*.ckpt`` (Lightning's auto-requeue file, which Lightning restores under
-    SLURM whenever ``ckpt_path=None``) in a run directory rerun afresh (stale config) is removed and
-    not restored: the rerun trains its epoch instead of taking the checkpoint's marked history."""
+    SLURM whenever ``ckpt_path=None``) in a run directory started afresh (``overwrite=true``) is
+    removed and not restored: the run trains its epoch instead of taking the file's marked history."""
     root, _ = pair
     run_dir = root / "seed=0"
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    ckpt["convnn_history"] = [{**row, "test_acc1": -1.0} for row in ckpt["convnn_history"]]
+    marked = 0
+    for state in ckpt["callbacks"].values():
+        if "history" in state:
+            state["history"] = [{**row, "test_acc1": -1.0} for row in state["history"]]
+            marked += 1
+    assert marked == 1
     torch.save(ckpt, run_dir / "hpc_ckpt_7.ckpt")
     record = read_record(run_dir)
-    write_record(run_dir / "results.json", {**record, "config": {**record["config"], "batch_size": 64}})
 
-    result = sweep(search, root.parent, "pair")
+    result = sweep(search, root.parent, "pair", "overwrite=true")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "skipping 1 finished runs" in result.stdout + result.stderr
+    assert "sweep summary: 2 finished, 0 skipped, 0 failed" in result.stdout
     rerun = read_record(run_dir)
-    assert rerun["status"] == "finished" and rerun["config"]["batch_size"] == 32
-    assert rerun["slurm"]["job_id"] != record["slurm"]["job_id"]
+    assert rerun["status"] == "finished"
+    assert rerun["launcher"]["job_id"] != record["launcher"]["job_id"]
     assert [row["epoch"] for row in rerun["epochs"]] == [1]
     assert rerun["epochs"][0]["test_acc1"] >= 0.0  # trained, not the hpc checkpoint's -1
     assert not list(run_dir.glob("hpc_ckpt_*"))
-    log = Path(rerun["slurm"]["log"])
+    log = Path(rerun["launcher"]["log"])
     assert "removed" in log.read_text() and "hpc_ckpt_7.ckpt" in log.read_text()
     assert RESTORED not in log.with_suffix(".err").read_text()
 
@@ -253,23 +285,24 @@ def test_cancelled_job_is_reported_resumed_and_never_launched_twice(search: Path
     """Items 3 and 6: while task 0 runs and task 1 waits (array_parallelism=1), a re-launch submits
     nothing; scancel of task 0 mid-run fails the sweep with the job's state, not a hang; a re-run
     resumes task 0 from its checkpoint (its first epochs kept exactly) and skips the finished task 1."""
-    long_dir = tmp_path / "cancel" / "data.train_size=512,epochs=20,seed=0"
+    long_dir = tmp_path / "cancel" / "data.train_size=2048,epochs=12,seed=0"
     quick_dir = tmp_path / "cancel" / "seed=1"
     process = start(search, tmp_path, "cancel", "hydra.launcher.array_parallelism=1")
     try:
         running = wait_for("task 0's first epoch", record_where(long_dir, lambda r: len(r["epochs"]) >= 1))
-        job = running["slurm"]["job_id"]
-        array = running["slurm"]["array_job_id"]
+        job = running["launcher"]["job_id"]
+        array = running["launcher"]["array_job_id"]
         assert queue().get(f"{array}_1") == "PENDING"
 
-        held = sweep(search, tmp_path, "cancel", "hydra.sweeper.dry_run=true")
-        assert held.returncode == 0, held.stderr[-3000:]
-        assert held.stdout.splitlines()[0] == "0 jobs to launch, 2 queued or running (skipped)"
         before = set(queue())
         relaunched = sweep(search, tmp_path, "cancel")
         assert relaunched.returncode == 0, relaunched.stderr[-3000:]
-        assert "skipping 2 runs still queued or running" in relaunched.stdout + relaunched.stderr
+        lines = relaunched.stdout.splitlines()
+        assert lines[0] == "sweep summary: 0 finished, 2 skipped, 0 failed"
+        assert sorted(line.rsplit(" ", 1)[1] for line in lines[1:]) == [f"{array}_0", f"{array}_1"]
+        assert all(": queued or running: SLURM job" in line for line in lines[1:])
         assert set(queue()) <= before  # no second copy submitted
+        assert not record_where(long_dir, lambda r: r["status"] != "running")()  # still mid-run
 
         subprocess.run(["scancel", job], check=True)
         process.wait(timeout=240)
@@ -278,42 +311,47 @@ def test_cancelled_job_is_reported_resumed_and_never_launched_twice(search: Path
             cancel("cancel")
             process.terminate()
     output = (tmp_path / "cancel.log").read_text()
-    assert process.returncode != 0
-    assert f"Job {job} " in output and "CANCELLED" in output
+    assert process.returncode == 143, output[-3000:]  # a job stopped by SIGTERM stops the sweep
+    assert "sweep summary: 1 finished, 0 skipped, 1 failed" in output
+    assert "failed    seed=0 epochs=12 data.train_size=2048 experiment=cancel" in output
+    assert ": interrupted by SIGTERM; continue it with resume=true" in output
     cancelled = read_record(long_dir)
-    assert cancelled["status"] == "failed" and cancelled["error"].startswith("SIGTERM")
+    assert (cancelled["status"], cancelled["error"]) == ("interrupted", "interrupted by SIGTERM")
     kept = cancelled["epochs"]
-    assert 1 <= len(kept) < 20
+    assert 1 <= len(kept) < 12
+    assert read_record(quick_dir)["status"] == "finished"
 
-    wait_for("task 1 to finish", record_where(quick_dir, lambda r: r["status"] == "finished"))
     result = sweep(search, tmp_path, "cancel")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "skipping 1 finished runs" in result.stdout + result.stderr
+    assert "sweep summary: 1 finished, 1 skipped, 0 failed" in result.stdout
     resumed = read_record(long_dir)
     assert resumed["status"] == "finished"
-    assert [row["epoch"] for row in resumed["epochs"]] == list(range(1, 21))
+    assert [row["epoch"] for row in resumed["epochs"]] == list(range(1, 13))
     assert resumed["epochs"][: len(kept)] == kept  # restored from the checkpoint, not retrained
-    err = Path(resumed["slurm"]["log"]).with_suffix(".err").read_text()
+    err = Path(resumed["launcher"]["log"]).with_suffix(".err").read_text()
     assert RESTORED in err and str(long_dir / "checkpoints" / "last.ckpt") in err
 
 
 def test_time_limit_requeues_and_resumes_from_the_last_checkpoint(time_limited: Any) -> None:
     """Item 4: at the time limit (USR2 ``signal_delay_s`` before it) submitit requeues the job, which
     resumes from ``last.ckpt``: same job id, restart count 1, epochs kept exactly and continued."""
-    process, run_dir = time_limited
-    requeue = record_where(run_dir, lambda r: (r["error"] or "").startswith("requeued by submitit"))
-    requeued = wait_for("the USR2 requeue", lambda: process.poll() is not None or requeue(), timeout=300)
-    assert process.poll() is None, (run_dir.parent.parent / "timeout.log").read_text()[-3000:]
+    process, run_dir, watcher = time_limited
+
+    def resumed_after_requeue() -> dict[str, Any] | None:
+        assert process.poll() is None, (run_dir.parent.parent / "timeout.log").read_text()[-3000:]
+        requeued = watcher.first(lambda r: (r["error"] or "").startswith("interrupted by SIGUSR2"))
+        if requeued is None:
+            return None
+        return watcher.first(
+            lambda r: r["launcher"]["restart_count"] == 1 and len(r["epochs"]) > len(requeued["epochs"])
+        )
+
+    resumed = wait_for("an epoch after the USR2 requeue", resumed_after_requeue, timeout=300)
+    requeued = watcher.first(lambda r: (r["error"] or "").startswith("interrupted by SIGUSR2"))
     kept = requeued["epochs"]
-    assert kept and requeued["slurm"]["restart_count"] == 0
-    resumed = wait_for(
-        "an epoch after the requeue",
-        record_where(run_dir, lambda r: r["slurm"]["restart_count"] == 1 and len(r["epochs"]) > len(kept)),
-        timeout=180,
-    )
-    assert resumed["status"] == "running" and resumed["slurm"]["job_id"] == requeued["slurm"]["job_id"]
+    assert kept and requeued["status"] == "interrupted" and requeued["launcher"]["restart_count"] == 0
+    assert resumed["status"] == "running" and resumed["launcher"]["job_id"] == requeued["launcher"]["job_id"]
     assert resumed["epochs"][: len(kept)] == kept
     assert [row["epoch"] for row in resumed["epochs"]] == list(range(1, len(resumed["epochs"]) + 1))
-    err = Path(resumed["slurm"]["log"]).with_suffix(".err").read_text()
+    err = Path(resumed["launcher"]["log"]).with_suffix(".err").read_text()
     assert "this job is timed-out" in err and RESTORED in err
-    assert process.poll() is None  # the sweep still waits for the requeued job

@@ -90,10 +90,16 @@ def test_sweep_jobs_and_single_runs_share_run_directories(tmp_path, monkeypatch,
     run_dir = convnn_train(tmp_path, *overrides, "seed=1", "resume=true", monkeypatch=monkeypatch)
     assert "already finished; nothing to do" in capsys.readouterr().out
 
-    record = read_record(run_dir)  # a record made with another budget is not "done": rerun afresh
+    record = read_record(run_dir)  # a record made with another budget is another run: kept, refused
     write_record(run_dir / "results.json", {**record, "config": {**record["config"], "batch_size": 7}})
-    convnn_train(tmp_path, *overrides, "seed=1", "resume=true", monkeypatch=monkeypatch)
-    assert "made with another config; starting afresh" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        convnn_train(tmp_path, *overrides, "seed=1", monkeypatch=monkeypatch)
+    assert e.value.code == 2
+    assert (
+        "holds a different run (its record differs in batch_size); overwrite=true" in capsys.readouterr().err
+    )
+    assert read_record(run_dir)["config"]["batch_size"] == 7
+    convnn_train(tmp_path, *overrides, "seed=1", "overwrite=true", monkeypatch=monkeypatch)
     assert read_record(run_dir)["config"]["batch_size"] == record["config"]["batch_size"]
 
 
@@ -197,9 +203,9 @@ def test_missing_data_stops_with_one_line_naming_data_root(tmp_path, monkeypatch
             *QUIET,
             monkeypatch=monkeypatch,
         )
-    assert f"cifar10 not found under data.root='{missing}'" in capsys.readouterr().err
-    record = read_record(next(tmp_path.rglob("results.json")))
-    assert record["status"] == "failed" and "FileNotFoundError" in record["error"]
+    err = capsys.readouterr().err
+    assert f"cifar10 not found under data.root='{missing}'" in err and err.count("\n") == 1
+    assert not list(tmp_path.rglob("results.json")) and not list((tmp_path / "default").iterdir())
 
 
 def test_wandb_runs_offline_without_key_or_network(tmp_path, monkeypatch):

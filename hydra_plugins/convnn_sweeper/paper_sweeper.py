@@ -1,8 +1,12 @@
 """The ``paper`` sweeper: Hydra's basic sweeper plus ``rows`` (a union of override blocks),
-``skip_finished`` (re-launching skips finished runs and resumes died ones) and ``dry_run`` (list the
-jobs, launch nothing). Job expansion and the finished check live in :mod:`convnn.sweep`."""
+``skip_finished`` (re-launching skips finished runs; ``convnn-train`` resumes died ones), ``dry_run``
+(list and check the jobs, launch nothing), a concurrency cap for local processes and a final summary
+(finished / skipped / failed, with reasons; the sweep exits 1 when a job failed). Job expansion,
+run states and the listings live in :mod:`convnn.sweep`."""
 
 import logging
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional  # noqa: UP035 - OmegaConf structured configs need these
@@ -12,17 +16,25 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
+from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf
 
-from convnn.slurm import queued_overrides, without_resume
-from convnn.sweep import COMPUTED_KEYS, expand_jobs, format_jobs, relaunch, run_state
+from convnn.slurm import queued_jobs
+from convnn.sweep import JobOutcome, expand_jobs, format_jobs, format_summary, run_state
 
 log = logging.getLogger(__name__)
+
+LAUNCH_STATES = ("new", "unfinished")
+SKIP_STATES = ("finished", "running")
+STOP_CODES = (130, 143)  # a job stopped by SIGINT / SIGTERM stops the sweep
+GIB_PER_LOCAL_JOB = 4  # one VGG-11 job at batch 256 peaks at about 4.2 GB
 
 
 @dataclass
 class PaperSweeperConf:
-    """``rows``: name -> space-separated overrides (may sweep); ``params``: shared Cartesian axes."""
+    """``rows``: name -> space-separated overrides (may sweep); ``params``: shared Cartesian axes;
+    ``local_parallelism``: jobs run at once by ``hydra/launcher=local`` (null: what the machine's
+    cores and memory allow)."""
 
     _target_: str = "hydra_plugins.convnn_sweeper.paper_sweeper.PaperSweeper"
     max_batch_size: Optional[int] = None  # noqa: UP045
@@ -30,17 +42,48 @@ class PaperSweeperConf:
     rows: Optional[Dict[str, str]] = None  # noqa: UP006, UP045
     skip_finished: bool = True
     dry_run: bool = False
+    local_parallelism: Optional[int] = None  # noqa: UP045
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="paper", node=PaperSweeperConf, provider="convnn")
 
 
-def _resolved(cfg: Any, keys: set) -> dict:
-    """The top-level ``keys`` of ``cfg`` as resolved plain values."""
-    return {
-        k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-        for k in keys
-    }
+def default_local_parallelism(
+    cpus_per_task: int, cpus: int | None = None, mem_gib: float | None = None
+) -> int:
+    """Jobs the machine holds at once: its cores over ``cpus_per_task``, and at most one per
+    ``GIB_PER_LOCAL_JOB`` GiB of memory; at least 1."""
+    cpus = cpus or os.cpu_count() or 1
+    if mem_gib is None:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return max(1, min(cpus // max(1, cpus_per_task), int(mem_gib // GIB_PER_LOCAL_JOB)))
+
+
+def _job_error(value: Any) -> tuple[str, int | None]:
+    """A failed job's reason (one line) and exit code (``RunError.code``; ``None`` for others)."""
+    code = getattr(value, "code", None)
+    text = str(value) if code is not None else f"{type(value).__name__}: {value}"
+    return " ".join(text.split()), code if isinstance(code, int) else None
+
+
+def _check_job(cfg: Any) -> str | None:
+    """The dry run's check of one composed job: config values, layer options and the model's
+    constructor (built on the meta device, no memory); the one-line error, or ``None``."""
+    import torch
+
+    from convnn.config import ConfigError, check_layer_options, validate_config
+    from convnn.models import build_model
+
+    try:
+        typed = validate_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+        check_layer_options(typed.layer)
+        with torch.device("meta"):
+            build_model(typed.model, typed.layer, typed.data.num_classes, typed.data.image_size)
+    except ConfigError as e:
+        return str(e)
+    except (ValueError, TypeError) as e:
+        return f"invalid config: {' '.join(str(e).split())}"
+    return None
 
 
 class PaperSweeper(BasicSweeper):
@@ -53,11 +96,14 @@ class PaperSweeper(BasicSweeper):
         rows: dict[str, str] | None = None,
         skip_finished: bool = True,
         dry_run: bool = False,
+        local_parallelism: int | None = None,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.rows = dict(rows) if rows else None
         self.skip_finished = skip_finished
         self.dry_run = dry_run
+        self.local_parallelism = local_parallelism
+        self.outcomes: list[JobOutcome] = []
 
     def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
         """Set the Hydra config first: launcher fields (``submitit_folder``) interpolate
@@ -65,53 +111,114 @@ class PaperSweeper(BasicSweeper):
         HydraConfig.instance().set_config(config)
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
-    def plan(self, overrides: list[Override]) -> tuple[list[list[str]], list[list[str]], list[list[str]]]:
-        """``(jobs to launch, finished jobs, queued jobs)``. With ``skip_finished``, finished runs are
-        left out, and so are jobs this sweep submitted that the scheduler still holds (pending, running
-        or requeued: see :func:`convnn.slurm.queued_overrides`); a died run is relaunched with
-        ``resume=true`` and a stale one (made with another config, e.g. a redefined budget) with
-        ``resume=false``; see :func:`convnn.sweep.run_state`."""
+    def plan(self, overrides: list[Override], check: bool = False) -> list[list[str]]:
+        """The jobs to launch; the others go to ``self.outcomes``: a finished run, one another
+        process holds or one this sweep submitted that SLURM still holds (pending, running,
+        requeued) is skipped, a stale, blocked or corrupt one fails with its reason (unless the job
+        sets ``overwrite=true``), and with ``check`` (the dry run) a job with a bad value fails."""
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         jobs = expand_jobs(self.rows, [o.input_line for o in overrides], parser)
-        if not self.skip_finished:
-            return jobs, [], []
-        queued = {without_resume(job) for job in queued_overrides(self._submitit_folder())}
-        todo, done, held = [], [], []
+        if not (self.skip_finished or check):
+            return jobs
+        held = self._queued_run_dirs() if self.skip_finished else {}
+        todo = []
         for job in jobs:
-            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, job)
-            HydraConfig.instance().set_config(cfg)  # the run dir may interpolate ${hydra:...}
+            cfg = self._job_config(job)
+            error = _check_job(cfg) if check else None
+            if error:
+                self.outcomes.append(JobOutcome(tuple(job), "failed", error))
+                continue
             run_dir = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
-            state = run_state(run_dir, _resolved(cfg, {k.split(".")[0] for k in COMPUTED_KEYS}))
-            if state == "finished":
-                done.append(job)
-            elif without_resume(job) in queued:
-                held.append(job)
+            if run_dir in held:
+                self.outcomes.append(
+                    JobOutcome(tuple(job), "skipped", f"queued or running: SLURM job {held[run_dir]}")
+                )
+                continue
+            if not self.skip_finished or any(o.lower() == "overwrite=true" for o in job):
+                todo.append(job)
+                continue
+            resolved = OmegaConf.to_container(
+                OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
+            )
+            state = run_state(run_dir, resolved, check_lock=True)
+            if state.name in LAUNCH_STATES:
+                todo.append(job)
+            elif state.name in SKIP_STATES:
+                self.outcomes.append(JobOutcome(tuple(job), "skipped", state.reason or state.name))
             else:
-                todo.append(relaunch(job, state))
-        return todo, done, held
+                self.outcomes.append(JobOutcome(tuple(job), "failed", f"{state.name}: {state.reason}"))
+        return todo
 
-    def _submitit_folder(self) -> str:
-        """The launcher's ``submitit_folder`` (with ``%j``), resolved; empty without a submitit launcher."""
+    def _job_config(self, job: list[str]) -> Any:
+        """The composed config of one job (also set as the Hydra config: the run dir may use it)."""
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, job)
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    def _queued_run_dirs(self) -> dict[Path, str]:
+        """Run directory -> SLURM job id, for each job submitit submitted into this sweep's
+        ``submitit_folder`` that SLURM still holds (see :func:`convnn.slurm.queued_jobs`)."""
+        folder = OmegaConf.select(self.config, "hydra.launcher.submitit_folder", default=None)
+        if not folder:
+            return {}
+        held = {}
+        for job_id, job in queued_jobs(str(folder)).items():
+            cfg = self._job_config(job)
+            held[Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)] = job_id
         HydraConfig.instance().set_config(self.config)
-        return str(OmegaConf.select(self.config, "hydra.launcher.submitit_folder", default="") or "")
+        return held
+
+    def _batch_size(self, max_batch_size: int | None, jobs: int) -> int:
+        """``max_batch_size``, else for ``hydra/launcher=local`` its concurrency cap, else all jobs."""
+        launcher = self.config.hydra.launcher
+        if (
+            max_batch_size is None
+            and "submitit" in str(launcher.get("_target_"))
+            and "Local" in str(launcher.get("_target_"))
+        ):
+            max_batch_size = self.local_parallelism or default_local_parallelism(
+                launcher.get("cpus_per_task") or 1
+            )
+            log.info("hydra/launcher=local: %d jobs at a time", max_batch_size)
+        return max_batch_size or jobs or 1
 
     def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
         """Batches of the jobs to launch (called by ``BasicSweeper.sweep``)."""
-        jobs, done, held = self.plan(overrides)
-        if done:
-            log.info("skipping %d finished runs", len(done))
-        if held:
-            log.info("skipping %d runs still queued or running on SLURM", len(held))
-        size = max_batch_size or len(jobs) or 1
+        jobs = self.plan(overrides)
+        size = self._batch_size(max_batch_size, len(jobs))
         return [jobs[i : i + size] for i in range(0, len(jobs), size)]
 
     def sweep(self, arguments: list[str]) -> Any:
-        """Launch the jobs, or with ``dry_run`` print them (count and overrides) and launch none."""
-        if not self.dry_run:
-            return super().sweep(arguments)
+        """Launch every job and print the summary (exit 1 if a job failed), or with ``dry_run`` print
+        and check them and launch none."""
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        jobs, done, held = self.plan(parser.parse_overrides([*self._parse_config(), *arguments]))
-        if not self.skip_finished:  # otherwise plan() has composed every job already
-            self.validate_batch_is_legal(jobs)
-        print(format_jobs(jobs, done, held))
-        return []
+        if self.dry_run:
+            jobs = self.plan(parser.parse_overrides([*self._parse_config(), *arguments]), check=True)
+            print(format_jobs(jobs, self.outcomes))
+            return []
+        self.overrides = self.split_arguments(
+            parser.parse_overrides([*self._parse_config(), *arguments]), self.max_batch_size
+        )
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        returns, index, stop = [], 0, None
+        while not self.is_done() and stop is None:
+            batch = self.get_job_batch()
+            self.validate_batch_is_legal(batch)
+            results = self.launcher.launch(batch, initial_job_idx=index)
+            index += len(batch)
+            returns.append(results)
+            for job, ret in zip(batch, results, strict=True):
+                if ret.status == JobStatus.COMPLETED:
+                    self.outcomes.append(JobOutcome(tuple(job), "finished"))
+                    continue
+                reason, code = _job_error(ret._return_value)
+                self.outcomes.append(JobOutcome(tuple(job), "failed", reason))
+                stop = code if code in STOP_CODES else stop
+        print(format_summary(self.outcomes))
+        if stop is not None:
+            sys.exit(stop)
+        if any(o.status == "failed" for o in self.outcomes):
+            sys.exit(1)
+        return returns
