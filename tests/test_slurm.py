@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,20 @@ def start(search: Path, out: Path, experiment: str, *extra: str) -> subprocess.P
     )
 
 
+@contextmanager
+def running(search: Path, out: Path, experiment: str, *extra: str) -> Iterator[subprocess.Popen]:
+    """The sweep in the background for the ``with`` block, then waited for (its jobs cancelled and
+    the process ended if the block failed); its output is in ``out/<experiment>.log``."""
+    process = start(search, out, experiment, *extra)
+    try:
+        yield process
+        process.wait(timeout=240)
+    finally:
+        if process.poll() is None:
+            cancel(experiment)
+            process.terminate()
+
+
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 240.0) -> Any:
     """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
@@ -181,8 +196,8 @@ def _state(record: dict[str, Any]) -> tuple:
 def time_limited(
     search: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[subprocess.Popen, Path, RecordWatcher]]:
-    """The time-limit sweep, submitted first: a 2-minute limit, USR2 30 s before it; its record is
-    watched from then on."""
+    """The time-limit sweep, submitted first: a 2-minute limit, USR2 30 s before it, ``overwrite=true``
+    (the requeued job drops it); its record is watched from then on."""
     out = tmp_path_factory.mktemp("timeout")
     process = start(
         search,
@@ -191,6 +206,7 @@ def time_limited(
         "hydra.launcher.timeout_min=2",
         "hydra.launcher.signal_delay_s=30",
         "hydra.launcher.max_num_timeout=3",
+        "overwrite=true",  # the requeued job must resume all the same
     )
     watcher = RecordWatcher(out / "timeout" / "default")
     watcher.start()
@@ -287,11 +303,9 @@ def test_cancelled_job_is_reported_resumed_and_never_launched_twice(search: Path
     resumes task 0 from its checkpoint (its first epochs kept exactly) and skips the finished task 1."""
     long_dir = tmp_path / "cancel" / "data.train_size=2048,epochs=12,seed=0"
     quick_dir = tmp_path / "cancel" / "seed=1"
-    process = start(search, tmp_path, "cancel", "hydra.launcher.array_parallelism=1")
-    try:
-        running = wait_for("task 0's first epoch", record_where(long_dir, lambda r: len(r["epochs"]) >= 1))
-        job = running["launcher"]["job_id"]
-        array = running["launcher"]["array_job_id"]
+    with running(search, tmp_path, "cancel", "hydra.launcher.array_parallelism=1") as process:
+        first = wait_for("task 0's first epoch", record_where(long_dir, lambda r: len(r["epochs"]) >= 1))
+        job, array = first["launcher"]["job_id"], first["launcher"]["array_job_id"]
         assert queue().get(f"{array}_1") == "PENDING"
 
         before = set(queue())
@@ -305,11 +319,6 @@ def test_cancelled_job_is_reported_resumed_and_never_launched_twice(search: Path
         assert not record_where(long_dir, lambda r: r["status"] != "running")()  # still mid-run
 
         subprocess.run(["scancel", job], check=True)
-        process.wait(timeout=240)
-    finally:
-        if process.poll() is None:
-            cancel("cancel")
-            process.terminate()
     output = (tmp_path / "cancel.log").read_text()
     assert process.returncode == 143, output[-3000:]  # a job stopped by SIGTERM stops the sweep
     assert "sweep summary: 1 finished, 0 skipped, 1 failed" in output
@@ -330,6 +339,26 @@ def test_cancelled_job_is_reported_resumed_and_never_launched_twice(search: Path
     assert resumed["epochs"][: len(kept)] == kept  # restored from the checkpoint, not retrained
     err = Path(resumed["launcher"]["log"]).with_suffix(".err").read_text()
     assert RESTORED in err and str(long_dir / "checkpoints" / "last.ckpt") in err
+
+
+def test_a_job_that_dies_without_a_result_is_reported(search: Path, tmp_path: Path) -> None:
+    """A job cancelled before it ever ran (held, then scancel) leaves no result and no sacct entry:
+    the sweep does not wait for it forever, runs the other job and lists the dead one with its log."""
+    with running(search, tmp_path, "pair", "+hydra.launcher.additional_parameters.hold=true") as process:
+
+        def held_array() -> list[str]:
+            assert process.poll() is None, (tmp_path / "pair.log").read_text()[-3000:]
+            return [job for job, state in queue().items() if job.endswith("_0") and state == "PENDING"]
+
+        array = wait_for("the held array", held_array, timeout=60)[0].split("_")[0]
+        subprocess.run(["scancel", f"{array}_0"], check=True)
+        subprocess.run(["scontrol", "release", array], check=True)
+    output = (tmp_path / "pair.log").read_text()
+    assert process.returncode == 1, output[-3000:]
+    assert "sweep summary: 1 finished, 0 skipped, 1 failed" in output
+    assert f"SlurmJobError: SLURM job {array}_0 left the queue without a result" in output
+    assert read_record(tmp_path / "pair" / "seed=1")["status"] == "finished"
+    assert not (tmp_path / "pair" / "seed=0").exists()
 
 
 def test_time_limit_requeues_and_resumes_from_the_last_checkpoint(time_limited: Any) -> None:

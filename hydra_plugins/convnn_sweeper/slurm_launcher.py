@@ -4,7 +4,8 @@
   them: a job that died without a result (scancel, a time limit past ``max_num_timeout``, a node
   failure, an OOM kill) becomes a failed job whose reason names its SLURM state and log, so the
   paper sweeper lists it in its summary. The stock launcher raises on the first such job and leaves
-  the others unread.
+  the others unread, and waits forever for an array task cancelled while pending (sacct never
+  lists it): here a job that has left ``squeue`` without a result for ``RESULT_GRACE_S`` fails.
 - ``checkpoint`` (submitit's requeue on USR2 before the time limit, or on pre-emption) drops
   ``overwrite`` and ``resume`` from the job's overrides: the requeued job continues its run from its
   last checkpoint (``resume`` defaults to true) instead of starting it afresh again.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,12 @@ from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
+from convnn.slurm import queued_job_ids
+
 log = logging.getLogger(__name__)
+
+POLL_S = 5.0  # how often a waiting launch asks squeue
+RESULT_GRACE_S = 30.0  # how long a job that left the queue may take to show its result file
 
 RESTART_DROPS = ("overwrite", "resume")  # a requeued job resumes whatever the first launch said
 
@@ -41,6 +48,24 @@ def _reason(job: Any, error: Exception) -> SlurmJobError:
         last = [line for line in str(error).splitlines() if line.strip()][-1]
         return SlurmJobError(f"SLURM job {job.job_id} raised {last.strip()}; see {job.paths.stderr}")
     return SlurmJobError(f"SLURM job {job.job_id} ended {job.state} without a result; see {job.paths.stderr}")
+
+
+def _wait(job: Any) -> None:
+    """Until ``job`` is done (its result file, or a final state in sacct); raises
+    :class:`SlurmJobError` once SLURM no longer holds it and no result came for ``RESULT_GRACE_S``."""
+    left_at = None
+    while not job.done():
+        held = queued_job_ids()
+        if held is None or job.job_id in held:
+            left_at = None
+        elif left_at is None:
+            left_at = time.monotonic()
+        elif time.monotonic() - left_at > RESULT_GRACE_S:
+            raise SlurmJobError(
+                f"SLURM job {job.job_id} left the queue without a result (sacct: {job.state}); "
+                f"see {job.paths.stderr}"
+            )
+        time.sleep(POLL_S)
 
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
@@ -83,9 +108,10 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         results = []
         for job, overrides in zip(jobs, job_overrides, strict=True):
             try:
+                _wait(job)
                 results.append(job.results()[0])
-            except UncompletedJobError as e:
-                error = _reason(job, e)
+            except (UncompletedJobError, SlurmJobError) as e:
+                error = e if isinstance(e, SlurmJobError) else _reason(job, e)
                 log.error(str(error))
                 results.append(
                     JobReturn(overrides=list(overrides), status=JobStatus.FAILED, _return_value=error)
