@@ -41,9 +41,9 @@ OmegaConf.register_new_resolver("convnn_tasks_per_node", tasks_per_node, replace
 
 def job_info() -> dict[str, Any] | None:
     """The SLURM job this process runs in (the record's ``launcher``; ``None`` outside SLURM):
-    ``scheduler`` (``slurm``), ``job_id`` as squeue and submitit's
-    log names show it (``<array job>_<index>`` for an array task), ``array_job_id``, ``array_task_id``,
-    ``node``, ``restart_count`` (requeues so far) and the submitit ``log`` (stdout) when submitit ran it."""
+    ``scheduler`` (``slurm``), ``job_id`` as squeue and submitit's log names show it (``<array
+    job>_<index>`` for an array task), ``array_job_id``, ``array_task_id``, ``node``,
+    ``restart_count`` (requeues so far) and the submitit ``log`` (stdout) when submitit ran it."""
     env = os.environ
     if "SLURM_JOB_ID" not in env:
         return None

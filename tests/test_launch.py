@@ -67,6 +67,15 @@ def test_slurm_launcher_asks_for_what_the_trainer_uses() -> None:
     assert (forced.gpus_per_node, forced.tasks_per_node) == (0, 1)
 
 
+def test_a_requeued_slurm_job_resumes_its_run() -> None:
+    """submitit's requeue (USR2) resubmits the job without ``overwrite`` / ``resume``: it continues."""
+    from hydra_plugins.convnn_sweeper.slurm_launcher import SlurmLauncher
+
+    job = ["layer=conv2d", "overwrite=true", "+resume=false", "seed=1"]
+    again = SlurmLauncher().checkpoint(job, "hydra.sweep.dir", 3, "job_id_for_3", {})
+    assert again.args == (["layer=conv2d", "seed=1"], "hydra.sweep.dir", 3, "job_id_for_3", {})
+
+
 def test_local_launcher_is_submitit_local() -> None:
     cfg = launcher(["hydra/launcher=local"])
     assert cfg._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"

@@ -68,10 +68,16 @@ def _cluster_up() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def cluster() -> None:
+    """Skips the module's tests, saying why, where no SLURM cluster is up."""
     reason = _cluster_up()
     if reason:
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def search(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test experiments' config directory."""
     root = tmp_path_factory.mktemp("slurm")
     (root / "configs" / "experiment").mkdir(parents=True)
     for name, text in EXPERIMENTS.items():
@@ -225,6 +231,20 @@ def pair(search: Path, tmp_path_factory: pytest.TempPathFactory, time_limited: A
     result = sweep(search, out, "pair")
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "pair", result.stdout + result.stderr
+
+
+def test_cluster_script_start_is_idempotent(cluster: None) -> None:
+    """``start`` on a running cluster returns at once; ``status`` lists every daemon's pid."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "slurm_cluster.sh"
+    if not os.access(os.environ.get("CONVNN_SLURM_DIR", "/var/lib/convnn-slurm"), os.W_OK):
+        pytest.skip("the cluster was not started by scripts/slurm_cluster.sh here")
+    started = subprocess.run([str(script), "start"], capture_output=True, text=True, timeout=30)
+    assert started.returncode == 0 and "already running" in started.stderr, started.stderr
+    status = subprocess.run([str(script), "status"], capture_output=True, text=True, timeout=30)
+    assert status.returncode == 0, status.stdout + status.stderr
+    daemons = dict(line.split(": ") for line in status.stdout.splitlines() if ": " in line)
+    assert set(daemons) == {"munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd"}
+    assert all(pid.isdigit() for pid in daemons.values())
 
 
 def test_array_sweep_records_jobs_and_a_rerun_skips_them(search: Path, pair: tuple[Path, str]) -> None:

@@ -31,7 +31,7 @@ from convnn.slurm import queued_job_ids
 log = logging.getLogger(__name__)
 
 POLL_S = 5.0  # how often a waiting launch asks squeue
-RESULT_GRACE_S = 30.0  # how long a job that left the queue may take to show its result file
+RESULT_GRACE_S = 15.0  # how long a job that left the queue may take to show its result (as submitit)
 
 RESTART_DROPS = ("overwrite", "resume")  # a requeued job resumes whatever the first launch said
 
