@@ -278,12 +278,23 @@ def test_array_sweep_records_jobs_and_a_rerun_skips_them(search: Path, pair: tup
     assert [read_record(root / f"seed={seed}")["launcher"] for seed in (0, 1)] == slurm
 
 
-def test_a_job_asking_more_than_the_node_has_fails_at_once(search: Path, tmp_path: Path) -> None:
-    """Item 2: more CPUs than the node has is refused by sbatch with its reason, not queued forever."""
-    cpus = os.cpu_count() or 1
-    result = sweep(search, tmp_path, "pair", f"hydra.launcher.cpus_per_task={cpus * 64}")
+@pytest.mark.parametrize(
+    ("ask", "refusal"),
+    [
+        (
+            f"hydra.launcher.cpus_per_task={(os.cpu_count() or 1) * 64}",
+            "More processors requested than permitted",
+        ),
+        ("hydra.launcher.mem_gb=100000", "Memory specification can not be satisfied"),
+    ],
+)
+def test_a_job_asking_more_than_the_node_has_fails_at_once(
+    search: Path, tmp_path: Path, ask: str, refusal: str
+) -> None:
+    """Item 2: more CPUs or memory than the node has is refused by sbatch with its reason, not queued."""
+    result = sweep(search, tmp_path, "pair", ask)
     assert result.returncode != 0
-    assert "sbatch" in result.stderr and "More processors requested than permitted" in result.stderr
+    assert "sbatch" in result.stderr and refusal in result.stderr
     assert not list(tmp_path.rglob("results.json"))
 
 
