@@ -86,7 +86,27 @@ def build_callbacks(cfg: TrainConfig, ckpt_dir: Path) -> list[Callback]:
             )
         )
     if cfg.trainer.progress_bar == "rich":
-        callbacks.append(RichProgressBar())
+        callbacks.append(RichBar())
     elif cfg.trainer.progress_bar == "tqdm":
-        callbacks.append(TQDMProgressBar())
+        callbacks.append(TqdmBar())
     return callbacks
+
+
+def epoch_label(trainer: L.Trainer) -> str:
+    """``Epoch 3/150``: epochs numbered from 1, as in the record, the CSV and wandb."""
+    return f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+
+
+class RichBar(RichProgressBar):
+    """Lightning's rich bar with epochs numbered from 1."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{epoch_label(self.trainer):{len(self.validation_description)}}"
+
+
+class TqdmBar(TQDMProgressBar):
+    """Lightning's tqdm bar with epochs numbered from 1."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(epoch_label(trainer))

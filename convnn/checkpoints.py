@@ -9,6 +9,7 @@ line before any training starts.
 
 from __future__ import annotations
 
+import io
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,15 @@ class CheckpointError(ValueError):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` into a temp file in the checkpoint's directory, fsync, then ``os.replace``."""
+    """``torch.save`` into memory, then into a temp file in the checkpoint's directory, fsync and
+    ``os.replace`` (a full disk raises ``OSError`` ENOSPC, not torch's opaque writer error)."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
     ) -> None:
-        atomic_write(path, lambda f: torch.save(checkpoint, f), binary=True)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write(path, lambda f: f.write(buffer.getbuffer()), binary=True)
 
 
 def checkpoint_epochs(path: str | Path) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
@@ -104,6 +105,21 @@ def _uses_imagefolder(cfg: DataConfig) -> bool:
     return (root / cfg.train_split).is_dir() and (root / cfg.test_split).is_dir()
 
 
+class CorruptImageError(OSError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+def load_image(path: str) -> Image.Image:
+    """``path`` as an RGB PIL image; an undecodable file raises ``CorruptImageError`` naming it."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise CorruptImageError(
+            f"corrupt image file {path} ({type(e).__name__}: {e}); remove or replace it"
+        ) from None
+
+
 def _imagefolder(cfg: DataConfig, split: str, image_size: int, train: bool) -> datasets.ImageFolder:
     path = Path(cfg.root) / split
     if not path.is_dir():
@@ -111,7 +127,7 @@ def _imagefolder(cfg: DataConfig, split: str, image_size: int, train: bool) -> d
             f"{cfg.name}: no ImageFolder split {str(path)!r}; data.root={cfg.root!r} must hold "
             f"{cfg.train_split}/ and {cfg.test_split}/ folders with one sub-folder per class"
         )
-    ds = datasets.ImageFolder(str(path), transform=build_transform(cfg, image_size, train))
+    ds = datasets.ImageFolder(str(path), transform=build_transform(cfg, image_size, train), loader=load_image)
     if len(ds.classes) != cfg.num_classes:
         raise ValueError(
             f"{cfg.name}: {str(path)!r} has {len(ds.classes)} class folders but data.num_classes="

@@ -191,6 +191,16 @@ def make_figure(
 ) -> Path:
     """Draw figure ``name`` (a key of ``FIGURES``) from ``records`` into ``<out_dir>/<name>.png``;
     the title states the runs' budget, seeds and source (and ``note``)."""
+    fig = draw_figure(name, records, source, note)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def draw_figure(name: str, records: Sequence[Record], source: str = "", note: str | None = None) -> Any:
+    """The matplotlib ``Figure`` of :func:`make_figure` (not saved)."""
     if name not in FIGURES:
         raise ValueError(f"unknown figure {name!r}; figures: {sorted(FIGURES)}")
     spec = FIGURES[name]
@@ -206,8 +216,11 @@ def make_figure(
                 chosen = select(subset, series.match)
                 for key, style in (("train_loss", "--"), ("test_loss", "-")):
                     epochs, values = mean_curve(chosen, key)
+                    if not epochs:  # no runs of this series: no line, no legend entry
+                        continue
                     label = series.label if key == "test_loss" else None
-                    ax.plot(epochs, smooth(values), style, color=color, label=label)
+                    marker = "o" if len(epochs) == 1 else None  # a single epoch is a point, not a line
+                    ax.plot(epochs, smooth(values), style, color=color, label=label, marker=marker)
                 continue
             points = sweep_points(subset, series)
             if not points:
@@ -230,11 +243,7 @@ def make_figure(
     lines = [f"{name}: {spec.title}", describe(records, source), *([note] if note else [])]
     fig.suptitle("\n".join(lines), fontsize=9)
     fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def describe(records: Sequence[Record], source: str) -> str:

@@ -87,3 +87,29 @@ def identity_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") 
 def effective_budget(config: Mapping[str, Any]) -> dict[str, Any]:
     """The budget values a run actually used (epochs, batch sizes, data subsets), whatever its label."""
     return {key: select(config, key) for key in BUDGET_KEYS}
+
+
+ROW_KEYS = ("model", "layer", "data.name", "optim.lr")
+DATASET_KEYS = (
+    "data.num_classes",
+    "data.image_size",
+    "data.in_channels",
+    "data.mean",
+    "data.std",
+    "data.train_split",
+    "data.test_split",
+)
+
+
+def row_identity(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of the identity a paper table's row fixes: model, layer, dataset and learning rate."""
+    return {key: select(config, key) for key in ROW_KEYS}
+
+
+def setup_identity(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The rest of the identity: the training setup shared by a table's cells (epochs, batch, subsets,
+    optimiser but its lr, schedule, augmentation, precision). A table never mixes two setups."""
+    ident = run_identity(config)
+    for key in (*ROW_KEYS, *DATASET_KEYS):
+        _drop(ident, key)
+    return ident

@@ -13,7 +13,6 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -25,14 +24,15 @@ from rich.table import Table
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from convnn.models import build_model, input_size
+from convnn import paths
+from convnn.models import build_from_config
 
 with warnings.catch_warnings():  # importing fvcore.nn scripts a loss with torch.jit (deprecated)
     warnings.simplefilter("ignore", FutureWarning)
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import conv_flop_count, get_shape
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+CONFIG_DIR = str(paths.CONFIG_DIR)
 
 
 def _conv_same_macs(inputs: list, outputs: list) -> int:
@@ -169,18 +169,11 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         return compose(config_name="profile", overrides=list(overrides))
 
 
-def build_from_config(cfg: DictConfig) -> tuple[nn.Module, tuple[int, int, int]]:
-    """The model a ``data`` / ``model`` / ``layer`` config describes and its one-image input ``(C, S, S)``."""
-    size = input_size(cfg.model, cfg.data.image_size)
-    model = build_model(cfg.model, cfg.layer, cfg.data.num_classes, size, cfg.data.in_channels)
-    return model, (cfg.data.in_channels, size, size)
-
-
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="profile")
 def main(cfg: DictConfig) -> None:
     """``convnn-profile``: build ``model`` x ``layer`` for ``data`` and print its accounting."""
     try:
-        model, shape = build_from_config(cfg)
+        model, shape = build_from_config(cfg, check_input=True)
     except ValueError as error:  # a bad model / layer / option: one line, no traceback
         raise SystemExit(f"convnn-profile: {error}") from None
     result = profile_model(model, shape)

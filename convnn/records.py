@@ -137,15 +137,18 @@ def read_record(path: str | Path) -> dict[str, Any]:
     return record
 
 
-def collect_records(root: str | Path) -> list[dict[str, Any]]:
-    """Every readable record under ``root`` (walked recursively), sorted by run directory; an
-    unreadable one is skipped with a warning naming it."""
+def collect_records(root: str | Path, skipped: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every readable record under ``root`` (walked recursively), sorted by run directory. An
+    unreadable one is skipped: its one-line reason is appended to ``skipped``, or warned about."""
     records = []
     for path in sorted(Path(root).rglob(RECORD_NAME)):
         try:
             records.append(read_record(path))
         except RecordError as e:
-            warnings.warn(f"skipped: {e}", stacklevel=2)
+            if skipped is None:
+                warnings.warn(f"skipped: {e}", stacklevel=2)
+            else:
+                skipped.append(str(e))
     return records
 
 

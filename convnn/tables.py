@@ -13,7 +13,9 @@ overrides; matched runs are averaged over seeds. Missing cells stay missing. Not
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import math
 import shlex
 import statistics
 import sys
@@ -26,12 +28,11 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from convnn.identity import identity_diff, row_identity, select, setup_identity
+from convnn.paths import CONFIG_DIR, PAPER_DIR
 from convnn.records import collect_records
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = ROOT / "configs"
-PAPER_DIR = ROOT / "results" / "paper"
-OUT_DIR = ROOT / "results" / "reproduced"
+OUT_DIR = Path("results") / "reproduced"  # relative: the working directory's, never the package's
 TABLES = ("table1", "table2", "table3", "table4", "table5", "resnet50")
 WANDB_PREFIX = "wandb:"
 MISSING = "missing"
@@ -59,14 +60,8 @@ def compose_config(overrides: tuple[str, ...]) -> dict[str, Any]:
 
 
 def match_key(config: Mapping[str, Any]) -> str:
-    """What identifies a paper row in a resolved config: model, layer, dataset and learning rate."""
-    ident = {
-        "model": config.get("model"),
-        "layer": config.get("layer"),
-        "data": config.get("data", {}).get("name"),
-        "lr": config.get("optim", {}).get("lr"),
-    }
-    return json.dumps(ident, sort_keys=True)
+    """What identifies a paper row in a resolved config (:func:`convnn.identity.row_identity`)."""
+    return json.dumps(row_identity(config), sort_keys=True, default=str)
 
 
 def match_records(
@@ -93,8 +88,9 @@ def match_records(
     return matched, unmatched
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (``None`` when there are too few values)."""
+def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation of the finite ``values`` (``None`` when too few)."""
+    values = [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
     if not values:
         return None, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
@@ -103,14 +99,20 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 def summarize(records: Sequence[Record]) -> dict[str, Any]:
     """Seed statistics of one row's finished runs: final-epoch and best-epoch metrics, accounting."""
     done = [r for r in records if r.get("status") == "finished" and r.get("final")]
-    out: dict[str, Any] = {"n": len(done), "incomplete": len(records) - len(done)}
+    diverged = sum(r.get("status") == "diverged" for r in records)
+    out: dict[str, Any] = {
+        "n": len(done),
+        "runs": len(records),
+        "diverged": diverged,
+        "incomplete": len(records) - len(done) - diverged,
+    }
     for name, part, metric in (
         ("test_loss", "final", "test_loss"),
         ("test_acc1", "final", "test_acc1"),
         ("best_acc1", "best", "test_acc1"),
         ("best_epoch", "best", "epoch"),
     ):
-        out[f"{name}_mean"], out[f"{name}_std"] = _mean_std([r[part][metric] for r in done])
+        out[f"{name}_mean"], out[f"{name}_std"] = _mean_std([(r[part] or {}).get(metric) for r in done])
     for name in ("params", "gflops", "gflops_profiler"):
         values = [r[name] for r in done if r.get(name) is not None]
         out[name] = values[0] if values else None
@@ -167,12 +169,18 @@ def _fmt(mean: float | None, std: float | None = None, digits: int = 2) -> str:
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _seeds(line: Mapping[str, Any]) -> str:
+    """``"2 of 3"`` finished runs of the row, ``"0 of 2, 1 diverged"``; ``"0"`` without runs."""
+    text = f"{line['n']} of {line['runs']}" if line["runs"] else "0"
+    return text + (f", {line['diverged']} diverged" if line["diverged"] else "")
+
+
 DISPLAY_COLUMNS: tuple[tuple[str, Callable[[Mapping[str, Any]], str]], ...] = (
     ("Row", lambda r: r["row"]),
     ("Data", lambda r: r["dataset"]),
     ("Block", lambda r: r["block"]),
     ("Layer", lambda r: r["layer_type"]),
-    ("n", lambda r: str(r["n"])),
+    ("Seeds", lambda r: _seeds(r)),
     ("Test loss", lambda r: _fmt(r["test_loss_mean"], r["test_loss_std"], 3)),
     ("Acc % (final)", lambda r: _fmt(r["test_acc1_mean"], r["test_acc1_std"])),
     ("Acc % (best)", lambda r: _fmt(r["best_acc1_mean"], r["best_acc1_std"])),
@@ -266,12 +274,8 @@ def records_from_wandb(path: str, api: Any = None) -> list[Record]:
     Per-epoch rows come from the run history (``train/loss``, ``test/acc1``, ... as logged by training),
     numbered from 1 in logging order like the records.
     """
-    if api is None:
-        import wandb
-
-        api = wandb.Api()
     records = []
-    for run in api.runs(path):
+    for run in _wandb_runs(path, api):
         config = dict(run.config)
         epochs = []
         for h in run.history(pandas=False):
@@ -306,38 +310,82 @@ def records_from_wandb(path: str, api: Any = None) -> list[Record]:
     return records
 
 
+def _wandb_runs(path: str, api: Any) -> list[Any]:
+    """The runs of wandb project ``path``; no credentials or no server is one ``ValueError`` line."""
+    import wandb
+
+    try:
+        return list((api or wandb.Api()).runs(path))
+    except (wandb.errors.UsageError, wandb.errors.CommError, wandb.errors.AuthenticationError) as e:
+        reason = " ".join(str(e).split())
+        raise ValueError(
+            f"cannot read wandb project {path!r} ({reason}); run `wandb login` or set WANDB_API_KEY"
+        ) from None
+
+
 def load_records(source: str) -> list[Record]:
-    """Records under a local directory, or of a wandb project written ``wandb:entity/project``."""
+    """Records under a local directory, or of a wandb project written ``wandb:entity/project``. An
+    unreadable ``results.json`` is skipped with a one-line warning on stderr naming it."""
     if source.startswith(WANDB_PREFIX):
         return records_from_wandb(source[len(WANDB_PREFIX) :])
     if not Path(source).is_dir():
         raise ValueError(f"source {source!r} is neither a directory nor '{WANDB_PREFIX}entity/project'")
-    return collect_records(source)
+    skipped: list[str] = []
+    records = collect_records(source, skipped)
+    for message in skipped:
+        print(f"convnn-tables: warning: skipped {message}", file=sys.stderr)
+    return records
 
 
-def select_budget(records: Sequence[Record], budget: str | None) -> list[Record]:
-    """Records of one budget; several budgets without a choice raise a ``ValueError`` naming them."""
-    found = sorted({str(r.get("budget")) for r in records})
+def setup_key(record: Record) -> str:
+    """A short key of a record's training setup (:func:`convnn.identity.setup_identity`)."""
+    text = json.dumps(setup_identity(record.get("config") or {}), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def select_budget(records: Sequence[Record], budget: str | None, setup: str | None = None) -> list[Record]:
+    """Records of one training setup (effective budget, optimiser, schedule, precision...), never a mix.
+
+    ``budget`` filters by the budget's label first (a label no record has is an error naming those
+    present); ``setup`` picks one setup by its :func:`setup_key`. Several setups left raise a
+    ``ValueError`` that lists them with the keys they differ in.
+    """
     if budget is not None:
-        return [r for r in records if str(r.get("budget")) == budget]
-    if len(found) > 1:
-        raise ValueError(f"the records mix budgets {found}; pick one with budget=<name>")
-    return list(records)
+        labels = sorted({str(r.get("budget")) for r in records})
+        if budget not in labels:
+            raise ValueError(f"budget={budget!r} matches no record; the records' budgets: {labels}")
+        records = [r for r in records if str(r.get("budget")) == budget]
+    groups: dict[str, list[Record]] = {}
+    for r in records:
+        groups.setdefault(setup_key(r), []).append(r)
+    if setup is not None:
+        if setup not in groups:
+            raise ValueError(f"setup={setup!r} matches no record; setups: {sorted(groups)}")
+        return groups[setup]
+    if len(groups) <= 1:
+        return list(records)
+    first = setup_identity(next(iter(groups.values()))[0].get("config") or {})
+    keys = sorted({k for g in groups.values() for k in identity_diff(first, setup_identity(g[0]["config"]))})
+    described = [
+        f"setup={key} (budget={g[0].get('budget')}: "
+        + ", ".join(f"{k}={select(g[0]['config'], k)}" for k in keys)
+        + f"; {len(g)} runs)"
+        for key, g in sorted(groups.items())
+    ]
+    raise ValueError(
+        f"the records mix {len(groups)} setups: {'; '.join(described)}; pick one with setup=<key>"
+    )
 
 
 def profile_rows(rows: Sequence[Mapping[str, str]]) -> dict[str, dict[str, Any]]:
     """Params and GFLOPs (both methods) of every row's network, built from its config, no training."""
-    from convnn.models import build_model, input_size
+    from convnn.models import build_from_config
     from convnn.profile import profile_model
 
     out = {}
     for row in rows:
         cfg = compose_config(tuple(shlex.split(row["overrides"])))
-        size = input_size(cfg["model"], cfg["data"]["image_size"])
-        model = build_model(
-            cfg["model"], cfg["layer"], cfg["data"]["num_classes"], size, cfg["data"]["in_channels"]
-        )
-        out[row["row"]] = profile_model(model, (cfg["data"]["in_channels"], size, size))
+        out[row["row"]] = profile_model(*build_from_config(cfg))
     return out
 
 
@@ -349,6 +397,7 @@ def make_table(
     profile: bool = False,
     dataset: str | None = None,
     note: str | None = None,
+    setup: str | None = None,
 ) -> list[Path]:
     """Regenerate ``table`` (only ``dataset``'s rows when given, written as ``<table>-<dataset>``)
     from the records in ``source`` and/or by profiling into ``out_dir``; ``note`` joins the header."""
@@ -358,7 +407,7 @@ def make_table(
         rows = [r for r in rows if r["dataset"] == dataset]
         if not rows:
             raise ValueError(f"{table} has no rows for dataset {dataset!r}; datasets: {datasets}")
-    records = select_budget(load_records(source), budget) if source else []
+    records = select_budget(load_records(source), budget, setup) if source else []
     matched, unmatched = match_records(rows, records)
     used = [r for rs in matched.values() for r in rs]
     lines = build_table(rows, matched, profile_rows(rows) if profile else None)
@@ -376,7 +425,8 @@ def make_table(
         f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `{command}`.",
         f"Budget: {describe_budget(used)}.",
         f"Runs: {len(records)} records read, {len(used)} matched to paper rows "
-        f"({sum(line['incomplete'] for line in lines)} of them not finished), {len(unmatched)} unmatched; "
+        f"({sum(line['incomplete'] for line in lines)} of them not finished, "
+        f"{sum(line['diverged'] for line in lines)} diverged), {len(unmatched)} unmatched; "
         f"{sum(line['n'] > 0 for line in lines)} of {len(lines)} rows have finished runs.",
         *([f"Note: {note}"] if note else []),
         "Ours: final-epoch test values, mean ± sample std over seeds (n = finished seeds); best = best-epoch "
@@ -391,7 +441,7 @@ def make_table(
 
 def parse_args(argv: Sequence[str]) -> dict[str, str]:
     """``key=value`` arguments; unknown keys raise a ``ValueError`` listing the known ones."""
-    known = ("table", "figure", "source", "out", "budget", "profile", "dataset", "note")
+    known = ("table", "figure", "source", "out", "budget", "setup", "profile", "dataset", "note")
     args = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
@@ -407,8 +457,12 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``convnn-tables``; a bad argument or source exits with a one-line error (status 2)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(__doc__)
+        return
     try:
-        for path in run(sys.argv[1:] if argv is None else argv):
+        for path in run(argv):
             print(path)
     except ValueError as e:
         print(f"convnn-tables: error: {e}", file=sys.stderr)
@@ -424,7 +478,7 @@ def run(argv: Sequence[str]) -> list[Path]:
 
         if "source" not in args:
             raise ValueError("figures need source=<run dir or wandb:entity/project>")
-        records = select_budget(load_records(args["source"]), args.get("budget"))
+        records = select_budget(load_records(args["source"]), args.get("budget"), args.get("setup"))
         return [make_figure(args["figure"], records, out_dir, args["source"], args.get("note"))]
     return make_table(
         args["table"],
@@ -434,4 +488,5 @@ def run(argv: Sequence[str]) -> list[Path]:
         profile=args.get("profile") == "true",
         dataset=args.get("dataset"),
         note=args.get("note"),
+        setup=args.get("setup"),
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
 import re
 import shutil
@@ -26,8 +27,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from convnn.config import ConfigError, TrainConfig, check_layer_options, validate_config
+from convnn import paths
+from convnn.config import ConfigError, TrainConfig, validate_config
 from convnn.identity import effective_budget, run_identity
+from convnn.quiet import filter_known_warnings
 from convnn.records import RECORD_NAME, RunRecord
 from convnn.runlock import RunLock, RunLockedError
 from convnn.slurm import job_info, lightning_plugins, remove_hpc_checkpoints, requeued_by_submitit
@@ -36,7 +39,7 @@ from convnn.sweep import RunState, run_state
 if TYPE_CHECKING:
     from torch import nn
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = paths.CONFIG_DIR
 PROG = "convnn-train"
 
 RUN_DIR_EXCLUDED = {
@@ -139,15 +142,35 @@ def preflight(args: list[str]) -> None:
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         try:
-            compose("train", overrides=args)
+            cfg = compose("train", overrides=args)
         except (HydraException, OmegaConfBaseException) as e:
             raise _fail(_composition_message(e, args, compose)) from None
     GlobalHydra.instance().clear()
+    problem = unwritable(Path(str(cfg.out_dir)))
+    if problem:
+        raise _fail(f"out_dir={str(cfg.out_dir)!r} is not writable ({problem})")
+
+
+def unwritable(path: Path) -> str | None:
+    """Why runs cannot be written under ``path`` (its nearest existing ancestor is a file, read-only
+    or not writable), or ``None`` when they can."""
+    path = path.absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is read-only or not writable by this user"
+    return None
 
 
 def _composition_message(error: Exception, args: list[str], compose: Any) -> str:
-    """One line for a Hydra composition error: the unknown key or group option and what is allowed."""
+    """One line for a Hydra composition error: a value of the wrong type (the schema), the unknown
+    key or group option and what is allowed."""
     text = " ".join(str(error).split())
+    cause = error.__cause__
+    if getattr(cause, "full_key", None) and "could not be converted" in str(cause):
+        value = next((a.split("=", 1)[1] for a in args if a.split("=", 1)[0] == cause.full_key), None)
+        return f"invalid config: {cause.full_key}={value!r}; {str(cause).splitlines()[0]}"
     missing = re.search(
         r"Could not find '([^']+)/([^'/]+)'.*?Available options in '[^']+':(.*?)(Config search|$)", text
     )
@@ -174,7 +197,7 @@ def _composition_message(error: Exception, args: list[str], compose: Any) -> str
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=CONFIG_DIR.parent, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "HEAD"], cwd=paths.PACKAGE_DIR, capture_output=True, text=True, timeout=10
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -210,23 +233,19 @@ def _device(cfg: TrainConfig) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def build_model_or_fail(cfg: TrainConfig) -> tuple[nn.Module, int]:
-    """The backbone for ``cfg`` and its input side ``S`` (it maps ``[B, C, S, S] -> [B, classes]``);
-    bad model / layer options raise ``RunError`` with one line naming them."""
-    from convnn.models import build_model, input_size
+def build_model_or_fail(cfg: DictConfig) -> tuple[nn.Module, int]:
+    """The backbone for ``cfg`` and its input side ``S`` (it maps ``[B, C, S, S] -> [B, classes]``),
+    from :func:`convnn.models.build_from_config`; a bad option or one that does not fit the input
+    size raises ``RunError`` with one line naming it."""
+    from convnn.models import build_from_config
 
     try:
-        check_layer_options(cfg.layer)
-        model = build_model(
-            cfg.model, cfg.layer, cfg.data.num_classes, cfg.data.image_size, cfg.data.in_channels
-        )
-    except ConfigError as e:
-        raise RunError(str(e)) from None
+        model, (_, size, _) = build_from_config(cfg, check_input=True)
     except (ValueError, TypeError) as e:
         raise RunError(
             f"invalid config: model={cfg.model.get('name')} layer={cfg.layer.get('name')}: {e}"
         ) from None
-    return model, input_size(cfg.model, cfg.data.image_size)
+    return model, size
 
 
 def _per_device_batch(cfg: TrainConfig) -> tuple[int, int]:
@@ -251,6 +270,7 @@ def run(cfg: DictConfig) -> float | None:
     Rank 0 holds the run directory's lock (:class:`convnn.runlock.RunLock`) for the whole run. A
     ``RunError`` raised before the record exists removes the run directory Hydra made for it.
     """
+    filter_known_warnings()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         typed = validate_config(cfg)
@@ -326,7 +346,7 @@ def _run_locked(cfg: DictConfig, typed: TrainConfig, run_dir: Path) -> float | N
     from convnn.data import ImageDataModule
 
     L.seed_everything(typed.seed, workers=True, verbose=False)
-    model, image_size = build_model_or_fail(typed)
+    model, image_size = build_model_or_fail(cfg)
     batch, eval_batch = _per_device_batch(typed)
     data = ImageDataModule(typed.data, image_size, batch, eval_batch, seed=typed.seed)
     try:
@@ -449,8 +469,11 @@ def _fit(
             record.interrupt(name)
             close_logger(logger, record.data)
             raise RunError(f"interrupted by {name}; continue it with resume=true", code) from None
-        record.fail(f"{type(e).__name__}: {e}")
+        record.fail(" ".join(f"{type(e).__name__}: {e}".split()))
         close_logger(logger, record.data)
+        if isinstance(e, OSError):  # a full disk, a corrupt image (also from a loader worker): one line
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise RunError(f"{last}; resume=true continues from the last checkpoint", EXIT_FAILED) from None
         raise
     record.finish()
     close_logger(logger, record.data)

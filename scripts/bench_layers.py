@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds the Algorithm 1 reference
 
 from convnn.layers import build_layer  # noqa: E402
-from tests.reference_algorithm1 import Algorithm1ConvNN, algorithm1_on_map  # noqa: E402
+from convnn.reference_algorithm1 import Algorithm1ConvNN, algorithm1_on_map  # noqa: E402
 
 VGG_SHAPES = [(64, 32), (128, 16), (256, 8), (512, 4)]
 VIT_TOKENS, VIT_WIDTH = 197, 192

@@ -22,10 +22,10 @@ import fvcore
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from convnn.profile import build_from_config, compose_config, profile_model
+from convnn.models import build_from_config
+from convnn.paths import PAPER_DIR
+from convnn.profile import compose_config, profile_model
 
-ROOT = Path(__file__).resolve().parents[1]
-PAPER_DIR = ROOT / "results" / "paper"
 GFLOPS_TOLERANCE = 0.005
 
 # Why a row's printed figure differs from ours (tests/test_models.py and tests/test_profile.py assert

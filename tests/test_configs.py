@@ -1,8 +1,10 @@
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import OmegaConf, open_dict
 
+from convnn import paths
 from convnn.config import ConfigError, check_layer_options, validate_config
 from convnn.layers import available_layers, layer_entry
 from convnn.train import CONFIG_DIR, preflight, run_subdir
@@ -92,7 +94,8 @@ def test_smoke_budget_is_small():
 
 
 def test_experiment_group_is_the_top_level_experiments_folder():
-    assert (CONFIG_DIR / "experiment").resolve() == EXPERIMENTS.resolve()
+    assert not (CONFIG_DIR / "experiment").exists()  # reached through a search path, not a symlink
+    assert EXPERIMENTS == paths.EXPERIMENTS_DIR and (EXPERIMENTS / "paper" / "table1.yaml").is_file()
     cfg, hydra_cfg = compose_train("experiment=quickstart")
     assert cfg.name == "quickstart" and hydra_cfg["sweep_dir"] == "runs/quickstart"
     assert hydra_cfg["run_dir"] == "runs/quickstart/default"
@@ -133,7 +136,6 @@ def test_run_subdir_is_deterministic_and_ignores_where_and_how():
         ("trainer.precision=16", "trainer.precision='16'; allowed: one of ['32', 'bf16']"),
         ("data.subset.train=0", "data.subset.train=0; allowed: >= 1 or null"),
         ("optim.label_smoothing=1.0", "optim.label_smoothing=1.0; allowed: [0, 1)"),
-        ("data.num_workers=abc", "data.num_workers='abc'; Value 'abc' of type 'str' could not be converted"),
         ("scheduler.name=linear", "scheduler.name='linear'; allowed: one of ['none', 'cosine', 'step']"),
     ],
 )
@@ -144,12 +146,36 @@ def test_bad_values_give_one_line_naming_key_value_and_allowed(override, message
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.num_workers=abc", "data.num_workers='abc'; Value 'abc' of type 'str' could not be converted"),
+        ("epochs=1.5", "epochs='1.5'; Value '1.5' of type 'float' could not be converted to Integer"),
+        ("optim.lr=fast", "optim.lr='fast'; Value 'fast' of type 'str' could not be converted to Float"),
+    ],
+)
+def test_hydra_checks_types_at_composition_against_the_schema(override, message, capsys):
+    with pytest.raises(HydraException):
+        compose_train(override)
+    with pytest.raises(SystemExit):
+        preflight([override])
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_train_yaml_repeats_no_schema_default():
+    text = (CONFIG_DIR / "train.yaml").read_text()
+    assert text.index("train_schema") < text.index("_self_")
+    body = [line for line in text.splitlines() if line and not line.startswith(("#", " ", "-", "hydra:"))]
+    assert sorted(line.split(":")[0] for line in body) == ["defaults", "name", "out_dir"]
+
+
 def test_unknown_key_in_a_validated_node_lists_the_allowed_keys():
     cfg, _ = compose_train()
-    with open_dict(cfg):
-        cfg.optim.lrate = 0.1
+    plain = OmegaConf.to_container(cfg)  # a config from elsewhere (the schema refuses it at composition)
+    plain["optim"]["lrate"] = 0.1
     with pytest.raises(ConfigError, match=r"unknown key 'optim.lrate'; allowed keys: \['name', 'lr'"):
-        validate_config(cfg)
+        validate_config(plain)
 
 
 @pytest.mark.parametrize(
@@ -161,6 +187,8 @@ def test_unknown_key_in_a_validated_node_lists_the_allowed_keys():
             "layer.kernal=3; allowed: layer 'conv2d' options ['kernel_size', 'bias']",
         ),
         ({"name": "convnn", "proj_dim": 1.5}, "layer.proj_dim=1.5; allowed: int | None"),
+        ({"name": "branching", "k": "nine"}, "layer.k='nine'; allowed: int"),  # a ConvNN option
+        ({"name": "branching", "sampling": 3}, "layer.sampling=3; allowed: str"),
     ],
 )
 def test_layer_options_are_checked_against_the_builder_signature(layer, message):

@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from convnn.records import read_record, write_record
 from convnn.sweep import JobOutcome, expand_jobs, format_jobs, format_summary, run_state
+from hydra_plugins.convnn_sweeper.paper_sweeper import default_local_parallelism
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -140,6 +141,13 @@ def test_run_state_skips_only_finished_runs_of_the_same_identity(tmp_path: Path)
     assert corrupt.name == "corrupt" and str(tmp_path / "bad" / "results.json") in corrupt.reason
 
 
+def test_local_launcher_parallelism_fits_the_machine() -> None:
+    assert default_local_parallelism(1, cpus=2, mem_gib=24) == 2
+    assert default_local_parallelism(1, cpus=16, mem_gib=24) == 6  # memory: one job per 4 GiB
+    assert default_local_parallelism(8, cpus=16, mem_gib=256) == 2
+    assert default_local_parallelism(4, cpus=2, mem_gib=2) == 1
+
+
 def test_listings_and_summary_name_every_job_that_does_not_finish() -> None:
     outcomes = [
         JobOutcome(("a=2",), "skipped", "finished"),
@@ -180,11 +188,13 @@ def test_submitit_local_sweep_runs_for_real_then_skips_and_resumes(tmp_path: Pat
     (search / "experiment" / "tiny.yaml").write_text(TINY_EXPERIMENT)
     out = tmp_path / "runs"
 
-    first = _sweep(search, out, "hydra/launcher=local")
+    first = _sweep(search, out, "hydra/launcher=local", "hydra.sweeper.local_parallelism=1")
     assert first.returncode == 0, first.stderr[-3000:]
     records = sorted(out.rglob("results.json"))
     assert len(records) == 2
     assert len(list((out / "tiny" / ".submitit").glob("*/*_result.pkl"))) == 2  # ran through submitit
+    spans = sorted((read_record(p)["started_at"], read_record(p)["finished_at"]) for p in records)
+    assert spans[0][1] <= spans[1][0]  # local_parallelism=1: one job after the other
     for path in records:
         record = read_record(path)
         assert record["status"] == "finished"

@@ -11,7 +11,7 @@ from torch import nn
 
 from convnn.layers import build_layer, layer_entry, reset_sampling
 from convnn.layers.convnn import ConvNN
-from tests.reference_algorithm1 import Algorithm1ConvNN, algorithm1_on_map
+from convnn.reference_algorithm1 import Algorithm1ConvNN, algorithm1_on_map
 
 
 def rand(*shape, seed=0, dtype=torch.float64):

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from convnn.figures import FIGURES, make_figure, smooth, sweep_points
+from convnn.figures import FIGURES, draw_figure, make_figure, smooth, sweep_points
 from convnn.records import write_record
 from convnn.tables import (
     TABLES,
@@ -122,11 +122,11 @@ def test_written_table_shows_missing_cells_paper_and_budget(records: list[dict],
     text = md.read_text()
     assert "budget=smoke (epochs=2, batch=32, train subset=1024, test subset=512, device=cpu)" in text
     assert (
-        "6 records read, 5 matched to paper rows (1 of them not finished), 1 unmatched; "
+        "6 records read, 5 matched to paper rows (1 of them not finished, 0 diverged), 1 unmatched; "
         "2 of 10 rows have finished runs" in text
     )
     line = next(x for x in text.splitlines() if x.startswith("| t4.c10.branching.p1 "))
-    assert "| 3 | 1.100 ± 0.100 | 81.00 ± 1.00 | 82.00 ± 1.00 | 1.424 | 81.26 | -0.26 |" in line
+    assert "| 3 of 3 | 1.100 ± 0.100 | 81.00 ± 1.00 | 82.00 ± 1.00 | 1.424 | 81.26 | -0.26 |" in line
     missing = next(x for x in text.splitlines() if x.startswith("| t4.c100.convnn.p2 "))
     assert missing.count("missing") == 7 and "28.17" in missing
     with open(csv_path) as f:
@@ -147,11 +147,50 @@ def test_one_dataset_half_with_a_note_and_no_runs(tmp_path: Path) -> None:
         make_table("table4", None, tmp_path, dataset="cifar1000")
 
 
-def test_mixed_budgets_must_be_chosen(records: list[dict]) -> None:
-    full = {**records[0], "budget": "full"}
-    with pytest.raises(ValueError, match="mix budgets"):
+def test_mixed_setups_must_be_chosen_whatever_their_label(records: list[dict]) -> None:
+    full = {**records[0], "budget": "full", "config": {**records[0]["config"], "epochs": 150}}
+    with pytest.raises(
+        ValueError, match=r"mix 2 setups: .*budget=(full|smoke): epochs=(150|2).*pick one with setup="
+    ):
         select_budget([*records, full], None)
     assert select_budget([*records, full], "full") == [full]
+    # same label, another budget: `budget=smoke epochs=5` is not mixed into the smoke cells
+    five = {**records[0], "config": {**records[0]["config"], "epochs": 5}}
+    with pytest.raises(ValueError, match=r"setup=\w{8} \(budget=smoke: epochs=5; 1 runs\)") as e:
+        select_budget([*records, five], "smoke")
+    key = str(e.value).split("setup=")[1].split(" ")[0]
+    assert select_budget([*records, five], "smoke", key) in ([five], records)
+    for other in ("optim.weight_decay", "data.augment", "trainer.precision"):
+        section, leaf = other.split(".")
+        changed = {
+            **records[1],
+            "config": {**records[1]["config"], section: {**records[1]["config"].get(section, {}), leaf: "x"}},
+        }
+        with pytest.raises(ValueError, match=f"mix 2 setups.*{section}"):
+            select_budget([*records, changed], None)
+    with pytest.raises(
+        ValueError, match=r"budget='smokee' matches no record; the records' budgets: \['smoke'\]"
+    ):
+        select_budget(records, "smokee")
+
+
+def test_diverged_and_corrupt_runs_show_plainly(records: list[dict], tmp_path: Path, capsys) -> None:
+    source = tmp_path / "runs"
+    nan_run = record("t4.c10.branching.p1", 3, 0.0, 0.0, 0.0, status="diverged")
+    nan_run["final"] = {"test_loss": None, "test_acc1": None, "test_acc5": None}
+    for i, r in enumerate([*records, nan_run]):
+        write_record(source / f"run{i}" / "results.json", r)
+    (source / "broken").mkdir()
+    (source / "broken" / "results.json").write_text('{"status": "fini')
+    md, _, _ = make_table("table4", str(source), tmp_path / "out")
+    err = capsys.readouterr().err
+    assert (
+        f"convnn-tables: warning: skipped {source / 'broken' / 'results.json'} is not a valid run record"
+        in err
+    )
+    line = next(x for x in md.read_text().splitlines() if x.startswith("| t4.c10.branching.p1 "))
+    assert "| 3 of 4, 1 diverged | 1.100 ± 0.100 | 81.00 ± 1.00 |" in line
+    assert "0 diverged" not in md.read_text() and "1 diverged)" in md.read_text()
 
 
 def test_wandb_runs_become_records() -> None:
@@ -186,6 +225,25 @@ def test_wandb_runs_become_records() -> None:
 def test_bad_arguments_are_rejected(argv: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_args(argv)
+
+
+def test_help_and_wandb_without_credentials(capsys, monkeypatch, tmp_path: Path) -> None:
+    main(["--help"])
+    assert "convnn-tables table=table1" in capsys.readouterr().out
+    for var in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    with pytest.raises(SystemExit) as e:
+        main(["table=table1", "source=wandb:me/convnn"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "run `wandb login` or set WANDB_API_KEY" in err
+
+
+def test_default_output_is_the_working_directorys(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    main(["table=table4", "dataset=cifar100"])
+    assert (tmp_path / "results" / "reproduced" / "table4-cifar100.md").is_file()
 
 
 def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -245,3 +303,13 @@ def test_loss_figure_and_smoothing(records: list[dict], tmp_path: Path) -> None:
         r["config"]["layer"]["ratio"] = 0.5
     path = make_figure("fig3", records, tmp_path, "synthetic")
     assert path.name == "fig3.png" and path.stat().st_size > 10_000
+
+
+def test_loss_figure_has_no_empty_legend_entries_and_shows_single_epochs() -> None:
+    one_epoch = record("t4.c10.branching.p1", 0, 80.0, 1.0, 81.0)
+    one_epoch["config"] = {**one_epoch["config"], "layer": {**one_epoch["config"]["layer"], "ratio": 0.5}}
+    one_epoch["epochs"] = one_epoch["epochs"][:1]
+    fig = draw_figure("fig3", [one_epoch], "synthetic")
+    [ax] = fig.axes
+    assert ax.get_legend_handles_labels()[1] == ["Branching (λ=0.5)"]  # not Conv2D / ConvNN: no runs
+    assert [line.get_marker() for line in ax.get_lines()] == ["o", "o"]  # train and test, one point each

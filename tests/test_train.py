@@ -95,9 +95,8 @@ def test_sweep_jobs_and_single_runs_share_run_directories(tmp_path, monkeypatch,
     with pytest.raises(SystemExit) as e:
         convnn_train(tmp_path, *overrides, "seed=1", monkeypatch=monkeypatch)
     assert e.value.code == 2
-    assert (
-        "holds a different run (its record differs in batch_size); overwrite=true" in capsys.readouterr().err
-    )
+    err = capsys.readouterr().err
+    assert "holds a different run (its record differs in batch_size); overwrite=true" in err
     assert read_record(run_dir)["config"]["batch_size"] == 7
     convnn_train(tmp_path, *overrides, "seed=1", "overwrite=true", monkeypatch=monkeypatch)
     assert read_record(run_dir)["config"]["batch_size"] == record["config"]["batch_size"]

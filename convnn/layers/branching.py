@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import typing
 
 import torch
 from torch import Tensor, nn
@@ -55,7 +56,11 @@ def branching(
 def _signature_with_convnn_options() -> inspect.Signature:
     """``branching``'s own parameters followed by every ConvNN option, so the registry sees them all."""
     own = list(inspect.signature(branching).parameters.values())[:-1]
-    options = list(inspect.signature(ConvNN).parameters.values())[2:]
+    hints = typing.get_type_hints(ConvNN.__init__)  # resolved, so the registry can check the types
+    options = [
+        p.replace(annotation=hints.get(p.name, p.annotation))
+        for p in list(inspect.signature(ConvNN).parameters.values())[2:]
+    ]
     return inspect.Signature(own + options, return_annotation=Branching)
 
 

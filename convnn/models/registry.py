@@ -114,3 +114,35 @@ def build_model(
         return build_layer(layer_name, in_ch, out_ch, **layer_opts)
 
     return entry.builder(layer, num_classes, size, in_channels, **model_opts)
+
+
+def build_from_config(
+    cfg: Mapping[str, Any], check_input: bool = False
+) -> tuple[nn.Module, tuple[int, int, int]]:
+    """The model a config's ``model`` / ``layer`` / ``data`` describe and its one-image input ``(C, S, S)``.
+
+    The one path from a config to a network (training, ``convnn-profile``, ``convnn-tables`` and the
+    accounting script); layer option names and types are checked by the layer registry. With
+    ``check_input`` the model also runs once on a zero image (eval mode, no grad, RNG untouched; not
+    on the meta device), so problems that depend on the input size (k above the candidates, r > N,
+    a patch not dividing H) raise a ``ValueError`` here, before any data is read.
+    """
+    import torch
+
+    model_cfg, layer_cfg = _as_dict(cfg["model"], "model"), _as_dict(cfg["layer"], "layer")
+    data = cfg["data"]
+    layer_entry(layer_cfg["name"]).check_options({k: v for k, v in layer_cfg.items() if k != "name"})
+    size, channels = input_size(model_cfg, data["image_size"]), data["in_channels"]
+    model = build_model(model_cfg, layer_cfg, data["num_classes"], size, channels)
+    first = next(model.parameters(), None)
+    if not check_input or (first is not None and first.device.type == "meta"):
+        return model, (channels, size, size)
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng():
+            model(torch.zeros(1, channels, size, size))
+    except ValueError as e:
+        raise ValueError(f"on {channels}x{size}x{size} inputs: {' '.join(str(e).split())}") from None
+    finally:
+        model.train()
+    return model, (channels, size, size)

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from convnn.slurm import queued_jobs
 from convnn.sweep import JobOutcome, expand_jobs, format_jobs, format_summary, run_state
+from convnn.train import unwritable
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,10 @@ class PaperSweeper(BasicSweeper):
             parser.parse_overrides([*self._parse_config(), *arguments]), self.max_batch_size
         )
         sweep_dir = Path(self.config.hydra.sweep.dir)
+        problem = unwritable(sweep_dir)
+        if problem:
+            print(f"convnn-train: error: out_dir {sweep_dir} is not writable ({problem})", file=sys.stderr)
+            sys.exit(2)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         returns, index, stop = [], 0, None

@@ -1,7 +1,8 @@
 """The paper's Algorithm 1 ("PyTorch code of our ConvNN module"), transcribed literally.
 
-Kept beside the tests as the reference the optimised layers are compared with (tests and
-``scripts/bench_layers.py``). Changes to the printed listing, none of them semantic: the channel
+The reference the optimised layers are compared with (``tests/test_layers_map.py`` and
+``scripts/bench_layers.py``); part of the package so the benchmark never imports the tests.
+Changes to the printed listing, none of them semantic: the channel
 counts the listing leaves out are arguments, ``k.T`` on the batched ``[B, C, N]`` tensor is
 ``k.transpose(1, 2)``, and a map ``[B, C, H, W]`` enters flattened (:func:`algorithm1_on_map`).
 Note the listing's own conventions: ``S[i, j] = k_i . q_j`` (keys play the query role), all N

@@ -1,0 +1,101 @@
+"""Bad input stops with one line and no traceback, before any long computation, and leaves no
+half-made run directory behind (README "Runs, resume and recovery")."""
+
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from convnn import profile, train
+from convnn.records import read_record
+from tests.faults import read_only
+from tests.test_train import QUIET, TINY_DATA, TINY_VGG, convnn_train
+
+TINY = [*TINY_DATA, *TINY_VGG, *QUIET, "epochs=1"]
+
+
+def stops(out: Path, *overrides: str, monkeypatch, capsys) -> str:
+    """Run ``convnn-train`` expecting exit 2 with one line; that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        convnn_train(out, *overrides, monkeypatch=monkeypatch)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["layer=convnn", "layer.k=40"],
+            "on 3x32x32 inputs: convnn k=40 exceeds the 36 candidate tokens of the padded 6x6 map",
+        ),
+        (["layer=convnn", "layer.patch=3"], "patch=3 needs H and W divisible by it, got (32, 32)"),
+        (["layer=branching", "layer.k=nine"], "layer=branching: layer.k='nine'; allowed: int"),
+        (["data.subset.train=100"], "data.subset.train=100 exceeds the 64 images of that split"),
+    ],
+)
+def test_bad_values_stop_in_one_line_without_a_run_dir(overrides, message, tmp_path, monkeypatch, capsys):
+    err = stops(tmp_path, *TINY, *overrides, monkeypatch=monkeypatch, capsys=capsys)
+    assert message in err
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # not even .hydra/
+
+
+def test_r_above_the_tokens_stops_in_one_line(tmp_path, monkeypatch, capsys):
+    vit = ["model=vit_tiny", "model.image_size=32", "model.patch_size=8", "model.dim=32", "model.depth=1"]
+    vit += ["model.mlp_dim=64", "layer=convnn_attention", "layer.sampling=random", "layer.num_candidates=40"]
+    err = stops(tmp_path, *TINY_DATA, *QUIET, *vit, monkeypatch=monkeypatch, capsys=capsys)
+    assert "num_candidates <= N tokens, got r=40, N=17" in err
+
+
+def _imagefolder(root: Path, classes: int, per_class: int = 2) -> Path:
+    for split in ("train", "test"):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (32, 32), (c * 20, i * 50, 0)).save(folder / f"{i}.png")
+    return root
+
+
+def test_wrong_class_count_in_an_imagefolder_names_it(tmp_path, monkeypatch, capsys):
+    root = _imagefolder(tmp_path / "data", classes=3)
+    err = stops(
+        tmp_path / "runs", *TINY_VGG, *QUIET, f"data.root={root}", monkeypatch=monkeypatch, capsys=capsys
+    )
+    assert f"'{root / 'train'}' has 3 class folders but data.num_classes=10" in err
+
+
+def test_a_corrupt_image_is_named_and_the_record_says_failed(tmp_path, monkeypatch, capsys):
+    root = _imagefolder(tmp_path / "data", classes=10)
+    bad = root / "train" / "class3" / "1.png"
+    bad.write_bytes(b"not a png")
+    capsys.readouterr()
+    args = [*TINY_VGG, *QUIET, f"data.root={root}", "data.num_workers=1", "batch_size=4", "epochs=1"]
+    with pytest.raises(SystemExit) as e:
+        convnn_train(tmp_path / "runs", *args, monkeypatch=monkeypatch)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 1 and f"corrupt image file {bad}" in err and "Traceback" not in err
+    record = read_record(next((tmp_path / "runs").rglob("results.json")))
+    assert record["status"] == "failed" and str(bad) in record["error"]
+
+
+def test_an_unwritable_out_dir_is_one_line(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "ro"
+    out.mkdir()
+    with read_only(out):
+        err = stops(out / "runs", *TINY, monkeypatch=monkeypatch, capsys=capsys)
+        assert f"out_dir='{out / 'runs'}' is not writable ({out} is read-only" in err
+        monkeypatch.setattr(sys, "argv", ["convnn-train", "-m", f"out_dir={out / 'runs'}", *TINY, "seed=0,1"])
+        with pytest.raises(SystemExit) as e:
+            train.main()
+        assert e.value.code == 2 and "is not writable" in capsys.readouterr().err
+
+
+def test_convnn_profile_says_it_in_one_line_too(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["convnn-profile", "layer=convnn", "layer.patch=3"])
+    with pytest.raises(SystemExit) as e:
+        profile.main()
+    assert "patch=3 needs H and W divisible by it, got (32, 32)" in str(e.value.code)
