@@ -33,6 +33,7 @@ from convnn.identity import effective_budget, run_identity
 from convnn.quiet import filter_known_warnings
 from convnn.records import RECORD_NAME, RunRecord
 from convnn.runlock import RunLock, RunLockedError
+from convnn.slurm import job_info, lightning_plugins, remove_hpc_checkpoints, requeued_by_submitit
 from convnn.sweep import RunState, run_state
 
 if TYPE_CHECKING:
@@ -371,6 +372,7 @@ def _run_locked(cfg: DictConfig, typed: TrainConfig, run_dir: Path) -> float | N
         "git_commit": _git_commit(),
         "versions": _versions(),
         "device": _device(typed),
+        "launcher": job_info() or {},
         "seed": typed.seed,
         "budget": typed.budget,
         "effective_budget": effective_budget(resolved),
@@ -446,6 +448,8 @@ def _fit(
     logger = build_logger(
         cfg.logger, run_dir, cfg.name, run_dir.name, resolved, keep_epochs=resume_epoch or 0
     )
+    for hpc in remove_hpc_checkpoints(run_dir):  # every rank, before Lightning looks for one
+        print(f"{PROG}: removed {hpc} (Lightning's auto-requeue checkpoint; submitit owns requeueing)")
     trainer = _build_trainer(cfg, run_dir, logger, [recorder, *build_callbacks(cfg, run_dir / "checkpoints")])
     log_accounting(logger, record.data)
     try:
@@ -455,6 +459,10 @@ def _fit(
         close_logger(logger, record.data)
         raise RunError(f"diverged: {e}; lower optim.lr (overwrite=true reruns it)", EXIT_FAILED) from None
     except BaseException as e:
+        if requeued_by_submitit(e):  # before the SIGINT check: Lightning marks any exit "interrupted"
+            record.interrupt("SIGUSR2 (time limit or pre-emption: requeued by submitit, resumes)")
+            close_logger(logger, record.data)
+            raise
         sigint = isinstance(e, KeyboardInterrupt) or (type(e) is SystemExit and trainer.interrupted)
         if isinstance(e, SIGTERMException) or sigint:
             name, code = ("SIGINT", EXIT_SIGINT) if sigint else ("SIGTERM", EXIT_SIGTERM)
@@ -502,7 +510,7 @@ def _build_trainer(cfg: TrainConfig, run_dir: Path, logger: Any, callbacks: list
         enable_progress_bar=t.progress_bar != "none",
         enable_model_summary=False,
         default_root_dir=str(run_dir),
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *lightning_plugins()],
         log_every_n_steps=1,  # nothing is logged per step; this only silences a warning
     )
 

@@ -50,9 +50,31 @@ def test_slurm_launcher_is_submitit_slurm_and_overridable() -> None:
         ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4"]
         + ["hydra.launcher.timeout_min=60", "hydra.launcher.array_parallelism=8", "hydra.launcher.mem_gb=32"]
     )
-    assert cfg._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert cfg._target_ == "hydra_plugins.convnn_sweeper.slurm_launcher.SlurmLauncher"
     assert (cfg.partition, cfg.gpus_per_node, cfg.tasks_per_node) == ("gpu", 4, 4)  # one task per GPU (DDP)
-    assert (cfg.timeout_min, cfg.array_parallelism, cfg.mem_gb, cfg.cpus_per_task) == (60, 8, 32, 8)
+    assert (cfg.timeout_min, cfg.array_parallelism, cfg.mem_gb, cfg.cpus_per_task) == (60, 8, 32, 2)
+
+
+def test_slurm_launcher_asks_for_what_the_trainer_uses() -> None:
+    """CPU-only partitions: no GPU and one task (sbatch rejects ``--ntasks-per-node=0``); GPUs, tasks
+    and nodes follow ``trainer``; memory is the cluster's default unless set."""
+    cpu = launcher(["hydra/launcher=slurm"])
+    assert (cpu.gpus_per_node, cpu.tasks_per_node, cpu.nodes, cpu.mem_gb) == (0, 1, 1, None)
+    gpu = launcher(["hydra/launcher=slurm", "trainer=gpu"])
+    assert (gpu.gpus_per_node, gpu.tasks_per_node) == (1, 1)
+    ddp = launcher(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=2", "trainer.num_nodes=3"])
+    assert (ddp.gpus_per_node, ddp.tasks_per_node, ddp.nodes) == (2, 2, 3)
+    forced = launcher(["hydra/launcher=slurm", "trainer=gpu", "hydra.launcher.gpus_per_node=0"])
+    assert (forced.gpus_per_node, forced.tasks_per_node) == (0, 1)
+
+
+def test_a_requeued_slurm_job_resumes_its_run() -> None:
+    """submitit's requeue (USR2) resubmits the job without ``overwrite`` / ``resume``: it continues."""
+    from hydra_plugins.convnn_sweeper.slurm_launcher import SlurmLauncher
+
+    job = ["layer=conv2d", "overwrite=true", "+resume=false", "seed=1"]
+    again = SlurmLauncher().checkpoint(job, "hydra.sweep.dir", 3, "job_id_for_3", {})
+    assert again.args == (["layer=conv2d", "seed=1"], "hydra.sweep.dir", 3, "job_id_for_3", {})
 
 
 def test_local_launcher_is_submitit_local() -> None:
@@ -144,20 +166,20 @@ def test_listings_and_summary_name_every_job_that_does_not_finish() -> None:
     ]
 
 
+def sweep_command(search: Path, out: Path, *extra: str, experiment: str = "tiny") -> list[str]:
+    """``convnn-train -m`` over ``experiment`` (a YAML in ``search/experiment``) into ``out``."""
+    return [
+        "convnn-train",
+        "-m",
+        f"experiment={experiment}",
+        f"hydra.searchpath=[file://{search}]",
+        f"out_dir={out}",
+        *extra,
+    ]
+
+
 def _sweep(search: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            "convnn-train",
-            "-m",
-            "experiment=tiny",
-            f"hydra.searchpath=[file://{search}]",
-            f"out_dir={out}",
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return subprocess.run(sweep_command(search, out, *extra), capture_output=True, text=True, timeout=300)
 
 
 def test_submitit_local_sweep_runs_for_real_then_skips_and_resumes(tmp_path: Path) -> None:

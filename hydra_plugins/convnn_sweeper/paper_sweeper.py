@@ -19,6 +19,7 @@ from hydra.core.override_parser.types import Override
 from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf
 
+from convnn.slurm import queued_jobs
 from convnn.sweep import JobOutcome, expand_jobs, format_jobs, format_summary, run_state
 from convnn.train import unwritable
 
@@ -112,25 +113,31 @@ class PaperSweeper(BasicSweeper):
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def plan(self, overrides: list[Override], check: bool = False) -> list[list[str]]:
-        """The jobs to launch; the others go to ``self.outcomes``: a finished run or one another
-        process holds is skipped, a stale, blocked or corrupt one fails with its reason (unless the
-        job sets ``overwrite=true``), and with ``check`` (the dry run) a job with a bad value fails."""
+        """The jobs to launch; the others go to ``self.outcomes``: a finished run, one another
+        process holds or one this sweep submitted that SLURM still holds (pending, running,
+        requeued) is skipped, a stale, blocked or corrupt one fails with its reason (unless the job
+        sets ``overwrite=true``), and with ``check`` (the dry run) a job with a bad value fails."""
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         jobs = expand_jobs(self.rows, [o.input_line for o in overrides], parser)
         if not (self.skip_finished or check):
             return jobs
+        held = self._queued_run_dirs() if self.skip_finished else {}
         todo = []
         for job in jobs:
-            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, job)
-            HydraConfig.instance().set_config(cfg)  # the run dir may interpolate ${hydra:...}
+            cfg = self._job_config(job)
             error = _check_job(cfg) if check else None
             if error:
                 self.outcomes.append(JobOutcome(tuple(job), "failed", error))
                 continue
-            if not self.skip_finished or any(o == "overwrite=true" for o in job):
+            run_dir = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
+            if run_dir in held:
+                self.outcomes.append(
+                    JobOutcome(tuple(job), "skipped", f"queued or running: SLURM job {held[run_dir]}")
+                )
+                continue
+            if not self.skip_finished or any(o.lower() == "overwrite=true" for o in job):
                 todo.append(job)
                 continue
-            run_dir = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
             resolved = OmegaConf.to_container(
                 OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
             )
@@ -142,6 +149,25 @@ class PaperSweeper(BasicSweeper):
             else:
                 self.outcomes.append(JobOutcome(tuple(job), "failed", f"{state.name}: {state.reason}"))
         return todo
+
+    def _job_config(self, job: list[str]) -> Any:
+        """The composed config of one job (also set as the Hydra config: the run dir may use it)."""
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, job)
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    def _queued_run_dirs(self) -> dict[Path, str]:
+        """Run directory -> SLURM job id, for each job submitit submitted into this sweep's
+        ``submitit_folder`` that SLURM still holds (see :func:`convnn.slurm.queued_jobs`)."""
+        folder = OmegaConf.select(self.config, "hydra.launcher.submitit_folder", default=None)
+        if not folder:
+            return {}
+        held = {}
+        for job_id, job in queued_jobs(str(folder)).items():
+            cfg = self._job_config(job)
+            held[Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)] = job_id
+        HydraConfig.instance().set_config(self.config)
+        return held
 
     def _batch_size(self, max_batch_size: int | None, jobs: int) -> int:
         """``max_batch_size``, else for ``hydra/launcher=local`` its concurrency cap, else all jobs."""
