@@ -42,8 +42,9 @@ SIMILARITIES = ("cosine", "dot", "euclidean")
 SAMPLINGS = ("all", "random", "spatial")
 RHOS = ("ones", "softmax")
 
-#: Target number of similarity entries per chunk when ``chunk_size`` is None (16 MiB in float32).
-AUTO_CHUNK_ELEMENTS = 1 << 22
+#: Similarity entries per chunk on CPU when ``chunk_size`` is None (1 MiB of float32: the chunk of
+#: scores stays in the core's cache for the top-k that reads it again).
+AUTO_CHUNK_ELEMENTS = 1 << 18
 
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -167,22 +168,22 @@ def fits(sampling: str, n: int, r: int, grid: tuple[int, int] | None, padding: i
 DEVICE_CHUNK_ELEMENTS = 1 << 28
 
 
-def _auto_chunk(batch: int, n: int, m: int, device: torch.device) -> int:
-    """Queries per chunk of a ``[batch, chunk, m]`` similarity, sized for ``device``.
+def _auto_chunk(batch: int, n: int, m: int, device: torch.device) -> tuple[int, int]:
+    """``(queries, images)`` per chunk of a ``[images, queries, m]`` similarity, sized for ``device``.
 
-    CPU: about :data:`AUTO_CHUNK_ELEMENTS` (the chunk and its top-k stay in cache). CUDA: a quarter
-    of the free memory, so a paper-shape layer runs in one chunk (a handful of kernel launches).
-    Under ``torch.compile``: one chunk, so the graph neither unrolls a loop nor depends on the batch.
+    CPU: about :data:`AUTO_CHUNK_ELEMENTS` entries, queries of one image first (the chunk and its
+    top-k stay in cache). CUDA: a quarter of the free memory, so a paper-shape layer runs in one
+    chunk (a handful of kernel launches). Under ``torch.compile``: one chunk, so the graph neither
+    unrolls a loop nor depends on the batch size.
     """
     if torch.compiler.is_compiling():
-        return n
+        return n, batch
     if device.type == "cpu":
-        elements = AUTO_CHUNK_ELEMENTS
-    elif device.type == "cuda":
-        elements = torch.cuda.mem_get_info(device)[0] // 16  # a quarter of the free bytes, fp32
-    else:
-        elements = DEVICE_CHUNK_ELEMENTS
-    return max(1, min(n, elements // max(1, batch * m)))
+        queries = min(n, max(1, AUTO_CHUNK_ELEMENTS // m))
+        return queries, min(batch, max(1, AUTO_CHUNK_ELEMENTS // (queries * m)))
+    # CUDA: a quarter of the free bytes, in float32 entries
+    elements = torch.cuda.mem_get_info(device)[0] // 16 if device.type == "cuda" else DEVICE_CHUNK_ELEMENTS
+    return max(1, min(n, elements // max(1, batch * m))), batch
 
 
 def knn_select(
@@ -235,10 +236,13 @@ def knn_select(
         raise ValueError(f"k={num_neighbors} neighbours need 1 <= k <= number of candidates ({m})")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
-    chunk = chunk_size or _auto_chunk(batch, n, m, q.device)
+    chunk, images = _auto_chunk(batch, n, m, q.device)
+    chunk = chunk_size or chunk
     out_dtype = q.dtype
     with torch.autocast(q.device.type, enabled=False):
-        values, indices = _knn_fp32(q, k, num_neighbors, kind, candidates, self_first, self_sim, chunk)
+        values, indices = _knn_fp32(
+            q, k, num_neighbors, kind, candidates, self_first, self_sim, (chunk, images)
+        )
     return values.to(out_dtype), indices
 
 
@@ -250,9 +254,10 @@ def _knn_fp32(
     candidates: Tensor | None,
     self_first: bool,
     self_sim: Tensor | None,
-    chunk: int,
+    chunk: tuple[int, int],
 ) -> tuple[Tensor, Tensor]:
-    """:func:`knn_select` on rows promoted to at least float32 (its arguments, checked)."""
+    """:func:`knn_select` on rows promoted to at least float32 (its arguments, checked; ``chunk`` =
+    ``(queries, images)`` per chunk)."""
     batch, n, _ = q.shape
     shared = k is q
     q = prepare(_at_least_fp32(q), kind).contiguous()
@@ -266,7 +271,7 @@ def _knn_fp32(
     if own is not None and self_sim is None:  # all candidates: the self value is a similarity entry too
         positions = torch.cat([self_ids, positions], dim=-1)
         values = torch.cat([own.unsqueeze(-1), values], dim=-1)
-    values = SelectedSimilarity.apply(q, k, positions, values, kind, chunk)
+    values = SelectedSimilarity.apply(q, k, positions, values, kind, chunk[0])
     indices = positions if candidates is None else candidates[positions]
     if not self_first or (own is not None and self_sim is None):
         return values, indices
@@ -282,31 +287,53 @@ def _at_least_fp32(x: Tensor) -> Tensor:
 
 
 def _select(
-    q: Tensor, k: Tensor, picks: int, kind: str, candidates: Tensor | None, self_first: bool, chunk: int
+    q: Tensor,
+    k: Tensor,
+    picks: int,
+    kind: str,
+    candidates: Tensor | None,
+    self_first: bool,
+    chunk: tuple[int, int],
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Chunked top-``picks`` of prepared rows -> ``(values, positions into k [B, N, picks], own)``.
 
     ``own`` is the similarity of each token with itself ``[B, N]`` (all candidates with
     ``self_first``), else None. With ``self_first`` the token's own candidate entry is masked out.
-    Peak extra memory is one ``[B, chunk, M]`` chunk of scores.
+    ``chunk = (queries, images)``: peak extra memory is one ``[images, queries, M]`` chunk of scores.
     """
-    n = q.shape[1]
-    values, positions, own = [], [], []
-    for start, q_chunk in zip(range(0, n, chunk), q.split(chunk, dim=1), strict=True):
-        stop = start + q_chunk.shape[1]
-        scores = prepared_similarity(q_chunk, k, kind)
-        lowest = torch.finfo(scores.dtype).min
-        if self_first and candidates is None:
-            diagonal = scores.diagonal(offset=start, dim1=1, dim2=2)
-            own.append(diagonal.clone())
-            diagonal.fill_(lowest)
-        elif self_first:  # a token's own candidate entry, by comparison (no boolean indexing, no sync)
-            rows = torch.arange(start, stop, device=q.device)
-            scores.masked_fill_(rows[:, None] == candidates[None, :], lowest)
-        top_values, top_pos = scores.topk(picks, dim=-1)
-        values.append(top_values)
-        positions.append(top_pos)
-    return torch.cat(values, dim=1), torch.cat(positions, dim=1), torch.cat(own, dim=1) if own else None
+    batch, n = q.shape[:2]
+    queries, images = chunk
+    if queries >= n and images >= batch:  # one chunk (always under torch.compile): no loop
+        return _select_chunk(q, k, 0, picks, kind, candidates, self_first)
+    values = q.new_empty(batch, n, picks)
+    positions = torch.empty(batch, n, picks, dtype=torch.long, device=q.device)
+    own = q.new_empty(batch, n) if self_first and candidates is None else None
+    for first in range(0, batch, images):
+        for start in range(0, n, queries):
+            part = (slice(first, first + images), slice(start, start + queries))
+            top = _select_chunk(q[part], k[part[0]], start, picks, kind, candidates, self_first)
+            values[part], positions[part] = top[0], top[1]
+            if own is not None:
+                own[part] = top[2]
+    return values, positions, own
+
+
+def _select_chunk(
+    q: Tensor, k: Tensor, start: int, picks: int, kind: str, candidates: Tensor | None, self_first: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`_select` for the queries ``start, start + 1, ...`` (``q [b, c, h]``) against ``k [b, M, h]``."""
+    scores = prepared_similarity(q, k, kind)
+    lowest = torch.finfo(scores.dtype).min
+    own = None
+    if self_first and candidates is None:
+        diagonal = scores.diagonal(offset=start, dim1=1, dim2=2)
+        own = diagonal.clone()
+        diagonal.fill_(lowest)
+    elif self_first:  # a token's own candidate entry, by comparison (no boolean indexing, no sync)
+        rows = torch.arange(start, start + q.shape[1], device=q.device)
+        scores.masked_fill_(rows[:, None] == candidates[None, :], lowest)
+    values, positions = scores.topk(picks, dim=-1)
+    return values, positions, own
 
 
 class SelectedSimilarity(torch.autograd.Function):
@@ -440,9 +467,23 @@ def aggregate_neighbors(v: Tensor, indices: Tensor, values: Tensor, rho: str, co
     rows = v_rows.index_select(0, flat.reshape(-1)).view(-1, k, channels)  # [B * N', k, C]
     if rho == "softmax":
         rows = rows * values.softmax(dim=-1).to(rows.dtype).reshape(-1, k, 1)
+    if torch.compiler.is_compiling():  # inductor's conv backward would specialise the batch size
+        out = grouped_matmul(rows, conv.weight, conv.groups)
+        out = out if conv.bias is None else out + conv.bias
+        return out.view(batch, tokens, -1).transpose(1, 2)
     rows = rows.permute(2, 1, 0).reshape(1, channels * k, -1)  # row c * k + j, as ``conv`` reads them
     out = F.conv1d(rows, conv.weight.reshape(conv.out_channels, -1, 1), conv.bias, groups=conv.groups)
     return out.view(-1, batch, tokens).transpose(0, 1).contiguous()
+
+
+def grouped_matmul(rows: Tensor, weight: Tensor, groups: int) -> Tensor:
+    """A Conv1d (kernel = stride = k, ``groups``) as one einsum, no bias: ``rows [T, k, C]``,
+    ``weight [C', C / groups, k]`` -> ``[T, C']``."""
+    tokens, k, channels = rows.shape
+    out_channels = weight.shape[0]
+    w = weight.view(groups, out_channels // groups, channels // groups, k)
+    out = torch.einsum("tjgi,goij->tgo", rows.view(tokens, k, groups, channels // groups), w)
+    return out.reshape(tokens, out_channels)
 
 
 def _fused_applies(v_rows: Tensor, conv: nn.Conv1d) -> bool:
