@@ -122,7 +122,12 @@ def random_candidates(
     """
     if not 1 <= r <= n:
         raise ValueError(f"random sampling needs 1 <= num_candidates <= N tokens, got r={r}, N={n}")
-    return torch.rand(n, generator=generator, device=device).topk(r).indices
+    keys = (
+        torch.rand(n, device=device)
+        if generator is None
+        else torch.rand(n, generator=generator, device=device)
+    )
+    return keys.topk(r).indices
 
 
 def spatial_candidates(n: int, r: int, grid: tuple[int, int] | None = None, padding: int = 0) -> Tensor:
@@ -196,11 +201,12 @@ def knn_select(
     self_first: bool = True,
     self_sim: Tensor | None = None,
     chunk_size: int | None = None,
+    queries: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The ``num_neighbors`` most similar keys of every query, computed in query chunks.
 
     Args:
-        q: queries of all N tokens ``[B, N, h]``.
+        q: queries ``[B, N, h]`` of all N tokens in order, or of the tokens ``queries``.
         k: keys ``[B, M, h]``: of all N tokens in order when ``candidates`` is None, else of the
             candidate tokens ``candidates`` (``M = len(candidates)``).
         num_neighbors: k, the neighbours per token (the token itself included when ``self_first``).
@@ -215,6 +221,8 @@ def knn_select(
             of ``q`` (exact when queries and keys share their projection).
         chunk_size: queries per chunk; None sizes it for the device (:func:`_auto_chunk`). Peak
             extra memory is O(B * chunk * M + B * N * k).
+        queries: None (``q`` holds every token's query) or LongTensor ``[N]``: the token index of
+            each query row, e.g. only the unpadded tokens of a padded map.
 
     Returns:
         ``(values [B, N, k], indices [B, N, k])``: similarities and token indices (into the N
@@ -228,7 +236,9 @@ def knn_select(
     """
     batch, n, _ = q.shape
     m = k.shape[1]
-    if candidates is None and m != n:
+    if queries is not None and queries.shape != (n,):
+        raise ValueError(f"queries must be a LongTensor [{n}] (1 per query row), got {tuple(queries.shape)}")
+    if candidates is None and queries is None and m != n:
         raise ValueError(f"without candidates the keys must cover all {n} tokens, got {m}")
     if candidates is not None and candidates.shape != (m,):
         raise ValueError(f"candidates must be a LongTensor [{m}] (1 per key), got {tuple(candidates.shape)}")
@@ -240,8 +250,9 @@ def knn_select(
     chunk = chunk_size or chunk
     out_dtype = q.dtype
     with torch.autocast(q.device.type, enabled=False):
+        ids = torch.arange(n, device=q.device) if queries is None else queries.to(q.device)
         values, indices = _knn_fp32(
-            q, k, num_neighbors, kind, candidates, self_first, self_sim, (chunk, images)
+            q, k, num_neighbors, kind, candidates, self_first, self_sim, (chunk, images), ids
         )
     return values.to(out_dtype), indices
 
@@ -255,9 +266,10 @@ def _knn_fp32(
     self_first: bool,
     self_sim: Tensor | None,
     chunk: tuple[int, int],
+    ids: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """:func:`knn_select` on rows promoted to at least float32 (its arguments, checked; ``chunk`` =
-    ``(queries, images)`` per chunk)."""
+    ``(queries, images)`` per chunk; ``ids [N]`` the token index of each query row)."""
     batch, n, _ = q.shape
     shared = k is q
     q = prepare(_at_least_fp32(q), kind).contiguous()
@@ -266,8 +278,8 @@ def _knn_fp32(
     if candidates is not None:
         candidates = candidates.to(q.device)
     with torch.no_grad():
-        values, positions, own = _select(q, k, picks, kind, candidates, self_first, chunk)
-    self_ids = torch.arange(n, device=q.device).expand(batch, n).unsqueeze(-1)
+        values, positions, own = _select(q, k, ids, picks, kind, candidates, self_first, chunk)
+    self_ids = ids.expand(batch, n).unsqueeze(-1)
     if own is not None and self_sim is None:  # all candidates: the self value is a similarity entry too
         positions = torch.cat([self_ids, positions], dim=-1)
         values = torch.cat([own.unsqueeze(-1), values], dim=-1)
@@ -289,6 +301,7 @@ def _at_least_fp32(x: Tensor) -> Tensor:
 def _select(
     q: Tensor,
     k: Tensor,
+    ids: Tensor,
     picks: int,
     kind: str,
     candidates: Tensor | None,
@@ -304,14 +317,14 @@ def _select(
     batch, n = q.shape[:2]
     queries, images = chunk
     if queries >= n and images >= batch:  # one chunk (always under torch.compile): no loop
-        return _select_chunk(q, k, 0, picks, kind, candidates, self_first)
+        return _select_chunk(q, k, ids, picks, kind, candidates, self_first)
     values = q.new_empty(batch, n, picks)
     positions = torch.empty(batch, n, picks, dtype=torch.long, device=q.device)
     own = q.new_empty(batch, n) if self_first and candidates is None else None
     for first in range(0, batch, images):
         for start in range(0, n, queries):
             part = (slice(first, first + images), slice(start, start + queries))
-            top = _select_chunk(q[part], k[part[0]], start, picks, kind, candidates, self_first)
+            top = _select_chunk(q[part], k[part[0]], ids[part[1]], picks, kind, candidates, self_first)
             values[part], positions[part] = top[0], top[1]
             if own is not None:
                 own[part] = top[2]
@@ -319,19 +332,18 @@ def _select(
 
 
 def _select_chunk(
-    q: Tensor, k: Tensor, start: int, picks: int, kind: str, candidates: Tensor | None, self_first: bool
+    q: Tensor, k: Tensor, ids: Tensor, picks: int, kind: str, candidates: Tensor | None, self_first: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`_select` for the queries ``start, start + 1, ...`` (``q [b, c, h]``) against ``k [b, M, h]``."""
+    """:func:`_select` for the query rows ``q [b, c, h]`` of tokens ``ids [c]`` against ``k [b, M, h]``."""
     scores = prepared_similarity(q, k, kind)
     lowest = torch.finfo(scores.dtype).min
     own = None
-    if self_first and candidates is None:
-        diagonal = scores.diagonal(offset=start, dim1=1, dim2=2)
-        own = diagonal.clone()
-        diagonal.fill_(lowest)
+    if self_first and candidates is None:  # the token's own column: read, then masked out
+        columns = ids.view(1, -1, 1).expand(scores.shape[0], -1, 1)
+        own = scores.gather(2, columns).squeeze(2)
+        scores.scatter_(2, columns, lowest)
     elif self_first:  # a token's own candidate entry, by comparison (no boolean indexing, no sync)
-        rows = torch.arange(start, start + q.shape[1], device=q.device)
-        scores.masked_fill_(rows[:, None] == candidates[None, :], lowest)
+        scores.masked_fill_(ids[:, None] == candidates[None, :], lowest)
     values, positions = scores.topk(picks, dim=-1)
     return values, positions, own
 

@@ -136,11 +136,11 @@ class ConvNN(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.rho == "softmax"):
             if self.select_by == "position":
                 sims, idx = self._select_by_position(x.shape[0], height, width, candidates)
+                sims, idx = self._crop(sims, height, width), self._crop(idx, height, width)
             else:
                 if self.select_by == "both":
                     tokens = mix_position(tokens, coords, self.position_weight)
-                sims, idx = self._select_by_features(tokens, candidates)
-        sims, idx = self._crop(sims, height, width), self._crop(idx, height, width)
+                sims, idx = self._select_by_features(tokens, candidates, self._real_tokens(height, width, x))
         out = self.pointwise(aggregate_neighbors(v, idx, sims, self.rho, self.aggregate))
         pad = self.padding
         return self.shuffle(out.unflatten(2, (height - 2 * pad, width - 2 * pad)))
@@ -161,17 +161,27 @@ class ConvNN(nn.Module):
         grid = per_token.unflatten(1, (height, width))[:, pad : height - pad, pad : width - pad]
         return grid.flatten(1, 2)
 
-    def _select_by_features(self, selection: Tensor, candidates: Tensor | None) -> tuple[Tensor, Tensor]:
-        """k-NN of ``selection [B, C, N]`` through ``w_q`` / ``w_k`` -> ``(values, indices) [B, N, k]``."""
-        q = self.w_q(selection).transpose(1, 2)
+    def _real_tokens(self, height: int, width: int, x: Tensor) -> Tensor:
+        """Indices of the unpadded tokens of the padded ``height x width`` map, raster order ``[H * W]``."""
+        pad = self.padding
+        grid = torch.arange(height * width, device=x.device).view(height, width)
+        return grid[pad : height - pad, pad : width - pad].flatten()
+
+    def _select_by_features(
+        self, selection: Tensor, candidates: Tensor | None, real: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """k-NN of the unpadded tokens ``real`` among the candidates of ``selection [B, C, N]`` (every
+        padded token included) through ``w_q`` / ``w_k`` -> ``(values, indices) [B, H * W, k]``."""
+        q_all = self.w_q(selection).transpose(1, 2)
+        q = q_all[:, real]
         separate_keys = not isinstance(self.w_k, nn.Identity)
-        if candidates is None and not separate_keys:  # identity keys are the queries: prepared once
-            keys = q
+        if candidates is None and not separate_keys:  # identity keys are the queries
+            keys = q_all
         else:
             keys = self.w_k(selection if candidates is None else selection[:, :, candidates]).transpose(1, 2)
         self_sim = None
         if self.self_first and candidates is not None and separate_keys and self.rho == "softmax":
-            self_sim = pair_similarity(q, self.w_k(selection).transpose(1, 2), self.similarity)
+            self_sim = pair_similarity(q, self.w_k(selection[:, :, real]).transpose(1, 2), self.similarity)
         return knn_select(
             q,
             keys,
@@ -181,6 +191,7 @@ class ConvNN(nn.Module):
             self_first=self.self_first,
             self_sim=self_sim,
             chunk_size=self.chunk_size,
+            queries=real,
         )
 
     def _check_candidates(self, height: int, width: int, candidates: Tensor | None) -> None:
