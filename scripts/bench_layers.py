@@ -346,8 +346,8 @@ def model_throughput(batch_vgg: int, batch_vit: int, repeats: int, device, quick
             F.cross_entropy(m(x), y).backward()
             o.step()
 
-        def features_step(f=model.features, x=images) -> None:
-            f(x.requires_grad_()).sum().backward()
+        def features_step(m=model, x=images) -> None:
+            m.features(x.requires_grad_()).sum().backward()
 
         run = features_step if model_name == "vgg11" else train_step
         run()
@@ -480,35 +480,42 @@ def main() -> None:
     def rss(group: str, name: str) -> float | None:
         return child_rss(group, name, batch, args.threads) if on_cpu else None
 
-    groups = []
+    report = {"machine": machine(device, load), "batch": batch, "repeats": repeats, "k": K, "groups": []}
+    report.update(compile=[], models=[], load_average_end=load)
+
+    def save() -> None:  # after every section, so a late failure keeps what was measured
+        report["load_average_end"] = os.getloadavg()
+        if not args.quick:
+            args.out.mkdir(parents=True, exist_ok=True)
+            name = f"layers-{device.type}"
+            for suffix, content in (
+                (".json", json.dumps(report, indent=2) + "\n"),
+                (".md", markdown(report)),
+            ):
+                tmp = args.out / f".{name}{suffix}.tmp"
+                tmp.write_text(content)
+                tmp.replace(args.out / f"{name}{suffix}")
+
     for channels, size in shapes:
         group = f"vgg{channels}x{size}"
-        groups.append(measure_group(group, list(MAP_CASES), "nn.Conv2d 3x3", batch, repeats, device, rss))
+        report["groups"].append(
+            measure_group(group, list(MAP_CASES), "nn.Conv2d 3x3", batch, repeats, device, rss)
+        )
+        save()
         print(group, "done", flush=True)
-    groups.append(measure_group("vit", list(TOKEN_CASES), "attention (SDPA)", batch, repeats, device, rss))
+    report["groups"].append(
+        measure_group("vit", list(TOKEN_CASES), "attention (SDPA)", batch, repeats, device, rss)
+    )
+    save()
     print("vit done", flush=True)
-    compiled = compiled_vs_eager(batch, repeats, device)
+    report["compile"] = compiled_vs_eager(batch, repeats, device)
+    save()
     print("compile done", flush=True)
-    models = model_throughput(batch, 8 if on_cpu else batch, max(1, repeats // 2), device, args.quick)
-    report = {
-        "machine": machine(device, load),
-        "batch": batch,
-        "repeats": repeats,
-        "k": K,
-        "groups": groups,
-        "compile": compiled,
-        "models": models,
-        "load_average_end": os.getloadavg(),
-    }
-    text = markdown(report)
-    print(text)
-    if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        name = f"layers-{device.type}"
-        for suffix, content in ((".json", json.dumps(report, indent=2) + "\n"), (".md", text)):
-            tmp = args.out / f".{name}{suffix}.tmp"
-            tmp.write_text(content)
-            tmp.replace(args.out / f"{name}{suffix}")
+    report["models"] = model_throughput(
+        batch, 8 if on_cpu else batch, max(2, repeats // 2), device, args.quick
+    )
+    save()
+    print(markdown(report))
 
 
 if __name__ == "__main__":
