@@ -15,19 +15,22 @@ where ``aggregate`` is the layer's ``Conv1d(kernel k, stride k)``; :func:`aggreg
 
 Design choices the tests pin down:
 
-* similarity and top-k run in query chunks, so peak extra memory is O(B * chunk * M + B * N * k)
-  instead of the dense ``[B, N, N]`` matrix;
-* the neighbour rows are gathered through an expanded *view* of the index, never from an expanded
-  ``[B, C, N, k]`` copy of the input; the only ``C * k * N`` tensor is the gathered result itself,
-  and in training (``rho="ones"``) not even that: :class:`GatherAggregate` works in token steps;
+* similarity and top-k run in chunks sized per device (cache-sized on CPU, one chunk on CUDA when
+  memory allows, one chunk under ``torch.compile``), so peak extra memory is O(B * chunk * M + B * N * k)
+  instead of the dense ``[B, N, N]`` matrix; the selection runs in float32 also under autocast;
+* neighbour rows are gathered whole with ``index_select`` from the token-major ``[B * N, C]`` rows
+  (backward: ``index_add_``, deterministic under ``torch.use_deterministic_algorithms``), never from
+  an expanded ``[B, C, N, k]`` copy; in training on CPU (``rho="ones"``) not even the gathered rows
+  exist at once: :class:`GatherAggregate` works in cache-sized token steps;
 * selection runs without autograd; gradients of the selected similarities (rho softmax) flow through
   the selected pairs only (:class:`SelectedSimilarity`);
 * ``rho="ones"`` does no multiplication at all, and masks use the dtype's finite minimum, so nothing
   overflows in bf16 / fp16;
-* random candidates come from a ``torch.Generator`` when one is given. :class:`CandidateSampler` holds
-  one per layer for evaluation; :func:`reset_sampling` re-seeds them all, so test metrics with random
-  sampling are reproducible, while training draws from the global RNG (seeded by Lightning's
-  ``seed_everything``).
+* nothing synchronises with the host: random candidates are drawn on the input's device (training:
+  the global RNG, seeded by Lightning's ``seed_everything``; evaluation: :class:`CandidateSampler`'s
+  generator for that device, re-seeded by :func:`reset_sampling`, so test metrics with random
+  sampling are reproducible), spatial ones are cached per shape and device, masks use
+  ``masked_fill`` / ``scatter_``, never boolean indexing.
 """
 
 from __future__ import annotations
@@ -473,7 +476,7 @@ def aggregate_neighbors(v: Tensor, indices: Tensor, values: Tensor, rho: str, co
     v_rows = v.transpose(1, 2).reshape(-1, channels)  # [B * N, C]: token b * N + i is token i of image b
     flat = (indices + torch.arange(batch, device=indices.device).view(batch, 1, 1) * m).reshape(-1, k)
     if rho == "ones" and _fused_applies(v_rows, conv):
-        weight = conv.weight.permute(2, 1, 0).reshape(k * channels, conv.out_channels)
+        weight = conv.weight.permute(0, 2, 1).reshape(conv.out_channels, k * channels)
         out = GatherAggregate.apply(v_rows, flat, weight, conv.bias)  # [B * N', C']
         return out.view(batch, tokens, -1).transpose(1, 2)
     rows = v_rows.index_select(0, flat.reshape(-1)).view(-1, k, channels)  # [B * N', k, C]
@@ -521,25 +524,24 @@ STEP_ELEMENTS = 1 << 20
 class GatherAggregate(torch.autograd.Function):
     """``out[t] = bias + concat_j(v_rows[flat[t, j]]) @ weight`` without the full gathered rows.
 
-    ``v_rows [L, C]`` (token-major), ``flat [T, k]`` (token indices), ``weight [k * C, C']`` (row
+    ``v_rows [L, C]`` (token-major), ``flat [T, k]`` (token indices), ``weight [C', k * C]`` (column
     ``j * C + c`` is ``conv.weight[:, c, j]``) -> ``[T, C']``. Runs over the T tokens in steps of about
     :data:`STEP_ELEMENTS` gathered values: each step gathers whole token rows with ``index_select``
-    (contiguous copies) and runs one GEMM. Only ``v_rows`` and ``flat`` are saved; the backward walks
-    the same steps, re-gathers a step's rows for the weight gradient and adds ``grad @ weight^T`` into
-    ``v_rows``' gradient with ``index_add_``.
+    (contiguous copies) and applies the weight as a 1x1 convolution over a channels-last view of the
+    rows (:func:`_rows_conv`: oneDNN's kernels, about twice the throughput of a plain GEMM on these
+    narrow shapes). Only ``v_rows`` and ``flat`` are saved; the backward walks the same steps,
+    re-gathers a step's rows for the weight gradient and adds the rows' gradient into ``v_rows``'
+    gradient with ``index_add_``.
     """
 
     @staticmethod
     def forward(v_rows: Tensor, flat: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        tokens = flat.shape[0]
-        out = v_rows.new_empty(tokens, weight.shape[1])
-        for start in range(0, tokens, _step(flat, v_rows)):
-            step = flat[start : start + _step(flat, v_rows)]
+        tokens, size = flat.shape[0], _step(flat, v_rows)
+        out = v_rows.new_empty(tokens, weight.shape[0])
+        for start in range(0, tokens, size):
+            step = flat[start : start + size]
             rows = v_rows.index_select(0, step.reshape(-1)).view(step.shape[0], -1)
-            if bias is None:
-                torch.mm(rows, weight, out=out[start : start + step.shape[0]])
-            else:
-                torch.addmm(bias, rows, weight, out=out[start : start + step.shape[0]])
+            out[start : start + step.shape[0]] = _rows_conv(rows, weight, bias)
         return out
 
     @staticmethod
@@ -555,18 +557,62 @@ class GatherAggregate(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[2] else None
         for start in range(0, flat.shape[0], size):
             step, step_grad = flat[start : start + size].reshape(-1), grad[start : start + size]
+            rows = v_rows.index_select(0, step).view(step_grad.shape[0], -1)
+            grad_rows, step_grad_w = _rows_conv_backward(rows, weight, step_grad, grad_w is not None)
             if grad_w is not None:
-                rows = v_rows.index_select(0, step).view(step_grad.shape[0], -1)
-                grad_w.addmm_(rows.t(), step_grad)
+                grad_w += step_grad_w
             if grad_v is not None:
-                grad_v.index_add_(0, step, (step_grad @ weight.t()).view(-1, channels))
+                grad_v.index_add_(0, step, grad_rows.view(-1, channels))
         grad_b = grad.sum(0) if ctx.needs_input_grad[3] else None
         return grad_v, None, grad_w, grad_b
 
 
 def _step(flat: Tensor, v_rows: Tensor) -> int:
-    """Tokens per :class:`GatherAggregate` step: about :data:`STEP_ELEMENTS` gathered values."""
-    return max(1, STEP_ELEMENTS // (flat.shape[1] * v_rows.shape[1]))
+    """Tokens per :class:`GatherAggregate` step: about :data:`STEP_ELEMENTS` gathered values, a
+    multiple of :data:`CONV_BATCH`."""
+    tokens = STEP_ELEMENTS // (flat.shape[1] * v_rows.shape[1])
+    return max(CONV_BATCH, tokens - tokens % CONV_BATCH)
+
+
+#: Rows of a step are viewed as this many images for the 1x1 convolution (oneDNN runs a 1x1 conv
+#: with one thread only from a batch of 16; smaller batches fall back to a slow GEMM path).
+CONV_BATCH = 16
+
+
+def _conv_view(rows: Tensor) -> Tensor:
+    """``[S, F]`` rows as the channels-last ``[16, F, S / 16, 1]`` images they already are in memory."""
+    return rows.view(CONV_BATCH, rows.shape[0] // CONV_BATCH, 1, rows.shape[1]).permute(0, 3, 1, 2)
+
+
+def _rows_conv(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``rows [S, F] @ weight[C', F]^T + bias -> [S, C']`` (a 1x1 conv when S is a multiple of 16)."""
+    if rows.shape[0] % CONV_BATCH:
+        return F.linear(rows, weight, bias)
+    out = F.conv2d(_conv_view(rows), weight[:, :, None, None], bias)
+    return out.permute(0, 2, 3, 1).reshape(rows.shape[0], -1)
+
+
+def _rows_conv_backward(
+    rows: Tensor, weight: Tensor, grad: Tensor, weight_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Gradients of :func:`_rows_conv` for ``grad [S, C']``: ``(rows [S, F], weight [C', F] or None)``."""
+    if rows.shape[0] % CONV_BATCH:
+        return grad @ weight, grad.t() @ rows if weight_grad else None
+    grad_rows, grad_w, _ = torch.ops.aten.convolution_backward(
+        _conv_view(grad),
+        _conv_view(rows),
+        weight[:, :, None, None],
+        None,
+        [1, 1],
+        [0, 0],
+        [1, 1],
+        False,
+        [0, 0],
+        1,
+        [True, weight_grad, False],
+    )
+    grad_rows = grad_rows.permute(0, 2, 3, 1).reshape(rows.shape[0], -1)
+    return grad_rows, None if grad_w is None else grad_w.view(weight.shape)
 
 
 class CandidateSampler(nn.Module):

@@ -6,7 +6,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils.data import DataLoader, TensorDataset
 
-from convnn import train
+from convnn import knn, train
 from convnn.config import validate_config
 from convnn.knn import knn_select, reset_sampling
 from convnn.layers import build_layer
@@ -51,6 +51,7 @@ def make(case: str, dtype=torch.float32) -> tuple[torch.nn.Module, callable]:
 def test_compiles_fullgraph_in_train_mode_with_backward_and_a_dynamic_batch(case):
     # fullgraph=True fails on any graph break (host syncs such as .item() or boolean-mask indexing
     # included); one compiled frame for three batch sizes means the batch stayed symbolic
+    torch._dynamo.reset()  # no cache entries of other tests' layers of the same class
     layer, example = make(case)
     layer.train()
     counter = CompileCounterWithBackend("inductor")
@@ -202,3 +203,21 @@ def test_cuda_training_step_has_no_host_sync_and_is_deterministic(case):
         torch.cuda.set_sync_debug_mode("default")
         torch.use_deterministic_algorithms(False)
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("tokens", [7, 8])  # 2 x 7 x 8 = 112 rows: 16-row conv steps; 2 x 7 x 7: GEMM tail
+def test_gather_aggregate_in_steps_equals_gather_then_conv(tokens, monkeypatch):
+    # GatherAggregate's 1x1-conv steps (oneDNN) and its GEMM fallback against autograd through
+    # gather + Conv1d, in float64, values and all gradients
+    monkeypatch.setattr(knn, "STEP_ELEMENTS", 32 * 3 * 5)  # steps of 32 tokens
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(2, 5, 30, dtype=torch.float64, generator=gen, requires_grad=True)
+    idx = torch.randint(0, 30, (2, 7 * tokens, 3), generator=gen)
+    conv = torch.nn.Conv1d(5, 4, 3, stride=3).double()
+    out = knn.aggregate_neighbors(v, idx, None, "ones", conv)
+    grads = torch.autograd.grad(out.square().sum(), (v, conv.weight, conv.bias))
+    ref = conv(knn.gather_neighbors(v, idx))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (v, conv.weight, conv.bias))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
