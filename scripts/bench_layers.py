@@ -212,7 +212,8 @@ def peak_tensor_mib(fn: Callable, module: nn.Module, x: Tensor) -> float:
 
 
 def launches(fn: Callable, module: nn.Module, x: Tensor) -> int:
-    """Kernel launches of one step: CUDA kernels, or on CPU the ATen ops that call no other op."""
+    """Kernel launches of one step: CUDA kernels, or on CPU the ATen ops that call no other op and do
+    more than make a view or allocate (:data:`METADATA_OPS`)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if x.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -222,9 +223,49 @@ def launches(fn: Callable, module: nn.Module, x: Tensor) -> int:
     if x.device.type == "cuda":
         return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
     return sum(
-        e.name.startswith("aten::") and not any(c.name.startswith("aten::") for c in e.cpu_children)
+        e.name.startswith("aten::")
+        and e.name not in METADATA_OPS
+        and not any(c.name.startswith("aten::") for c in e.cpu_children)
         for e in events
     )
+
+
+#: ATen ops that only make views or allocate (no kernel runs): left out of the CPU launch count.
+METADATA_OPS = {
+    f"aten::{op}"
+    for op in [
+        "view",
+        "_unsafe_view",
+        "_reshape_alias",
+        "reshape",
+        "slice",
+        "select",
+        "as_strided",
+        "transpose",
+        "permute",
+        "expand",
+        "t",
+        "unsqueeze",
+        "squeeze",
+        "alias",
+        "detach",
+        "lift_fresh",
+        "diagonal",
+        "unflatten",
+        "flatten",
+        "split",
+        "narrow",
+        "empty",
+        "empty_strided",
+        "empty_like",
+        "resize_",
+        "resolve_conj",
+        "resolve_neg",
+        "split_with_sizes",
+        "unbind",
+        "chunk",
+    ]
+}
 
 
 def rss_kib(field: str) -> int:
@@ -404,7 +445,8 @@ def markdown(report: dict) -> str:
         "**floor** = multiply-adds over the reference's (the ratio at equal FLOP rates); **vs Alg. 1** = "
         "speed-up over Algorithm 1; **tensor MiB** = peak of live tensor storages (dispatch tracker); "
         "**RSS MiB** = peak RSS above the pre-step RSS in a fresh process (allocator included); "
-        "**launches** = leaf ATen ops (CPU) or kernels (CUDA) per step.",
+        "**launches** = leaf ATen ops that run a kernel (views and allocations left out; CPU) or CUDA "
+        "kernels per step.",
     ]
     for group in report["groups"]:
         lines += [
