@@ -40,6 +40,9 @@ AGGREGATIONS = ("standard", "depthwise", "separable", "sum")
 PROJECTIONS = ("linear", "identity")
 SELECT_BY = ("features", "position", "both")
 DROPOUT_ON = ("weights", "output")
+#: Sequences up to this length aggregate a "sum" (KVT) in training as one dense product
+#: (:meth:`ConvNNAttention._dense_sum`); longer ones gather the k rows of every token.
+DENSE_SUM_TOKENS = 1024
 
 
 class NeighborSum(nn.Module):
@@ -215,7 +218,10 @@ class ConvNNAttention(nn.Module):
             mask = F.dropout(v.new_ones(indices.shape), self.dropout)
             weights = mask if weights is None else weights * mask
         if torch.is_grad_enabled() and not torch.jit.is_tracing():
-            out = self._aggregate_rows(token_rows(v, indices), weights, b)  # [B, N, D]
+            if isinstance(self.aggregate, NeighborSum) and n <= DENSE_SUM_TOKENS:
+                out = self._dense_sum(v, indices, weights, b)
+            else:
+                out = self._aggregate_rows(token_rows(v, indices), weights, b)  # [B, N, D]
         else:  # the Conv1d ops, as profilers and FLOP counters see them (same values)
             rows = gather_neighbors(v.transpose(1, 2), indices)  # [B*H, d, N*k]
             if weights is not None:
@@ -224,6 +230,16 @@ class ConvNNAttention(nn.Module):
         if dropping and self.dropout_on == "output":  # the mask drawn over [B, D, N], as the reference
             out = F.dropout(out.transpose(1, 2).contiguous(), self.dropout).transpose(1, 2)
         return self.w_o(out)
+
+    def _dense_sum(self, v: Tensor, indices: Tensor, weights: Tensor | None, batch: int) -> Tensor:
+        """The "sum" aggregation as one product: ``v [B*H, N, d]``, ``indices`` / ``weights [B*H, N, k]``
+        -> ``[B, N, D]``. Each token's k weights are scattered into its row of a ``[B*H, N, N]`` matrix
+        (a row's indices are distinct, so a plain ``scatter``: no atomics) that multiplies ``v``; for
+        ViT-length sequences one batched GEMM beats gathering k rows per token."""
+        bh, n, d = v.shape
+        weights = v.new_ones(indices.shape) if weights is None else weights
+        out = v.new_zeros(bh, n, n).scatter(2, indices, weights) @ v
+        return out.view(batch, bh // batch, n, d).transpose(1, 2).reshape(batch, n, -1)
 
     def _aggregate_rows(self, rows: Tensor, weights: Tensor | None, batch: int) -> Tensor:
         """``aggregate`` on token-major rows: ``rows [B*H, N, k, d]`` (neighbour j of token i),
