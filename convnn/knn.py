@@ -15,19 +15,22 @@ where ``aggregate`` is the layer's ``Conv1d(kernel k, stride k)``; :func:`aggreg
 
 Design choices the tests pin down:
 
-* similarity and top-k run in query chunks, so peak extra memory is O(B * chunk * M + B * N * k)
-  instead of the dense ``[B, N, N]`` matrix;
-* the neighbour rows are gathered through an expanded *view* of the index, never from an expanded
-  ``[B, C, N, k]`` copy of the input; the only ``C * k * N`` tensor is the gathered result itself,
-  and in training (``rho="ones"``) not even that: :class:`GatherAggregate` works in token steps;
+* similarity and top-k run in chunks sized per device (cache-sized on CPU, one chunk on CUDA when
+  memory allows, one chunk under ``torch.compile``), so peak extra memory is O(B * chunk * M + B * N * k)
+  instead of the dense ``[B, N, N]`` matrix; the selection runs in float32 also under autocast;
+* neighbour rows are gathered whole with ``index_select`` from the token-major ``[B * N, C]`` rows
+  (backward: ``index_add_``, deterministic under ``torch.use_deterministic_algorithms``), never from
+  an expanded ``[B, C, N, k]`` copy; in training on CPU (``rho="ones"``) not even the gathered rows
+  exist at once: :class:`GatherAggregate` works in cache-sized token steps;
 * selection runs without autograd; gradients of the selected similarities (rho softmax) flow through
   the selected pairs only (:class:`SelectedSimilarity`);
 * ``rho="ones"`` does no multiplication at all, and masks use the dtype's finite minimum, so nothing
   overflows in bf16 / fp16;
-* random candidates come from a ``torch.Generator`` when one is given. :class:`CandidateSampler` holds
-  one per layer for evaluation; :func:`reset_sampling` re-seeds them all, so test metrics with random
-  sampling are reproducible, while training draws from the global RNG (seeded by Lightning's
-  ``seed_everything``).
+* nothing synchronises with the host: random candidates are drawn on the input's device (training:
+  the global RNG, seeded by Lightning's ``seed_everything``; evaluation: :class:`CandidateSampler`'s
+  generator for that device, re-seeded by :func:`reset_sampling`, so test metrics with random
+  sampling are reproducible), spatial ones are cached per shape and device, masks use
+  ``masked_fill`` / ``scatter_``, never boolean indexing.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ SIMILARITIES = ("cosine", "dot", "euclidean")
 SAMPLINGS = ("all", "random", "spatial")
 RHOS = ("ones", "softmax")
 
-#: Target number of similarity entries per chunk when ``chunk_size`` is None (16 MiB in float32).
-AUTO_CHUNK_ELEMENTS = 1 << 22
+#: Similarity entries per chunk on CPU when ``chunk_size`` is None (1 MiB of float32: the chunk of
+#: scores stays in the core's cache for the top-k that reads it again).
+AUTO_CHUNK_ELEMENTS = 1 << 18
 
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -110,14 +114,23 @@ def pair_similarity(q: Tensor, k: Tensor, kind: str) -> Tensor:
     return scores / math.sqrt(q.shape[-1]) if kind == "dot" else scores
 
 
-def random_candidates(n: int, r: int, generator: torch.Generator | None = None) -> Tensor:
-    """``r`` distinct token indices drawn uniformly from ``range(n)`` -> LongTensor ``[r]`` (CPU).
+def random_candidates(
+    n: int, r: int, generator: torch.Generator | None = None, device: torch.device | None = None
+) -> Tensor:
+    """``r`` distinct token indices drawn uniformly from ``range(n)`` -> LongTensor ``[r]`` on ``device``.
 
-    Draws from ``generator`` when given, else from the global RNG.
+    Drawn on ``device`` itself (the ``r`` largest of ``n`` uniform keys: no host round trip, no sync,
+    capturable by CUDA graphs and ``torch.compile``), from ``generator`` (on that device) when given,
+    else from the global RNG.
     """
     if not 1 <= r <= n:
         raise ValueError(f"random sampling needs 1 <= num_candidates <= N tokens, got r={r}, N={n}")
-    return torch.randperm(n, generator=generator)[:r]
+    keys = (
+        torch.rand(n, device=device)
+        if generator is None
+        else torch.rand(n, generator=generator, device=device)
+    )
+    return keys.topk(r).indices
 
 
 def spatial_candidates(n: int, r: int, grid: tuple[int, int] | None = None, padding: int = 0) -> Tensor:
@@ -159,9 +172,26 @@ def fits(sampling: str, n: int, r: int, grid: tuple[int, int] | None, padding: i
     return math.isqrt(r) <= min(grid) - 2 * padding
 
 
-def _auto_chunk(batch: int, m: int) -> int:
-    """Queries per chunk so one chunk of similarities holds about :data:`AUTO_CHUNK_ELEMENTS`."""
-    return max(1, AUTO_CHUNK_ELEMENTS // max(1, batch * m))
+#: Similarity elements per chunk on devices other than the CPU, when free memory is unknown.
+DEVICE_CHUNK_ELEMENTS = 1 << 28
+
+
+def _auto_chunk(batch: int, n: int, m: int, device: torch.device) -> tuple[int, int]:
+    """``(queries, images)`` per chunk of a ``[images, queries, m]`` similarity, sized for ``device``.
+
+    CPU: about :data:`AUTO_CHUNK_ELEMENTS` entries, queries of one image first (the chunk and its
+    top-k stay in cache). CUDA: a quarter of the free memory, so a paper-shape layer runs in one
+    chunk (a handful of kernel launches). Under ``torch.compile``: one chunk, so the graph neither
+    unrolls a loop nor depends on the batch size.
+    """
+    if torch.compiler.is_compiling():
+        return n, batch
+    if device.type == "cpu":
+        queries = min(n, max(1, AUTO_CHUNK_ELEMENTS // m))
+        return queries, min(batch, max(1, AUTO_CHUNK_ELEMENTS // (queries * m)))
+    # CUDA: a quarter of the free bytes, in float32 entries
+    elements = torch.cuda.mem_get_info(device)[0] // 16 if device.type == "cuda" else DEVICE_CHUNK_ELEMENTS
+    return max(1, min(n, elements // max(1, batch * m))), batch
 
 
 def knn_select(
@@ -174,11 +204,12 @@ def knn_select(
     self_first: bool = True,
     self_sim: Tensor | None = None,
     chunk_size: int | None = None,
+    queries: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The ``num_neighbors`` most similar keys of every query, computed in query chunks.
 
     Args:
-        q: queries of all N tokens ``[B, N, h]``.
+        q: queries ``[B, N, h]`` of all N tokens in order, or of the tokens ``queries``.
         k: keys ``[B, M, h]``: of all N tokens in order when ``candidates`` is None, else of the
             candidate tokens ``candidates`` (``M = len(candidates)``).
         num_neighbors: k, the neighbours per token (the token itself included when ``self_first``).
@@ -191,20 +222,26 @@ def knn_select(
         self_sim: ``[B, N]`` value reported for the self entry when ``self_first``; by default the
             diagonal of the similarity when all tokens are candidates, else :func:`self_similarity`
             of ``q`` (exact when queries and keys share their projection).
-        chunk_size: queries per chunk; None picks one so a chunk holds about 4M similarities. Peak
+        chunk_size: queries per chunk; None sizes it for the device (:func:`_auto_chunk`). Peak
             extra memory is O(B * chunk * M + B * N * k).
+        queries: None (``q`` holds every token's query) or LongTensor ``[N]``: the token index of
+            each query row, e.g. only the unpadded tokens of a padded map.
 
     Returns:
         ``(values [B, N, k], indices [B, N, k])``: similarities and token indices (into the N
         tokens), best first (self first when ``self_first``).
 
-    The selection itself runs without autograd. When ``q`` or ``k`` need gradients, the values of
-    the selected pairs are recomputed from the gathered keys, so the backward costs O(N * k * h)
-    instead of the dense O(N * M * h) of differentiating the similarity matrix.
+    The selection itself runs without autograd and in float32 at least, also under autocast (ties
+    of bf16 scores would change neighbours); the values come back in ``q``'s dtype. When ``q`` or
+    ``k`` need gradients, the values of the selected pairs are recomputed from the gathered keys, so
+    the backward costs O(N * k * h) instead of the dense O(N * M * h) of differentiating the
+    similarity matrix. Nothing synchronises with the host.
     """
     batch, n, _ = q.shape
     m = k.shape[1]
-    if candidates is None and m != n:
+    if queries is not None and queries.shape != (n,):
+        raise ValueError(f"queries must be a LongTensor [{n}] (1 per query row), got {tuple(queries.shape)}")
+    if candidates is None and queries is None and m != n:
         raise ValueError(f"without candidates the keys must cover all {n} tokens, got {m}")
     if candidates is not None and candidates.shape != (m,):
         raise ValueError(f"candidates must be a LongTensor [{m}] (1 per key), got {tuple(candidates.shape)}")
@@ -212,20 +249,44 @@ def knn_select(
         raise ValueError(f"k={num_neighbors} neighbours need 1 <= k <= number of candidates ({m})")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
-    chunk = chunk_size or _auto_chunk(batch, m)
+    chunk, images = _auto_chunk(batch, n, m, q.device)
+    chunk = chunk_size or chunk
+    out_dtype = q.dtype
+    with torch.autocast(q.device.type, enabled=False):
+        ids = torch.arange(n, device=q.device) if queries is None else queries.to(q.device)
+        values, indices = _knn_fp32(
+            q, k, num_neighbors, kind, candidates, self_first, self_sim, (chunk, images), ids
+        )
+    return values.to(out_dtype), indices
+
+
+def _knn_fp32(
+    q: Tensor,
+    k: Tensor,
+    num_neighbors: int,
+    kind: str,
+    candidates: Tensor | None,
+    self_first: bool,
+    self_sim: Tensor | None,
+    chunk: tuple[int, int],
+    ids: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """:func:`knn_select` on rows promoted to at least float32 (its arguments, checked; ``chunk`` =
+    ``(queries, images)`` per chunk; ``ids [N]`` the token index of each query row)."""
+    batch, n, _ = q.shape
     shared = k is q
-    q = prepare(q, kind).contiguous()
-    k = q if shared else prepare(k, kind).contiguous()
+    q = prepare(_at_least_fp32(q), kind).contiguous()
+    k = q if shared else prepare(_at_least_fp32(k), kind).contiguous()
     picks = num_neighbors - 1 if self_first else num_neighbors
     if candidates is not None:
         candidates = candidates.to(q.device)
     with torch.no_grad():
-        values, positions, own = _select(q, k, picks, kind, candidates, self_first, chunk)
-    self_ids = torch.arange(n, device=q.device).expand(batch, n).unsqueeze(-1)
+        values, positions, own = _select(q, k, ids, picks, kind, candidates, self_first, chunk)
+    self_ids = ids.expand(batch, n).unsqueeze(-1)
     if own is not None and self_sim is None:  # all candidates: the self value is a similarity entry too
         positions = torch.cat([self_ids, positions], dim=-1)
         values = torch.cat([own.unsqueeze(-1), values], dim=-1)
-    values = SelectedSimilarity.apply(q, k, positions, values, kind)
+    values = SelectedSimilarity.apply(q, k, positions, values, kind, chunk[0])
     indices = positions if candidates is None else candidates[positions]
     if not self_first or (own is not None and self_sim is None):
         return values, indices
@@ -235,33 +296,59 @@ def knn_select(
     return values, torch.cat([self_ids, indices], dim=-1)
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in float32 when it is a half type (bf16 / fp16), else unchanged."""
+    return x.float() if x.is_floating_point() and x.element_size() < 4 else x
+
+
 def _select(
-    q: Tensor, k: Tensor, picks: int, kind: str, candidates: Tensor | None, self_first: bool, chunk: int
+    q: Tensor,
+    k: Tensor,
+    ids: Tensor,
+    picks: int,
+    kind: str,
+    candidates: Tensor | None,
+    self_first: bool,
+    chunk: tuple[int, int],
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Chunked top-``picks`` of prepared rows -> ``(values, positions into k [B, N, picks], own)``.
 
     ``own`` is the similarity of each token with itself ``[B, N]`` (all candidates with
     ``self_first``), else None. With ``self_first`` the token's own candidate entry is masked out.
+    ``chunk = (queries, images)``: peak extra memory is one ``[images, queries, M]`` chunk of scores.
     """
-    n = q.shape[1]
-    self_pos = _self_positions(n, candidates) if self_first and candidates is not None else None
-    values, positions, own = [], [], []
-    for start, q_chunk in zip(range(0, n, chunk), q.split(chunk, dim=1), strict=True):
-        stop = start + q_chunk.shape[1]
-        scores = prepared_similarity(q_chunk, k, kind)
-        lowest = torch.finfo(scores.dtype).min
-        if self_first and self_pos is None:
-            diagonal = scores.diagonal(offset=start, dim1=1, dim2=2)
-            own.append(diagonal.clone())
-            diagonal.fill_(lowest)
-        elif self_first:
-            cols = self_pos[start:stop]
-            rows = torch.arange(stop - start, device=q.device)[cols >= 0]
-            scores[:, rows, cols[cols >= 0]] = lowest
-        top_values, top_pos = scores.topk(picks, dim=-1)
-        values.append(top_values)
-        positions.append(top_pos)
-    return torch.cat(values, dim=1), torch.cat(positions, dim=1), torch.cat(own, dim=1) if own else None
+    batch, n = q.shape[:2]
+    queries, images = chunk
+    if queries >= n and images >= batch:  # one chunk (always under torch.compile): no loop
+        return _select_chunk(q, k, ids, picks, kind, candidates, self_first)
+    values = q.new_empty(batch, n, picks)
+    positions = torch.empty(batch, n, picks, dtype=torch.long, device=q.device)
+    own = q.new_empty(batch, n) if self_first and candidates is None else None
+    for first in range(0, batch, images):
+        for start in range(0, n, queries):
+            part = (slice(first, first + images), slice(start, start + queries))
+            top = _select_chunk(q[part], k[part[0]], ids[part[1]], picks, kind, candidates, self_first)
+            values[part], positions[part] = top[0], top[1]
+            if own is not None:
+                own[part] = top[2]
+    return values, positions, own
+
+
+def _select_chunk(
+    q: Tensor, k: Tensor, ids: Tensor, picks: int, kind: str, candidates: Tensor | None, self_first: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`_select` for the query rows ``q [b, c, h]`` of tokens ``ids [c]`` against ``k [b, M, h]``."""
+    scores = prepared_similarity(q, k, kind)
+    lowest = torch.finfo(scores.dtype).min
+    own = None
+    if self_first and candidates is None:  # the token's own column: read, then masked out
+        columns = ids.view(1, -1, 1).expand(scores.shape[0], -1, 1)
+        own = scores.gather(2, columns).squeeze(2)
+        scores.scatter_(2, columns, lowest)
+    elif self_first:  # a token's own candidate entry, by comparison (no boolean indexing, no sync)
+        scores.masked_fill_(ids[:, None] == candidates[None, :], lowest)
+    values, positions = scores.topk(picks, dim=-1)
+    return values, positions, own
 
 
 class SelectedSimilarity(torch.autograd.Function):
@@ -269,20 +356,22 @@ class SelectedSimilarity(torch.autograd.Function):
 
     Forward returns ``values [B, N, p]`` (already computed by the selection, without autograd) for the
     pairs ``(i, positions[b, i, j])`` of prepared rows ``q [B, N, h]``, ``k [B, M, h]``; nothing is
-    stored beyond ``q``, ``k`` and the positions. Backward rebuilds the gradient one query chunk at a
-    time as a ``[B, chunk, M]`` matrix that is zero outside the selected pairs and applies it with two
-    batched matmuls (on CPU far faster than scattering ``N * p`` rows of ``h`` values).
+    stored beyond ``q``, ``k`` and the positions. Backward rebuilds the gradient in the selection's
+    query chunks (``chunk``) as a ``[B, chunk, M]`` matrix that is zero outside the selected pairs
+    and applies it with two batched matmuls (on CPU far faster than scattering ``N * p`` rows of ``h``
+    values). A row's positions are distinct, so the matrix is filled by a plain ``scatter_``: no
+    atomics, deterministic on every device.
     """
 
     @staticmethod
-    def forward(q: Tensor, k: Tensor, positions: Tensor, values: Tensor, kind: str) -> Tensor:
+    def forward(q: Tensor, k: Tensor, positions: Tensor, values: Tensor, kind: str, chunk: int) -> Tensor:
         return values.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        q, k, positions, _, kind = inputs
+        q, k, positions, _, kind, chunk = inputs
         ctx.save_for_backward(q, k, positions)
-        ctx.kind = kind
+        ctx.kind, ctx.chunk = kind, chunk
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -291,12 +380,10 @@ class SelectedSimilarity(torch.autograd.Function):
         m, h = k.shape[1:]
         grad = grad.to(q.dtype) / math.sqrt(h) if ctx.kind == "dot" else grad.to(q.dtype)
         grad_q, grad_k = torch.empty_like(q), torch.zeros_like(k)
-        chunk = _auto_chunk(batch, m)
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
+        for start in range(0, n, ctx.chunk):
+            stop = min(start + ctx.chunk, n)
             # the chunk's gradient as a [B, c, M] matrix, nonzero at the selected pairs only
-            g = q.new_zeros(batch, stop - start, m)
-            g.scatter_add_(2, positions[:, start:stop], grad[:, start:stop])
+            g = q.new_zeros(batch, stop - start, m).scatter_(2, positions[:, start:stop], grad[:, start:stop])
             q_rows = q[:, start:stop]
             grad_q[:, start:stop] = g @ k
             grad_k += g.transpose(1, 2) @ q_rows
@@ -305,14 +392,7 @@ class SelectedSimilarity(torch.autograd.Function):
                 grad_k -= k * g.sum(1).unsqueeze(-1)
         if ctx.kind == "euclidean":
             grad_k *= 2
-        return grad_q, grad_k, None, None, None
-
-
-def _self_positions(n: int, candidates: Tensor) -> Tensor:
-    """Where each of the n tokens sits in ``candidates`` -> LongTensor ``[n]`` (-1: not a candidate)."""
-    where = torch.full((n,), -1, dtype=torch.long, device=candidates.device)
-    where[candidates] = torch.arange(candidates.numel(), device=candidates.device)
-    return where
+        return grad_q, grad_k, None, None, None, None
 
 
 def nearest_by_place(
@@ -347,12 +427,21 @@ def nearest_by_place(
 def gather_neighbors(v: Tensor, indices: Tensor) -> Tensor:
     """Neighbour rows in Conv1d layout: ``v [B, C, N]``, ``indices [B, N', k] -> [B, C, N' * k]``.
 
-    ``out[b, :, i * k + j] = v[b, :, indices[b, i, j]]``. The index is broadcast over channels as an
-    expanded view, so the only new tensor is the output itself.
+    ``out[b, :, i * k + j] = v[b, :, indices[b, i, j]]``: whole token rows are picked with
+    :func:`token_rows` and returned as a channel-first view, so the backward is an ``index_add_``
+    (deterministic on CUDA under ``torch.use_deterministic_algorithms``), never a scatter.
     """
     batch, channels, _ = v.shape
-    flat = indices.reshape(batch, 1, -1).expand(batch, channels, -1)
-    return v.gather(2, flat)
+    rows = token_rows(v.transpose(1, 2), indices)  # [B, N' * k, C]
+    return rows.view(batch, -1, channels).transpose(1, 2)
+
+
+def token_rows(tokens: Tensor, indices: Tensor) -> Tensor:
+    """The rows ``tokens [B, N, C]`` at ``indices [B, N', k]`` -> ``[B, N', k, C]`` (one ``index_select``)."""
+    batch, n, channels = tokens.shape
+    flat = indices + torch.arange(batch, device=indices.device).view(batch, 1, 1) * n
+    picked = tokens.reshape(batch * n, channels).index_select(0, flat.reshape(-1))
+    return picked.view(*indices.shape, channels)
 
 
 def modulate(neighbors: Tensor, values: Tensor, rho: str) -> Tensor:
@@ -372,11 +461,10 @@ def aggregate_neighbors(v: Tensor, indices: Tensor, values: Tensor, rho: str, co
     """Gather, modulate and aggregate in one step: ``v [B, C, N]``, ``indices [B, N', k] -> [B, C', N']``.
 
     Equals ``conv(modulate(gather_neighbors(v, indices), values, rho))`` for a ``conv`` with kernel
-    and stride k, but folds the batch into the length and gathers into the ``[1, C * k, B * N']``
-    layout, then applies ``conv``'s own weight as the equivalent 1x1 convolution, which CPU and GPU
-    kernels run faster. With ``rho="ones"`` and gradients on, :class:`GatherAggregate` runs the same
-    ops in token steps without keeping the gathered rows. Parameters and the Conv1d op (and so every
-    FLOP counter) are unchanged.
+    and stride k, but folds the batch into the length (the ``[1, C * k, B * N']`` layout, ``conv``'s
+    own weight as the equivalent 1x1 convolution). On CPU in training, with ``rho="ones"`` and a dense
+    ``conv``, :class:`GatherAggregate` computes the same in cache-sized token steps without keeping
+    the gathered rows. Parameters and the Conv1d op (and so every FLOP counter) are unchanged.
     """
     check_choice("rho", rho, RHOS)
     batch, channels, _ = v.shape
@@ -385,92 +473,148 @@ def aggregate_neighbors(v: Tensor, indices: Tensor, values: Tensor, rho: str, co
         got = (conv.kernel_size[0], conv.stride[0])
         raise ValueError(f"conv needs kernel_size = stride = k = {k}, got {got}")
     tokens, m = indices.shape[1], v.shape[2]
-    # the batch folds into the length: token b * N' + i of the folded map is token i of image b
-    flat = indices + torch.arange(batch, device=indices.device).view(batch, 1, 1) * m
-    flat = flat.permute(2, 0, 1).reshape(k, -1)
-    v_flat = v.transpose(0, 1).reshape(channels, -1)
-    weight = conv.weight.reshape(conv.out_channels, -1, 1)
-    if rho == "ones" and _fused_applies(v_flat, weight, conv.groups):
-        out = GatherAggregate.apply(v_flat, flat, weight, conv.bias)
-    else:
-        rows = gather_rows(v_flat, flat)
-        if rho == "softmax":
-            weights = values.softmax(dim=-1).to(rows.dtype).permute(2, 0, 1).reshape(1, k, -1)
-            rows = (rows.view(channels, k, -1) * weights).view(channels * k, -1)
-        out = F.conv1d(rows.unsqueeze(0), weight, conv.bias, groups=conv.groups)
+    v_rows = v.transpose(1, 2).reshape(-1, channels)  # [B * N, C]: token b * N + i is token i of image b
+    flat = (indices + torch.arange(batch, device=indices.device).view(batch, 1, 1) * m).reshape(-1, k)
+    if rho == "ones" and _fused_applies(v_rows, conv):
+        weight = conv.weight.permute(0, 2, 1).reshape(conv.out_channels, k * channels)
+        out = GatherAggregate.apply(v_rows, flat, weight, conv.bias)  # [B * N', C']
+        return out.view(batch, tokens, -1).transpose(1, 2)
+    rows = v_rows.index_select(0, flat.reshape(-1)).view(-1, k, channels)  # [B * N', k, C]
+    if rho == "softmax":
+        rows = rows * values.softmax(dim=-1).to(rows.dtype).reshape(-1, k, 1)
+    if torch.compiler.is_compiling():  # inductor's conv backward would specialise the batch size
+        out = grouped_matmul(rows, conv.weight, conv.groups)
+        out = out if conv.bias is None else out + conv.bias
+        return out.view(batch, tokens, -1).transpose(1, 2)
+    rows = rows.permute(2, 1, 0).reshape(1, channels * k, -1)  # row c * k + j, as ``conv`` reads them
+    out = F.conv1d(rows, conv.weight.reshape(conv.out_channels, -1, 1), conv.bias, groups=conv.groups)
     return out.view(-1, batch, tokens).transpose(0, 1).contiguous()
 
 
-def gather_rows(v_flat: Tensor, flat: Tensor) -> Tensor:
-    """Gathered rows: ``v_flat [C, L]``, token indices ``flat [k, T]`` -> ``[C * k, T]``.
+def grouped_matmul(rows: Tensor, weight: Tensor, groups: int) -> Tensor:
+    """A Conv1d (kernel = stride = k, ``groups``) as one einsum, no bias: ``rows [T, k, C]``,
+    ``weight [C', C / groups, k]`` -> ``[T, C']``."""
+    tokens, k, channels = rows.shape
+    out_channels = weight.shape[0]
+    if groups == 1:  # one GEMM (compilers keep it a library call)
+        return rows.reshape(tokens, k * channels) @ weight.permute(0, 2, 1).reshape(out_channels, -1).t()
+    w = weight.view(groups, out_channels // groups, channels // groups, k)
+    out = torch.einsum("tjgi,goij->tgo", rows.view(tokens, k, groups, channels // groups), w)
+    return out.reshape(tokens, out_channels)
 
-    Row ``c * k + j`` is ``v_flat[c, flat[j]]``; the index is broadcast over channels as an expanded
-    view, so the output is the only new tensor.
-    """
-    channels, (k, tokens) = v_flat.shape[0], flat.shape
-    return v_flat.gather(1, flat.reshape(1, -1).expand(channels, -1)).view(channels * k, tokens)
 
-
-def _fused_applies(v_flat: Tensor, weight: Tensor, groups: int) -> bool:
-    """Whether :class:`GatherAggregate` may stand in for gather + ``F.conv1d``: a dense (groups 1)
-    aggregation that needs gradients, outside autocast and outside tracing (traced graphs keep the
-    plain ops)."""
+def _fused_applies(v_rows: Tensor, conv: nn.Conv1d) -> bool:
+    """Whether :class:`GatherAggregate` may stand in for gather + ``F.conv1d``: on CPU (token steps pay
+    only there), a dense (groups 1) aggregation that needs gradients, outside autocast, tracing and
+    compiling (traced and compiled graphs keep the plain ops)."""
     return (
-        groups == 1
+        v_rows.device.type == "cpu"
+        and conv.groups == 1
         and torch.is_grad_enabled()
-        and (v_flat.requires_grad or weight.requires_grad)
-        and v_flat.dtype == weight.dtype
-        and not torch.is_autocast_enabled(v_flat.device.type)
+        and (v_rows.requires_grad or conv.weight.requires_grad)
+        and v_rows.dtype == conv.weight.dtype
+        and not torch.is_autocast_enabled(v_rows.device.type)
         and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
     )
 
 
-#: Tokens per step of :class:`GatherAggregate` (its temporaries are ``[C * k, STEP_TOKENS]``).
-STEP_TOKENS = 2048
+#: Gathered elements per step of :class:`GatherAggregate` (4 MiB of float32: the step stays in cache).
+STEP_ELEMENTS = 1 << 20
 
 
 class GatherAggregate(torch.autograd.Function):
-    """``F.conv1d(gather_rows(v_flat, flat)[None], weight, bias) -> [1, C', T]`` without the full rows.
+    """``out[t] = bias + concat_j(v_rows[flat[t, j]]) @ weight`` without the full gathered rows.
 
-    The same gather and Conv1d ops as the plain path (so profilers see the same ops and the same
-    FLOPs), run over the T tokens in steps of :data:`STEP_TOKENS`, so the ``[C * k, T]`` gathered rows
-    never exist at once; only ``v_flat [C, L]`` and ``flat [k, T]`` are saved. The backward walks the
-    same steps: it re-gathers a step's rows for the weight gradient and scatters ``weight^T @ grad``
-    into ``v_flat``'s gradient. All temporaries are ``[C * k, STEP_TOKENS]`` and stay in cache, which on
-    CPU is much faster than the conv's and the gather's own backward over the full rows.
+    ``v_rows [L, C]`` (token-major), ``flat [T, k]`` (token indices), ``weight [C', k * C]`` (column
+    ``j * C + c`` is ``conv.weight[:, c, j]``) -> ``[T, C']``. Runs over the T tokens in steps of about
+    :data:`STEP_ELEMENTS` gathered values: each step gathers whole token rows with ``index_select``
+    (contiguous copies) and applies the weight as a 1x1 convolution over a channels-last view of the
+    rows (:func:`_rows_conv`: oneDNN's kernels, about twice the throughput of a plain GEMM on these
+    narrow shapes). Only ``v_rows`` and ``flat`` are saved; the backward walks the same steps,
+    re-gathers a step's rows for the weight gradient and adds the rows' gradient into ``v_rows``'
+    gradient with ``index_add_``.
     """
 
     @staticmethod
-    def forward(v_flat: Tensor, flat: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        tokens = flat.shape[1]
-        out = v_flat.new_empty(1, weight.shape[0], tokens)
-        for start in range(0, tokens, STEP_TOKENS):
-            rows = gather_rows(v_flat, flat[:, start : start + STEP_TOKENS])
-            out[:, :, start : start + STEP_TOKENS] = F.conv1d(rows.unsqueeze(0), weight, bias)
+    def forward(v_rows: Tensor, flat: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        tokens, size = flat.shape[0], _step(flat, v_rows)
+        out = v_rows.new_empty(tokens, weight.shape[0])
+        for start in range(0, tokens, size):
+            step = flat[start : start + size]
+            rows = v_rows.index_select(0, step.reshape(-1)).view(step.shape[0], -1)
+            out[start : start + step.shape[0]] = _rows_conv(rows, weight, bias)
         return out
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        v_flat, flat, weight, _ = inputs
-        ctx.save_for_backward(v_flat, flat, weight)
+        v_rows, flat, weight, _ = inputs
+        ctx.save_for_backward(v_rows, flat, weight)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        v_flat, flat, weight = ctx.saved_tensors
-        channels, grad = v_flat.shape[0], grad[0]
-        w = weight.squeeze(-1)
-        grad_v = torch.zeros_like(v_flat) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[2] else None
-        for start in range(0, flat.shape[1], STEP_TOKENS):
-            step_grad = grad[:, start : start + STEP_TOKENS]
-            step_flat = flat[:, start : start + STEP_TOKENS]
+        v_rows, flat, weight = ctx.saved_tensors
+        channels, size = v_rows.shape[1], _step(flat, v_rows)
+        grad_v = torch.zeros_like(v_rows) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[2] else None
+        for start in range(0, flat.shape[0], size):
+            step, step_grad = flat[start : start + size].reshape(-1), grad[start : start + size]
+            rows = v_rows.index_select(0, step).view(step_grad.shape[0], -1)
+            grad_rows, step_grad_w = _rows_conv_backward(rows, weight, step_grad, grad_w is not None)
             if grad_w is not None:
-                grad_w.addmm_(step_grad, gather_rows(v_flat, step_flat).t())
+                grad_w += step_grad_w
             if grad_v is not None:
-                index = step_flat.reshape(1, -1).expand(channels, -1)
-                grad_v.scatter_add_(1, index, (w.t() @ step_grad).view(channels, -1))
-        grad_b = grad.sum(1) if ctx.needs_input_grad[3] else None
-        return grad_v, None, None if grad_w is None else grad_w.unsqueeze(-1), grad_b
+                grad_v.index_add_(0, step, grad_rows.view(-1, channels))
+        grad_b = grad.sum(0) if ctx.needs_input_grad[3] else None
+        return grad_v, None, grad_w, grad_b
+
+
+def _step(flat: Tensor, v_rows: Tensor) -> int:
+    """Tokens per :class:`GatherAggregate` step: about :data:`STEP_ELEMENTS` gathered values, a
+    multiple of :data:`CONV_BATCH`."""
+    tokens = STEP_ELEMENTS // (flat.shape[1] * v_rows.shape[1])
+    return max(CONV_BATCH, tokens - tokens % CONV_BATCH)
+
+
+#: Rows of a step are viewed as this many images for the 1x1 convolution (oneDNN runs a 1x1 conv
+#: with one thread only from a batch of 16; smaller batches fall back to a slow GEMM path).
+CONV_BATCH = 16
+
+
+def _conv_view(rows: Tensor) -> Tensor:
+    """``[S, F]`` rows as the channels-last ``[16, F, S / 16, 1]`` images they already are in memory."""
+    return rows.view(CONV_BATCH, rows.shape[0] // CONV_BATCH, 1, rows.shape[1]).permute(0, 3, 1, 2)
+
+
+def _rows_conv(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``rows [S, F] @ weight[C', F]^T + bias -> [S, C']`` (a 1x1 conv when S is a multiple of 16)."""
+    if rows.shape[0] % CONV_BATCH:
+        return F.linear(rows, weight, bias)
+    out = F.conv2d(_conv_view(rows), weight[:, :, None, None], bias)
+    return out.permute(0, 2, 3, 1).reshape(rows.shape[0], -1)
+
+
+def _rows_conv_backward(
+    rows: Tensor, weight: Tensor, grad: Tensor, weight_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Gradients of :func:`_rows_conv` for ``grad [S, C']``: ``(rows [S, F], weight [C', F] or None)``."""
+    if rows.shape[0] % CONV_BATCH:
+        return grad @ weight, grad.t() @ rows if weight_grad else None
+    grad_rows, grad_w, _ = torch.ops.aten.convolution_backward(
+        _conv_view(grad),
+        _conv_view(rows),
+        weight[:, :, None, None],
+        None,
+        [1, 1],
+        [0, 0],
+        [1, 1],
+        False,
+        [0, 0],
+        1,
+        [True, weight_grad, False],
+    )
+    grad_rows = grad_rows.permute(0, 2, 3, 1).reshape(rows.shape[0], -1)
+    return grad_rows, None if grad_w is None else grad_w.view(weight.shape)
 
 
 class CandidateSampler(nn.Module):
@@ -484,9 +628,11 @@ class CandidateSampler(nn.Module):
     (spatial), use all candidates (each token its own first neighbour) instead of raising, as the
     paper's Figure 5 runs did on VGG-11's small late-stage maps. Off by default: never silent.
 
-    In training mode random candidates are drawn from the global RNG (reproducible through
-    ``seed_everything``); in eval mode from this module's own ``generator``, which
-    :func:`reset_sampling` re-seeds at the start of every validation / test epoch.
+    Candidates are made on the input's device without a host round trip: random ones drawn there, in
+    training mode from the global RNG (reproducible through ``seed_everything``), in eval mode from
+    this module's own generator for that device (:meth:`generator_for`), which :func:`reset_sampling`
+    re-seeds at the start of every validation / test epoch; spatial ones built once per map shape and
+    device and cached.
     """
 
     def __init__(
@@ -499,7 +645,20 @@ class CandidateSampler(nn.Module):
         self.sampling = sampling
         self.num_candidates = num_candidates
         self.fallback_to_all = fallback_to_all
-        self.generator = torch.Generator().manual_seed(0)
+        self.seed = 0
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._spatial: dict[tuple, Tensor] = {}
+
+    def reseed(self, seed: int) -> None:
+        """Restart the evaluation draws from ``seed`` on every device."""
+        self.seed = seed
+        self._generators.clear()
+
+    def generator_for(self, device: torch.device) -> torch.Generator:
+        """This sampler's evaluation generator on ``device``, seeded with :attr:`seed` when first used."""
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device).manual_seed(self.seed)
+        return self._generators[device]
 
     def candidates(
         self,
@@ -517,10 +676,16 @@ class CandidateSampler(nn.Module):
             return None
         if self.fallback_to_all and not fits(self.sampling, n, self.num_candidates, grid, padding):
             return None
+        device = torch.device(device or "cpu")
         if self.sampling == "random":
-            generator = None if self.training else self.generator
-            return random_candidates(n, self.num_candidates, generator).to(device)
-        return spatial_candidates(n, self.num_candidates, grid, padding).to(device)
+            generator = None if self.training else self.generator_for(device)
+            return random_candidates(n, self.num_candidates, generator, device)
+        key = (n, grid, padding, device)
+        if torch.compiler.is_compiling():  # a constant of the compiled graph
+            return spatial_candidates(n, self.num_candidates, grid, padding).to(device)
+        if key not in self._spatial:
+            self._spatial[key] = spatial_candidates(n, self.num_candidates, grid, padding).to(device)
+        return self._spatial[key]
 
     def extra_repr(self) -> str:
         fallback = ", fallback_to_all=True" if self.fallback_to_all else ""
@@ -535,5 +700,5 @@ def reset_sampling(model: nn.Module, seed: int) -> int:
     """
     samplers = [m for m in model.modules() if isinstance(m, CandidateSampler)]
     for index, sampler in enumerate(samplers):
-        sampler.generator.manual_seed((seed * 100003 + index) % (1 << 63))
+        sampler.reseed((seed * 100003 + index) % (1 << 63))
     return len(samplers)

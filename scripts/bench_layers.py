@@ -1,24 +1,26 @@
-"""Benchmark the ConvNN layers against the paper's Algorithm 1 (tests/reference_algorithm1.py).
+"""Benchmark the ConvNN layers against the operators they generalise, Algorithm 1 and the FLOP floor.
 
-Forward + backward time and peak memory at VGG-11's ConvNN shapes (batch 32) and ViT-Tiny's
-(197 tokens x 192), for all / random r=32 / spatial candidates, plus a sweep over N showing how the
-sampled variants scale. Every configuration of one shape is timed in the same loop, interleaved, so
-ratios are measured side by side on a shared machine. Writes ``<out>/layers-<device>.json`` and
-``<out>/layers-<device>.md``.
+Forward + backward at VGG-11's ConvNN shapes and ViT-Tiny's (197 tokens x 192): every map layer
+against ``nn.Conv2d(C, C, 3, padding=1)``, every token layer against SDPA ``attention`` (and KVT
+against a dense masked-softmax KVT), all against the paper's Algorithm 1 (``tests/reference_algorithm1.py``)
+and against the FLOP floor (the case's multiply-adds over the reference's: the time ratio if both ran
+at the same FLOP rate). Every case of a shape is timed in the same loop, interleaved, and the median
+is taken, so ratios are measured side by side on a shared machine. Per case also: peak tensor memory
+(a ``TorchDispatchMode`` tracker), peak RSS (a fresh subprocess per case, ``VmHWM`` above the RSS
+before the step: allocator fragmentation included), kernel launches per step (``torch.profiler``: leaf
+ATen ops on CPU, kernels on CUDA); then ``torch.compile(fullgraph=True, dynamic=True)`` against eager
+and whole-model throughput (VGG-11 features fwd+bwd, ViT-Tiny training step, images/s). On CUDA it
+times with CUDA events at the paper's batch 256. Writes ``<out>/layers-<device>.{json,md}``.
 
-Peak memory is the peak of the bytes held by tensor storages that ATen ops allocate during one
-forward + backward (inputs and parameters excluded, gradients included), tracked exactly by a
-``TorchDispatchMode`` that follows every new storage until it is freed. It does not see scratch
-buffers that kernels allocate and free internally (e.g. oneDNN workspaces, top-k buffers).
-
-    python scripts/bench_layers.py               # full run (~5 min; one torch thread by default)
-    python scripts/bench_layers.py --quick       # batch 4, one repeat, prints only: a smoke test
+    python scripts/bench_layers.py               # full run (~15 min on 2 CPU cores; 1 torch thread)
+    python scripts/bench_layers.py --quick       # batch 2, one repeat, small shapes, prints only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -30,21 +32,57 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds the Algorithm 1 reference
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's convnn, installed or not
 
 from convnn.layers import build_layer  # noqa: E402
+from convnn.models import build_model  # noqa: E402
+from convnn.profile import _native_stderr_silenced  # noqa: E402
 from convnn.reference_algorithm1 import Algorithm1ConvNN, algorithm1_on_map  # noqa: E402
 
+K, R = 9, 32
 VGG_SHAPES = [(64, 32), (128, 16), (256, 8), (512, 4)]
 VIT_TOKENS, VIT_WIDTH = 197, 192
-SAMPLED = {
-    "random": {"sampling": "random", "num_candidates": 32},
-    "spatial": {"sampling": "spatial", "num_candidates": 32},
+MAP_CASES = {
+    "nn.Conv2d 3x3": None,
+    "Algorithm 1": None,
+    "convnn all (VGG defaults, padding 1)": {},
+    "convnn all (padding 0)": {"padding": 0},
+    "convnn random r=32": {"sampling": "random", "num_candidates": R, "fallback_to_all": True},
+    "convnn spatial r=32": {"sampling": "spatial", "num_candidates": R, "fallback_to_all": True},
 }
+TOKEN_CASES = {
+    "attention (SDPA)": None,
+    "dense masked-softmax KVT k=9": None,
+    "Algorithm 1": None,
+    "convnn_attention all": {"sampling": "all"},
+    "convnn_attention random r=32": {"sampling": "random", "num_candidates": R},
+    "convnn_attention spatial r=32": {"sampling": "spatial", "num_candidates": R},
+    "kvt_attention k=9": None,
+}
+COMPILE_CASES = [("vgg", "convnn all (VGG defaults, padding 1)"), ("vgg", "convnn random r=32")]
+COMPILE_CASES += [("vit", "convnn_attention random r=32"), ("vit", "kvt_attention k=9")]
+
+
+class DenseKVT(nn.Module):
+    """KVT as a dense masked softmax: ``[B, N, D] -> [B, N, D]``, scores below each query's k-th best
+    masked before the softmax (attention dropout on the weights), the baseline ``kvt_attention`` must beat."""
+
+    def __init__(self, dim: int, k: int = K, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.k, self.dropout = k, dropout
+        self.w_q, self.w_k, self.w_v, self.w_o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, key, v = self.w_q(x), self.w_k(x), self.w_v(x)
+        scores = q @ key.transpose(1, 2) / math.sqrt(q.shape[-1])
+        kth = scores.detach().topk(self.k, dim=-1).values[..., -1:]
+        weights = scores.masked_fill(scores < kth, float("-inf")).softmax(-1)
+        return self.w_o(F.dropout(weights, self.dropout, self.training) @ v)
 
 
 class PeakMemory(TorchDispatchMode):
@@ -72,6 +110,64 @@ class PeakMemory(TorchDispatchMode):
         return out
 
 
+def build_case(group: str, name: str, batch: int, device: torch.device) -> tuple[Callable, nn.Module, Tensor]:
+    """``(fn, module, x)`` of case ``name`` in shape group ``group`` ("vgg<C>x<S>" or "vit")."""
+    torch.manual_seed(0)
+    if group == "vit":
+        x = torch.randn(batch, VIT_TOKENS, VIT_WIDTH, device=device, requires_grad=True)
+        if name == "Algorithm 1":
+            alg1 = Algorithm1ConvNN(VIT_WIDTH, VIT_WIDTH, k=K).to(device)
+            return (lambda t: alg1(t.transpose(1, 2)).transpose(1, 2)), alg1, x
+        if name == "attention (SDPA)":
+            layer = build_layer("attention", VIT_WIDTH, VIT_WIDTH)
+        elif name.startswith("dense masked"):
+            layer = DenseKVT(VIT_WIDTH)
+        elif name.startswith("kvt_attention"):
+            layer = build_layer("kvt_attention", VIT_WIDTH, VIT_WIDTH, k=K)
+        else:
+            layer = build_layer("convnn_attention", VIT_WIDTH, VIT_WIDTH, **TOKEN_CASES[name])
+        layer = layer.to(device)
+        return layer, layer, x
+    channels, size = (int(v) for v in group.removeprefix("vgg").split("x"))
+    x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
+    if name == "Algorithm 1":
+        alg1 = Algorithm1ConvNN(channels, channels, k=K).to(device)
+        return (lambda t: algorithm1_on_map(alg1, t)), alg1, x
+    if name == "nn.Conv2d 3x3":
+        layer = nn.Conv2d(channels, channels, 3, padding=1)
+    else:
+        layer = build_layer("convnn", channels, channels, k=K, **MAP_CASES[name])
+    layer = layer.to(device)
+    return layer, layer, x
+
+
+def case_macs(group: str, name: str, batch: int) -> float:
+    """Multiply-adds of one forward + backward at the case's minimum: dense products 3x (forward,
+    input and weight gradients), selection forward only (no gradient with rho = ones; the selected
+    pairs' only with softmax), top-k and softmax free."""
+    if group == "vit":
+        n, d = VIT_TOKENS, VIT_WIDTH
+        projections = 3 * 4 * n * d * d
+        if name in ("attention (SDPA)", "dense masked-softmax KVT k=9"):
+            return batch * (projections + 6 * n * n * d)  # QK^T and AV, each 3x
+        if name == "Algorithm 1":
+            return batch * (3 * 3 * n * d * d + 3 * n * n * d + 3 * n * K * d * d)
+        keys = n if "all" in name or "kvt" in name else R
+        aggregate = 3 * n * K * d  # depthwise / sum aggregation of the k weighted rows
+        return batch * (projections + n * keys * d + 2 * n * K * d + aggregate)
+    channels, size = (int(v) for v in group.removeprefix("vgg").split("x"))
+    conv = 3 * size * size * channels * channels * 9
+    if name == "nn.Conv2d 3x3":
+        return batch * conv
+    if name == "Algorithm 1":
+        n = size * size
+        return batch * (3 * 3 * n * channels * channels + 3 * n * n * channels + conv)
+    padded = size + 2 * (0 if "padding 0" in name else 1)
+    fits = padded * padded >= R if "random" in name else math.isqrt(R) <= size  # else all (fallback)
+    keys = R if ("random" in name or "spatial" in name) and fits else padded * padded
+    return batch * (padded * padded * keys * channels + conv)
+
+
 def step(fn: Callable[[Tensor], Tensor], module: nn.Module, x: Tensor) -> None:
     """One forward + backward from a clean gradient state."""
     module.zero_grad(set_to_none=True)
@@ -79,8 +175,35 @@ def step(fn: Callable[[Tensor], Tensor], module: nn.Module, x: Tensor) -> None:
     fn(x).sum().backward()
 
 
-def peak_mib(fn: Callable[[Tensor], Tensor], module: nn.Module, x: Tensor) -> float:
-    """Peak MiB of tensors allocated by one forward + backward (see the module docstring)."""
+def timed(fn: Callable, module: nn.Module, x: Tensor) -> float:
+    """Seconds of one :func:`step`: CUDA events on CUDA, else wall time."""
+    if x.device.type == "cuda":
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step(fn, module, x)
+        stop.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(stop) / 1e3
+    begin = time.perf_counter()
+    step(fn, module, x)
+    return time.perf_counter() - begin
+
+
+def interleaved_ms(
+    cases: dict[str, tuple[Callable, nn.Module, Tensor]], repeats: int
+) -> dict[str, list[float]]:
+    """Every case's fwd+bwd milliseconds, ``repeats`` rounds over all cases after one warm-up each."""
+    for fn, module, x in cases.values():
+        step(fn, module, x)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, case in cases.items():
+            times[name].append(1e3 * timed(*case))
+    return times
+
+
+def peak_tensor_mib(fn: Callable, module: nn.Module, x: Tensor) -> float:
+    """Peak MiB of tensors allocated by one forward + backward (kernel-internal scratch not seen)."""
     module.zero_grad(set_to_none=True)
     x.grad = None
     with PeakMemory() as tracker:
@@ -88,151 +211,289 @@ def peak_mib(fn: Callable[[Tensor], Tensor], module: nn.Module, x: Tensor) -> fl
     return tracker.peak / 2**20
 
 
-def measure(cases: dict[str, tuple[Callable, nn.Module]], x: Tensor, repeats: int) -> dict[str, dict]:
-    """Median fwd+bwd seconds (interleaved over cases, after one warm-up each) and peak MiB per case."""
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for fn, module in cases.values():
+def launches(fn: Callable, module: nn.Module, x: Tensor) -> int:
+    """Kernel launches of one step: CUDA kernels, or on CPU the ATen ops that call no other op and do
+    more than make a view or allocate (:data:`METADATA_OPS`)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if x.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with _native_stderr_silenced(), torch.profiler.profile(activities=activities) as prof:
         step(fn, module, x)
-    for _ in range(repeats):
-        for name, (fn, module) in cases.items():
-            start = time.perf_counter()
-            step(fn, module, x)
-            times[name].append(time.perf_counter() - start)
-    return {
-        name: {
-            "ms": 1e3 * statistics.median(t),
-            "all_ms": [1e3 * s for s in t],
-            "peak_mib": peak_mib(fn, m, x),
-        }
-        for (name, t), (fn, m) in zip(times.items(), cases.values(), strict=True)
-    }
+    events = prof.events()
+    if x.device.type == "cuda":
+        return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
+    return sum(
+        e.name.startswith("aten::")
+        and e.name not in METADATA_OPS
+        and not any(c.name.startswith("aten::") for c in e.cpu_children)
+        for e in events
+    )
 
 
-def map_cases(channels: int) -> dict[str, tuple[Callable, nn.Module]]:
-    """Algorithm 1 and the ConvNN map layer in its configurations, all ``C -> C`` with k = 9."""
-    torch.manual_seed(0)
-    alg1 = Algorithm1ConvNN(channels, channels, k=9)
-    layers = {
-        "convnn all (VGG defaults, padding 1)": {},
-        "convnn all (padding 0)": {"padding": 0},
-        "convnn all (Algorithm 1 semantics)": {
-            "projections": "linear",
-            "rho": "softmax",
-            "self_first": False,
-            "padding": 0,
-        },
-        **{f"convnn {name} r=32": options for name, options in SAMPLED.items()},
-    }
-    cases = {"Algorithm 1": (lambda x: algorithm1_on_map(alg1, x), alg1)}
-    for name, options in layers.items():
-        layer = build_layer("convnn", channels, channels, **options)
-        cases[name] = (layer, layer)
-    return cases
+#: ATen ops that only make views or allocate (no kernel runs): left out of the CPU launch count.
+METADATA_OPS = {
+    f"aten::{op}"
+    for op in [
+        "view",
+        "_unsafe_view",
+        "_reshape_alias",
+        "reshape",
+        "slice",
+        "select",
+        "as_strided",
+        "transpose",
+        "permute",
+        "expand",
+        "t",
+        "unsqueeze",
+        "squeeze",
+        "alias",
+        "detach",
+        "lift_fresh",
+        "diagonal",
+        "unflatten",
+        "flatten",
+        "split",
+        "narrow",
+        "empty",
+        "empty_strided",
+        "empty_like",
+        "resize_",
+        "resolve_conj",
+        "resolve_neg",
+        "split_with_sizes",
+        "unbind",
+        "chunk",
+    ]
+}
 
 
-def token_cases() -> dict[str, tuple[Callable, nn.Module]]:
-    """Algorithm 1 on tokens, softmax attention and ConvNN-attention (paper ViT defaults) all / r=32."""
-    torch.manual_seed(0)
-    alg1 = Algorithm1ConvNN(VIT_WIDTH, VIT_WIDTH, k=9)
-    cases = {"Algorithm 1": (lambda x: alg1(x.transpose(1, 2)).transpose(1, 2), alg1)}
-    attention = build_layer("attention", VIT_WIDTH, VIT_WIDTH)
-    cases["attention (SDPA)"] = (attention, attention)
-    for name, options in {"all": {"sampling": "all"}, **SAMPLED}.items():
-        layer = build_layer("convnn_attention", VIT_WIDTH, VIT_WIDTH, **options)
-        cases[f"convnn_attention {name}" + (" r=32" if name in SAMPLED else "")] = (layer, layer)
-    return cases
+def rss_kib(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def sweep(sizes: list[int], batch: int, channels: int, repeats: int) -> list[dict]:
-    """ConvNN fwd+bwd time over map sizes: all candidates grow as N^2, random/spatial r=32 as N * r."""
+def child_rss(group: str, name: str, batch: int, threads: int) -> float | None:
+    """Peak RSS MiB of the case in a fresh process (None where /proc is missing, e.g. not Linux)."""
+    if not Path("/proc/self/status").exists():
+        return None
+    args = [
+        sys.executable,
+        __file__,
+        "--rss-case",
+        group,
+        name,
+        "--batch",
+        str(batch),
+        "--threads",
+        str(threads),
+    ]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def rss_case(group: str, name: str, batch: int) -> None:
+    """Print the peak RSS above the pre-step RSS of two steps of one case (run in a fresh process)."""
+    case = build_case(group, name, batch, torch.device("cpu"))
+    before = rss_kib("VmRSS")
+    for _ in range(2):
+        step(*case)
+    print(json.dumps({"peak_rss_mib": (rss_kib("VmHWM") - before) / 1024}))
+
+
+def measure_group(
+    group: str, names: list[str], reference: str, batch: int, repeats: int, device, rss
+) -> dict:
+    """Rows of one shape: times, ratios to the reference / Algorithm 1 / the FLOP floor, memory, launches."""
+    cases = {name: build_case(group, name, batch, device) for name in names}
+    times = interleaved_ms(cases, repeats)
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    macs = {name: case_macs(group, name, batch) for name in names}
     rows = []
-    for size in sizes:
-        x = torch.randn(batch, channels, size, size, requires_grad=True)
-        cases = {}
-        for name, options in {"all": {}, **SAMPLED}.items():
-            layer = build_layer("convnn", channels, channels, padding=0, **options)
-            cases[name] = (layer, layer)
-        result = measure(cases, x, repeats)
-        n = size * size
-        rows += [
-            {"n": n, "sampling": name, **r, "us_per_token": 1e3 * r["ms"] / n} for name, r in result.items()
-        ]
+    for name, case in cases.items():
+        rows.append(
+            {
+                "layer": name,
+                "ms": ms[name],
+                "all_ms": times[name],
+                "vs_reference": ms[name] / ms[reference],
+                "flop_floor": macs[name] / macs[reference],
+                "gmacs": macs[name] / 1e9,
+                "vs_alg1": ms["Algorithm 1"] / ms[name],
+                "peak_tensor_mib": peak_tensor_mib(*case),
+                "peak_rss_mib": rss(group, name),
+                "launches": launches(*case),
+            }
+        )
+    return {"group": group, "reference": reference, "batch": batch, "rows": rows}
+
+
+def compiled_vs_eager(batch: int, repeats: int, device) -> list[dict]:
+    """Train-mode fwd+bwd of ``torch.compile(fullgraph=True, dynamic=True)`` against eager."""
+    rows = []
+    for group, name in COMPILE_CASES:
+        group = f"vgg{VGG_SHAPES[0][0]}x{VGG_SHAPES[0][1]}" if group == "vgg" else group
+        fn, module, x = build_case(group, name, batch, device)
+        compiled = torch.compile(module, fullgraph=True, dynamic=True)
+        begin = time.perf_counter()
+        step(compiled, module, x)
+        compile_s = time.perf_counter() - begin
+        times = interleaved_ms({"eager": (fn, module, x), "compiled": (compiled, module, x)}, repeats)
+        eager, comp = statistics.median(times["eager"]), statistics.median(times["compiled"])
+        rows.append(
+            {"layer": f"{group} {name}", "eager_ms": eager, "compiled_ms": comp, "compile_s": compile_s}
+        )
     return rows
 
 
-def machine() -> dict:
-    """The CPU model, core count, torch version and threads this run used."""
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(
-            line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")
+def model_throughput(batch_vgg: int, batch_vit: int, repeats: int, device, quick: bool) -> list[dict]:
+    """Images/s of a VGG-11 features pass (fwd+bwd, CIFAR 32x32) and a ViT-Tiny training step (224)."""
+    setups = [
+        ("VGG-11 features fwd+bwd, 32x32", "vgg11", {"name": "conv2d"}, batch_vgg, 32),
+        ("VGG-11 features fwd+bwd, 32x32", "vgg11", {"name": "convnn"}, batch_vgg, 32),
+        (
+            "VGG-11 features fwd+bwd, 32x32",
+            "vgg11",
+            {"name": "convnn", "sampling": "random", "num_candidates": R, "fallback_to_all": True},
+            batch_vgg,
+            32,
+        ),
+        ("ViT-Tiny training step, 224x224", "vit_tiny", {"name": "attention"}, batch_vit, 224),
+        ("ViT-Tiny training step, 224x224", "vit_tiny", {"name": "kvt_attention"}, batch_vit, 224),
+        (
+            "ViT-Tiny training step, 224x224",
+            "vit_tiny",
+            {"name": "convnn_attention", "sampling": "random", "num_candidates": R},
+            batch_vit,
+            224,
+        ),
+    ]
+    rows = []
+    for what, model_name, layer_cfg, batch, size in setups:
+        torch.manual_seed(0)
+        model_cfg = {"name": model_name}
+        if quick and model_name == "vit_tiny":
+            model_cfg.update(depth=1)
+        model = build_model(model_cfg, layer_cfg, 10, size).to(device).train()
+        images = torch.randn(batch, 3, size, size, device=device)
+        labels = torch.randint(0, 10, (batch,), device=device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def train_step(m=model, o=optimizer, x=images, y=labels) -> None:
+            o.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+
+        def features_step(m=model, x=images) -> None:
+            m.features(x.requires_grad_()).sum().backward()
+
+        run = features_step if model_name == "vgg11" else train_step
+        run()
+        seconds = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - begin)
+        ms = 1e3 * statistics.median(seconds)
+        layer = ", ".join(f"{k}={v}" for k, v in layer_cfg.items())
+        rows.append(
+            {"what": what, "layer": layer, "batch": batch, "ms": ms, "images_per_s": batch / ms * 1e3}
         )
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = platform.processor() or "unknown"
+    return rows
+
+
+def machine(device: torch.device, load: tuple[float, float, float]) -> dict:
+    """The device or CPU model, core count, torch version and threads this run used."""
+    if device.type == "cuda":
+        model = torch.cuda.get_device_name(device)
+    else:
+        try:
+            lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+            model = next(
+                line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")
+            )
+        except (OSError, subprocess.CalledProcessError, StopIteration):
+            model = platform.processor() or "unknown"
     return {
-        "device": "cpu",
-        "cpu_model": model,
+        "device": device.type,
+        "model": model,
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "load_average_start": load,
     }
-
-
-def with_ratios(rows: dict[str, dict]) -> list[dict]:
-    """Rows with time and peak-memory ratios against the Algorithm 1 row of the same shape."""
-    base = rows["Algorithm 1"]
-    return [
-        {
-            "layer": name,
-            **r,
-            "speedup_vs_alg1": base["ms"] / r["ms"],
-            "memory_vs_alg1": r["peak_mib"] / base["peak_mib"],
-        }
-        for name, r in rows.items()
-    ]
 
 
 def markdown(report: dict) -> str:
     """The report as Markdown tables."""
     m = report["machine"]
     lines = [
-        f"# Layer benchmark: {m['cpu_model']} ({m['cpu_cores']} cores, {m['torch_threads']} torch threads)",
+        f"# Layer benchmark: {m['model']} ({m['device']}, {m['cpu_cores']} cores, "
+        f"{m['torch_threads']} torch threads)",
         "",
-        f"torch {m['torch']}; forward + backward, median of {report['repeats']} interleaved repeats; "
-        "peak = bytes of tensor storages live at once during fwd+bwd (TorchDispatchMode tracker, "
-        "kernel-internal scratch not included). Ratios are against Algorithm 1 of the same shape, "
-        "measured side by side in this run; the machine was shared, so absolute times are noisy. "
-        "Default one torch thread: with two, other jobs on the 2 shared cores stalled OpenMP barriers "
-        "(a 300 KB torch.cat took ~100 ms).",
-        "",
-        "| shape | layer | fwd+bwd ms | speed-up vs Alg. 1 | peak MiB | memory vs Alg. 1 |",
-        "|---|---|---:|---:|---:|---:|",
+        f"torch {m['torch']}; forward + backward, fp32, median of {report['repeats']} interleaved repeats. "
+        f"Load average (1/5/15 min) at the start {tuple(round(v, 2) for v in m['load_average_start'])}, at "
+        f"the end {tuple(round(v, 2) for v in report['load_average_end'])} on {m['cpu_cores']} cores: "
+        "other jobs shared the machine, so absolute times are noisy; the ratios are measured side by side. "
+        "**vs ref** = time over the reference's (nn.Conv2d 3x3 / SDPA attention) in the same loop; "
+        "**floor** = multiply-adds over the reference's (the ratio at equal FLOP rates); **vs Alg. 1** = "
+        "speed-up over Algorithm 1; **tensor MiB** = peak of live tensor storages (dispatch tracker); "
+        "**RSS MiB** = peak RSS above the pre-step RSS in a fresh process (allocator included); "
+        "**launches** = leaf ATen ops that run a kernel (views and allocations left out; CPU) or CUDA "
+        "kernels per step.",
     ]
-    for shape in report["shapes"]:
-        for r in shape["rows"]:
+    for group in report["groups"]:
+        lines += [
+            "",
+            f"## {group['group']}, batch {group['batch']} (reference: {group['reference']})",
+            "",
+            "| layer | fwd+bwd ms | vs ref | floor | vs Alg. 1 | GMAC | tensor MiB | RSS MiB | launches |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in group["rows"]:
+            rss = "–" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}"
             lines.append(
-                f"| {shape['shape']} | {r['layer']} | {r['ms']:.1f} | {r['speedup_vs_alg1']:.2f}x | "
-                f"{r['peak_mib']:.1f} | {r['memory_vs_alg1']:.2f}x |"
+                f"| {r['layer']} | {r['ms']:.1f} | {r['vs_reference']:.2f}x | {r['flop_floor']:.2f}x | "
+                f"{r['vs_alg1']:.2f}x | {r['gmacs']:.2f} | {r['peak_tensor_mib']:.1f} | {rss} | "
+                f"{r['launches']} |"
             )
     lines += [
         "",
-        f"## Scaling over N ({report['sweep_setting']})",
+        "## torch.compile (fullgraph, dynamic shapes, train mode) against eager",
         "",
-        "| N | sampling | fwd+bwd ms | us per token | peak MiB |",
-        "|---:|---|---:|---:|---:|",
+        "| case | eager ms | compiled ms | compiled / eager | compile s |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for r in report["sweep"]:
+    for r in report["compile"]:
         lines.append(
-            f"| {r['n']} | {r['sampling']} | {r['ms']:.1f} | {r['us_per_token']:.2f} | {r['peak_mib']:.1f} |"
+            f"| {r['layer']} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | "
+            f"{r['compiled_ms'] / r['eager_ms']:.2f}x | {r['compile_s']:.0f} |"
+        )
+    lines += [
+        "",
+        "## Whole models",
+        "",
+        "| model | layer | batch | ms | images/s |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in report["models"]:
+        lines.append(
+            f"| {r['what']} | {r['layer']} | {r['batch']} | {r['ms']:.0f} | {r['images_per_s']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, help="layer batch (default: 256 on CUDA, 32 on CPU)")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--threads",
         type=int,
@@ -241,37 +502,62 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     parser.add_argument(
-        "--quick", action="store_true", help="batch 4, one repeat, small sweep; writes nothing"
+        "--quick", action="store_true", help="batch 2, one repeat, small shapes; writes nothing"
     )
+    parser.add_argument("--rss-case", nargs=2, metavar=("GROUP", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    batch, repeats = (4, 1) if args.quick else (args.batch, args.repeats)
-    sizes = [8, 16, 24] if args.quick else [16, 32, 48, 64]
-    shapes = []
-    for channels, size in VGG_SHAPES:
-        x = torch.randn(batch, channels, size, size, requires_grad=True)
-        shape = f"VGG {channels}ch {size}x{size}, batch {batch}"
-        shapes.append({"shape": shape, "rows": with_ratios(measure(map_cases(channels), x, repeats))})
-        print(shape, "done", flush=True)
-    x = torch.randn(batch, VIT_TOKENS, VIT_WIDTH, requires_grad=True)
-    shape = f"ViT-Tiny {VIT_TOKENS}x{VIT_WIDTH}, batch {batch}"
-    shapes.append({"shape": shape, "rows": with_ratios(measure(token_cases(), x, repeats))})
-    sweep_batch, sweep_channels = 2, 16
-    report = {
-        "machine": machine(),
-        "batch": batch,
-        "repeats": repeats,
-        "k": 9,
-        "shapes": shapes,
-        "sweep_setting": f"convnn k=9, padding 0, {sweep_channels} channels, batch {sweep_batch}, maps "
-        f"{sizes[0]}x{sizes[0]} to {sizes[-1]}x{sizes[-1]}",
-        "sweep": sweep(sizes, sweep_batch, sweep_channels, repeats),
-    }
+    device = torch.device(args.device)
+    batch = args.batch or (256 if device.type == "cuda" else 32)
+    if args.rss_case:
+        rss_case(*args.rss_case, batch)
+        return
+    repeats = args.repeats
+    shapes = VGG_SHAPES
+    if args.quick:
+        batch, repeats, shapes = 2, 1, VGG_SHAPES[-2:]
+    on_cpu = device.type == "cpu"
+    load = os.getloadavg()
+
+    def rss(group: str, name: str) -> float | None:
+        return child_rss(group, name, batch, args.threads) if on_cpu else None
+
+    report = {"machine": machine(device, load), "batch": batch, "repeats": repeats, "k": K, "groups": []}
+    report.update(compile=[], models=[], load_average_end=load)
+
+    def save() -> None:  # after every section, so a late failure keeps what was measured
+        report["load_average_end"] = os.getloadavg()
+        if not args.quick:
+            args.out.mkdir(parents=True, exist_ok=True)
+            name = f"layers-{device.type}"
+            for suffix, content in (
+                (".json", json.dumps(report, indent=2) + "\n"),
+                (".md", markdown(report)),
+            ):
+                tmp = args.out / f".{name}{suffix}.tmp"
+                tmp.write_text(content)
+                tmp.replace(args.out / f"{name}{suffix}")
+
+    for channels, size in shapes:
+        group = f"vgg{channels}x{size}"
+        report["groups"].append(
+            measure_group(group, list(MAP_CASES), "nn.Conv2d 3x3", batch, repeats, device, rss)
+        )
+        save()
+        print(group, "done", flush=True)
+    report["groups"].append(
+        measure_group("vit", list(TOKEN_CASES), "attention (SDPA)", batch, repeats, device, rss)
+    )
+    save()
+    print("vit done", flush=True)
+    report["compile"] = compiled_vs_eager(batch, repeats, device)
+    save()
+    print("compile done", flush=True)
+    report["models"] = model_throughput(
+        batch, 8 if on_cpu else batch, max(2, repeats // 2), device, args.quick
+    )
+    save()
     print(markdown(report))
-    if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "layers-cpu.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out / "layers-cpu.md").write_text(markdown(report))
 
 
 if __name__ == "__main__":

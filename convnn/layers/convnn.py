@@ -136,11 +136,11 @@ class ConvNN(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.rho == "softmax"):
             if self.select_by == "position":
                 sims, idx = self._select_by_position(x.shape[0], height, width, candidates)
+                sims, idx = self._crop(sims, height, width), self._crop(idx, height, width)
             else:
                 if self.select_by == "both":
                     tokens = mix_position(tokens, coords, self.position_weight)
-                sims, idx = self._select_by_features(tokens, candidates)
-        sims, idx = self._crop(sims, height, width), self._crop(idx, height, width)
+                sims, idx = self._select_by_features(tokens, candidates, height, width)
         out = self.pointwise(aggregate_neighbors(v, idx, sims, self.rho, self.aggregate))
         pad = self.padding
         return self.shuffle(out.unflatten(2, (height - 2 * pad, width - 2 * pad)))
@@ -161,19 +161,34 @@ class ConvNN(nn.Module):
         grid = per_token.unflatten(1, (height, width))[:, pad : height - pad, pad : width - pad]
         return grid.flatten(1, 2)
 
-    def _select_by_features(self, selection: Tensor, candidates: Tensor | None) -> tuple[Tensor, Tensor]:
-        """k-NN of ``selection [B, C, N]`` through ``w_q`` / ``w_k`` -> ``(values, indices) [B, N, k]``."""
+    def _select_by_features(
+        self, selection: Tensor, candidates: Tensor | None, height: int, width: int
+    ) -> tuple[Tensor, Tensor]:
+        """k-NN of the unpadded tokens among the candidates of the padded ``height x width`` map
+        ``selection [B, C, N]`` through ``w_q`` / ``w_k`` -> ``(values, indices) [B, H * W, k]``.
+
+        In training (gradients on) only the unpadded tokens query. Without gradients (evaluation,
+        FLOP profiling) every padded token queries too and its rows are cropped, as in the reference,
+        so the paper's profiler GFLOPs are reproduced; the kept rows are the same.
+        """
+        pad = self.padding
+        real = None
+        if torch.is_grad_enabled():
+            grid = torch.arange(height * width, device=selection.device).view(height, width)
+            real = grid[pad : height - pad, pad : width - pad].flatten()
         q = self.w_q(selection).transpose(1, 2)
         separate_keys = not isinstance(self.w_k, nn.Identity)
-        if candidates is None and not separate_keys:  # identity keys are the queries: prepared once
+        if candidates is None and not separate_keys:  # identity keys are the queries
             keys = q
         else:
             keys = self.w_k(selection if candidates is None else selection[:, :, candidates]).transpose(1, 2)
+        queries = q if real is None else q[:, real]
         self_sim = None
         if self.self_first and candidates is not None and separate_keys and self.rho == "softmax":
-            self_sim = pair_similarity(q, self.w_k(selection).transpose(1, 2), self.similarity)
-        return knn_select(
-            q,
+            own_keys = self.w_k(selection if real is None else selection[:, :, real]).transpose(1, 2)
+            self_sim = pair_similarity(queries, own_keys, self.similarity)
+        sims, idx = knn_select(
+            queries,
             keys,
             self.k,
             kind=self.similarity,
@@ -181,7 +196,11 @@ class ConvNN(nn.Module):
             self_first=self.self_first,
             self_sim=self_sim,
             chunk_size=self.chunk_size,
+            queries=real,
         )
+        if real is None:
+            sims, idx = self._crop(sims, height, width), self._crop(idx, height, width)
+        return sims, idx
 
     def _check_candidates(self, height: int, width: int, candidates: Tensor | None) -> None:
         """Raise a clear ``ValueError`` when the map offers fewer than k candidate tokens."""

@@ -26,10 +26,11 @@ from convnn.knn import (
     CandidateSampler,
     check_choice,
     gather_neighbors,
+    grouped_matmul,
     knn_select,
-    modulate,
     nearest_by_place,
     pair_similarity,
+    token_rows,
 )
 from convnn.layers.attention import check_dropout, check_heads, check_positive, split_heads
 from convnn.layers.position import mix_position
@@ -39,6 +40,9 @@ AGGREGATIONS = ("standard", "depthwise", "separable", "sum")
 PROJECTIONS = ("linear", "identity")
 SELECT_BY = ("features", "position", "both")
 DROPOUT_ON = ("weights", "output")
+#: Sequences up to this length aggregate a "sum" (KVT) in training as one dense product
+#: (:meth:`ConvNNAttention._dense_sum`); longer ones gather the k rows of every token.
+DENSE_SUM_TOKENS = 1024
 
 
 class NeighborSum(nn.Module):
@@ -207,15 +211,64 @@ class ConvNNAttention(nn.Module):
             values, indices = values.expand(b * self.heads, -1, -1), indices.expand(b * self.heads, -1, -1)
         else:
             values, indices = self._select_by_features(self._selection(x), candidates)
-        v = self._fold(self.w_v(x)).transpose(1, 2)  # [B*H, d, N]
-        rows = modulate(gather_neighbors(v, indices), values, self.rho)  # [B*H, d, N*k]
+        v = self._fold(self.w_v(x))  # [B*H, N, d]
+        weights = values.softmax(dim=-1).to(v.dtype) if self.rho == "softmax" else None  # [B*H, N, k]
         dropping = self.training and self.dropout > 0
         if dropping and self.dropout_on == "weights":
-            rows = rows * F.dropout(rows.new_ones(rows.shape[0], 1, rows.shape[2]), self.dropout)
-        out = self.aggregate(rows.reshape(b, -1, n * self.k))  # [B, D, N]
-        if dropping and self.dropout_on == "output":
-            out = F.dropout(out, self.dropout)
-        return self.w_o(out.transpose(1, 2))
+            mask = F.dropout(v.new_ones(indices.shape), self.dropout)
+            weights = mask if weights is None else weights * mask
+        if torch.is_grad_enabled() and not torch.jit.is_tracing():
+            if isinstance(self.aggregate, NeighborSum) and n <= DENSE_SUM_TOKENS:
+                out = self._dense_sum(v, indices, weights, b)
+            else:
+                out = self._aggregate_rows(token_rows(v, indices), weights, b)  # [B, N, D]
+        else:  # the Conv1d ops, as profilers and FLOP counters see them (same values)
+            rows = gather_neighbors(v.transpose(1, 2), indices)  # [B*H, d, N*k]
+            if weights is not None:
+                rows = rows * weights.reshape(rows.shape[0], 1, -1)
+            out = self.aggregate(rows.reshape(b, -1, n * self.k)).transpose(1, 2)
+        if dropping and self.dropout_on == "output":  # the mask drawn over [B, D, N], as the reference
+            out = F.dropout(out.transpose(1, 2).contiguous(), self.dropout).transpose(1, 2)
+        return self.w_o(out)
+
+    def _dense_sum(self, v: Tensor, indices: Tensor, weights: Tensor | None, batch: int) -> Tensor:
+        """The "sum" aggregation as one product: ``v [B*H, N, d]``, ``indices`` / ``weights [B*H, N, k]``
+        -> ``[B, N, D]``. Each token's k weights are scattered into its row of a ``[B*H, N, N]`` matrix
+        (a row's indices are distinct, so a plain ``scatter``: no atomics) that multiplies ``v``; for
+        ViT-length sequences one batched GEMM beats gathering k rows per token."""
+        bh, n, d = v.shape
+        weights = v.new_ones(indices.shape) if weights is None else weights
+        out = v.new_zeros(bh, n, n).scatter(2, indices, weights) @ v
+        return out.view(batch, bh // batch, n, d).transpose(1, 2).reshape(batch, n, -1)
+
+    def _aggregate_rows(self, rows: Tensor, weights: Tensor | None, batch: int) -> Tensor:
+        """``aggregate`` on token-major rows: ``rows [B*H, N, k, d]`` (neighbour j of token i),
+        ``weights [B*H, N, k]`` or None -> ``[B, N, D]``.
+
+        Equal to the Conv1d path of :meth:`forward` but without channel-first copies: the depthwise
+        weights scale the rows, one batched ``[1, k] @ [k, d]`` product per token weights and sums
+        them, the separable pointwise conv is a ``linear``; a standard aggregation is one einsum.
+        """
+        bh, n, k, d = rows.shape
+        heads = bh // batch
+        first = self.aggregate[0] if isinstance(self.aggregate, nn.Sequential) else self.aggregate
+        if isinstance(first, nn.Conv1d) and first.groups == 1:  # standard
+            if weights is not None:
+                rows = rows * weights.unsqueeze(-1)
+            rows = rows.view(batch, heads, n, k, d).permute(0, 2, 3, 1, 4).reshape(batch * n, k, heads * d)
+            out = grouped_matmul(rows, first.weight, 1).view(batch, n, -1)
+            return out if first.bias is None else out + first.bias
+        if isinstance(first, nn.Conv1d):  # depthwise: channel h * d + i of head h
+            scale = first.weight.view(heads, d, k).transpose(1, 2)[None, :, None]  # [1, H, 1, k, d]
+            rows = (rows.view(batch, heads, n, k, d) * scale).view(bh, n, k, d)
+        out = rows.sum(2) if weights is None else (weights.unsqueeze(-2) @ rows).squeeze(-2)  # [B*H, N, d]
+        out = out.view(batch, heads, n, d).transpose(1, 2).reshape(batch, n, heads * d)
+        if isinstance(first, nn.Conv1d) and first.bias is not None:
+            out = out + first.bias
+        if isinstance(self.aggregate, nn.Sequential):  # separable: the 1x1 pointwise conv
+            pointwise = self.aggregate[1]
+            out = F.linear(out, pointwise.weight.squeeze(-1), pointwise.bias)
+        return out
 
     def _selection(self, x: Tensor) -> Tensor:
         """What Q and K are projected from: ``[B, N, D]``, or ``[B, N, D + 1]`` with the position
