@@ -161,8 +161,9 @@ def test_trainer_deterministic_flag_reaches_the_layers(tmp_path):
     # deterministically on CUDA too, so the flag is all a deterministic run needs
     overrides = ["trainer.deterministic=true", "model=vgg11", "model.width_mult=0.125", "layer=convnn"]
     overrides += ["model.hidden_features=16", "layer.sampling=random", "layer.num_candidates=16", "epochs=1"]
-    cfg = validate_config(compose_train(*overrides)[0])
-    model, image_size = train.build_model_or_fail(cfg)
+    composed = compose_train(*overrides)[0]
+    cfg = validate_config(composed)
+    model, image_size = train.build_model_or_fail(composed)
     seen = []
     for layer in model.modules():
         if type(layer).__name__ == "ConvNN":
