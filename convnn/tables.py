@@ -349,10 +349,17 @@ def make_table(
     profile: bool = False,
     dataset: str | None = None,
     note: str | None = None,
+    row_ids: Sequence[str] | None = None,
 ) -> list[Path]:
-    """Regenerate ``table`` (only ``dataset``'s rows when given, written as ``<table>-<dataset>``)
-    from the records in ``source`` and/or by profiling into ``out_dir``; ``note`` joins the header."""
+    """Regenerate ``table`` (only ``dataset``'s rows when given, written as ``<table>-<dataset>``;
+    only the rows ``row_ids`` when given) from the records in ``source`` and/or by profiling into
+    ``out_dir``; ``note`` joins the header."""
     rows = read_paper(table)
+    if row_ids is not None:
+        unknown = sorted(set(row_ids) - {r["row"] for r in rows})
+        if unknown:
+            raise ValueError(f"{table} has no rows {unknown}; rows: {[r['row'] for r in rows]}")
+        rows = [r for r in rows if r["row"] in row_ids]
     if dataset is not None:
         datasets = sorted({r["dataset"] for r in rows})
         rows = [r for r in rows if r["dataset"] == dataset]
@@ -391,15 +398,15 @@ def make_table(
 
 def parse_args(argv: Sequence[str]) -> dict[str, str]:
     """``key=value`` arguments; unknown keys raise a ``ValueError`` listing the known ones."""
-    known = ("table", "figure", "source", "out", "budget", "profile", "dataset", "note")
+    known = ("table", "figure", "claims", "source", "out", "budget", "profile", "dataset", "note")
     args = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or key not in known:
             raise ValueError(f"bad argument {arg!r}; expected key=value with key in {list(known)}")
         args[key] = value
-    if ("table" in args) == ("figure" in args):
-        raise ValueError("give exactly one of table=<name> or figure=<name>")
+    if sum(k in args for k in ("table", "figure", "claims")) != 1:
+        raise ValueError("give exactly one of table=<name>, figure=<name> or claims=<reproduction>")
     if args.get("profile", "false") not in ("true", "false"):
         raise ValueError(f"profile={args['profile']!r}; allowed: true, false")
     return args
@@ -418,6 +425,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run(argv: Sequence[str]) -> list[Path]:
     """Make the table or figure ``argv`` asks for; the written paths."""
     args = parse_args(argv)
+    if "claims" in args:
+        from convnn.claims import make_claims
+
+        if "source" not in args:
+            raise ValueError("claims need source=<run dir or wandb:entity/project>")
+        out = args.get("out")
+        return make_claims(args["claims"], args["source"], Path(out) if out else None, args.get("note"))
     out_dir = Path(args.get("out", OUT_DIR))
     if "figure" in args:
         from convnn.figures import make_figure
