@@ -27,23 +27,31 @@ SMOOTH_WINDOW = 10  # the paper's moving average for loss curves
 @dataclass(frozen=True)
 class Series:
     """Records whose config matches ``match`` (dotted path -> value). ``x``: the swept path (``None``:
-    a horizontal baseline); ``square``: plot ``x**2`` (a kernel size as a neighbour count)."""
+    a horizontal baseline); ``square``: plot ``x**2`` (a kernel size as a neighbour count); ``root``:
+    plot ``sqrt(x)`` (a candidate count r^2 as the paper's r)."""
 
     label: str
     match: Mapping[str, Any]
     x: str | None = None
     square: bool = False
+    root: bool = False
+
+    def position(self, value: float) -> float:
+        """Where a swept ``value`` goes on the x axis."""
+        return value**2 if self.square else math.sqrt(value) if self.root else value
 
 
 @dataclass(frozen=True)
 class Figure:
-    """``kind`` is ``"sweep"`` (accuracy vs ``x``) or ``"loss"`` (curves); one panel per ``facets`` value."""
+    """``kind`` is ``"sweep"`` (accuracy vs ``x``) or ``"loss"`` (curves); one panel per ``facets`` value.
+    ``cost``: a second row of panels with each series' GFLOPs (fvcore and the paper's profiler method)."""
 
     kind: str
     title: str
     series: tuple[Series, ...]
     xlabel: str = "epoch"
     facets: tuple[str, ...] = ("data.name",)
+    cost: bool = False
 
 
 VGG_ROWS = (
@@ -57,21 +65,33 @@ FIGURES: dict[str, Figure] = {
         "sweep",
         "VGG-11: number of neighbours k",
         (
-            Series("Branching (λ=0.5), ConvNN k", {"layer.ratio": 0.5}, x="layer.k"),
+            *(
+                Series(
+                    f"Branching (λ=0.5), conv kernel {size}",
+                    {"layer.ratio": 0.5, "layer.kernel_size": size},
+                    x="layer.k",
+                )
+                for size in (1, 2, 3)
+            ),
             Series("Conv2D, kernel size²", {"layer.ratio": 0.0}, x="layer.kernel_size", square=True),
         ),
         xlabel="k (neighbours)",
     ),
     "fig5": Figure(
         "sweep",
-        "VGG-11 branching (λ=0.5): candidates r",
-        (
-            Series("Random", {"layer.ratio": 0.5, "layer.sampling": "random"}, x="layer.num_candidates"),
-            Series("Spatial", {"layer.ratio": 0.5, "layer.sampling": "spatial"}, x="layer.num_candidates"),
-            Series("All candidates", {"layer.ratio": 0.5, "layer.sampling": "all"}),
-            Series("Conv2D", {"layer.ratio": 0.0}),
-        ),
-        xlabel="r (candidates)",
+        "VGG-11: candidates r (r² random / r x r spatial grid)",
+        tuple(
+            Series(label, {"layer.ratio": ratio, "layer.sampling": sampling}, **sweep)
+            for ratio, name in ((0.5, "Branching (λ=0.5)"), (1.0, "ConvNN"))
+            for label, sampling, sweep in (
+                (f"{name}, random", "random", {"x": "layer.num_candidates", "root": True}),
+                (f"{name}, spatial", "spatial", {"x": "layer.num_candidates", "root": True}),
+                (f"{name}, all candidates", "all", {}),
+            )
+        )
+        + (Series("Conv2D", {"layer.ratio": 0.0}),),
+        xlabel="r",
+        cost=True,
     ),
     "fig6": Figure(
         "loss",
@@ -112,6 +132,7 @@ FIGURES: dict[str, Figure] = {
             Series("Attention", {"layer.name": "attention"}),
         ),
         xlabel="r (candidates)",
+        cost=True,
     ),
     "fig10": Figure(
         "loss",
@@ -148,14 +169,18 @@ def select(records: Sequence[Record], match: Mapping[str, Any]) -> list[Record]:
     ]
 
 
-def sweep_points(records: Sequence[Record], series: Series) -> list[tuple[float, float, float, int]]:
-    """``(x, mean, std, n)`` of the best-epoch test top-1 per swept value (std 0 for one seed)."""
+def sweep_points(
+    records: Sequence[Record], series: Series, metric: str = "best.test_acc1"
+) -> list[tuple[float, float, float, int]]:
+    """``(x, mean, std, n)`` of the record's ``metric`` (a dotted path: the best-epoch test top-1,
+    ``gflops``, ``gflops_profiler``) per swept value (std 0 for one seed)."""
     groups: dict[float, list[float]] = {}
     for r in select(records, series.match):
         x = get_path(r["config"], series.x) if series.x else 0.0
-        if x is None:
+        value = get_path(r, metric)
+        if x is None or value is None:
             continue
-        groups.setdefault(float(x) ** 2 if series.square else float(x), []).append(r["best"]["test_acc1"])
+        groups.setdefault(series.position(float(x)), []).append(value)
     return [
         (x, statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
         for x, v in sorted(groups.items())
@@ -186,47 +211,84 @@ def _facet_values(records: Sequence[Record], facets: Sequence[str]) -> list[tupl
     return sorted(values, key=lambda v: tuple(str(x) for x in v))
 
 
+COST_METRICS = (("gflops", "-", "fvcore"), ("gflops_profiler", "--", "profiler"))
+
+
+def _draw_sweep(
+    ax: Any, records: Sequence[Record], spec: Figure, metrics: Sequence[tuple[str, str, str]]
+) -> None:
+    """Every series of ``spec`` on ``ax``: ``(metric, line style, label suffix)`` per metric."""
+    for i, series in enumerate(spec.series):
+        for metric, style, suffix in metrics:
+            points = sweep_points(records, series, metric)
+            if not points:
+                continue
+            label = f"{series.label} ({suffix})" if suffix else series.label
+            if series.x is None:
+                _, mean, _, n = points[0]
+                ax.axhline(mean, color=f"C{i}", ls=":", label=f"{label} ({mean:.3g}, n={n})")
+                continue
+            xs, means, stds, _ = zip(*points, strict=True)
+            ax.errorbar(xs, means, yerr=stds, ls=style, marker="o", capsize=3, color=f"C{i}", label=label)
+
+
+def _draw_loss(ax: Any, records: Sequence[Record], spec: Figure) -> None:
+    """Train (dashed) and test (solid) loss curves of every series, smoothed as the paper's."""
+    for i, series in enumerate(spec.series):
+        chosen = select(records, series.match)
+        for key, style in (("train_loss", "--"), ("test_loss", "-")):
+            epochs, values = mean_curve(chosen, key)
+            ax.plot(
+                epochs,
+                smooth(values),
+                style,
+                color=f"C{i}",
+                label=series.label if key == "test_loss" else None,
+            )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def make_figure(
     name: str, records: Sequence[Record], out_dir: Path, source: str = "", note: str | None = None
 ) -> Path:
     """Draw figure ``name`` (a key of ``FIGURES``) from ``records`` into ``<out_dir>/<name>.png``;
-    the title states the runs' budget, seeds and source (and ``note``)."""
+    the title states the runs' budget, seeds and source (and ``note``). A ``cost`` figure has a second
+    row of panels with the GFLOPs of every point."""
     if name not in FIGURES:
         raise ValueError(f"unknown figure {name!r}; figures: {sorted(FIGURES)}")
     spec = FIGURES[name]
     records = [r for r in records if r.get("status") == "finished"]
     panels = _facet_values(records, spec.facets) or [(None,) * len(spec.facets)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(8.0, 5.5 * len(panels)), 4.8), squeeze=False)
-    for ax, panel in zip(axes[0], panels, strict=True):
+    rows = 2 if spec.cost else 1
+    fig, axes = plt.subplots(
+        rows, len(panels), figsize=(max(8.0, 5.5 * len(panels)), 4.8 * rows), squeeze=False
+    )
+    for column, panel in enumerate(panels):
         facet = {f: v for f, v in zip(spec.facets, panel, strict=True) if v is not None}
         subset = select(records, facet)
-        for i, series in enumerate(spec.series):
-            color = f"C{i}"
-            if spec.kind == "loss":
-                chosen = select(subset, series.match)
-                for key, style in (("train_loss", "--"), ("test_loss", "-")):
-                    epochs, values = mean_curve(chosen, key)
-                    label = series.label if key == "test_loss" else None
-                    ax.plot(epochs, smooth(values), style, color=color, label=label)
-                continue
-            points = sweep_points(subset, series)
-            if not points:
-                continue
-            if series.x is None:
-                _, mean, std, n = points[0]
-                ax.axhline(mean, color=color, ls=":", label=f"{series.label} ({mean:.2f}, n={n})")
-                continue
-            xs, means, stds, _ = zip(*points, strict=True)
-            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=color, label=series.label)
-        ax.set_title(", ".join(f"{k}={v}" for k, v in facet.items()) or spec.title)
+        ax = axes[0][column]
         if spec.kind == "loss":
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel(spec.xlabel)
-        ax.set_ylabel("loss" if spec.kind == "loss" else "best test top-1 (%)")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+            _draw_loss(ax, subset, spec)
         else:
-            ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
+            _draw_sweep(ax, subset, spec, (("best.test_acc1", "-", ""),))
+        ax.set_ylabel("loss" if spec.kind == "loss" else "best test top-1 (%)")
+        if spec.cost:
+            _draw_sweep(axes[1][column], subset, spec, COST_METRICS)
+            axes[1][column].set_ylabel("GFLOPs at batch 1 (fvcore MACs; paper's profiler method)")
+        for row_axes in axes:
+            row_axes[column].set_title(", ".join(f"{k}={v}" for k, v in facet.items()) or spec.title)
+            row_axes[column].set_xlabel(spec.xlabel)
+            if row_axes[column].get_legend_handles_labels()[0]:
+                row_axes[column].legend(fontsize=7)
+            else:
+                row_axes[column].text(
+                    0.5,
+                    0.5,
+                    "no finished runs",
+                    ha="center",
+                    va="center",
+                    transform=row_axes[column].transAxes,
+                )
     lines = [f"{name}: {spec.title}", describe(records, source), *([note] if note else [])]
     fig.suptitle("\n".join(lines), fontsize=9)
     fig.tight_layout()

@@ -120,28 +120,43 @@ def random_candidates(n: int, r: int, generator: torch.Generator | None = None) 
     return torch.randperm(n, generator=generator)[:r]
 
 
-def spatial_candidates(n: int, r: int, grid: tuple[int, int] | None = None) -> Tensor:
-    """A regular candidate set -> LongTensor ``[M]`` of token indices (CPU).
+def spatial_candidates(n: int, r: int, grid: tuple[int, int] | None = None, padding: int = 0) -> Tensor:
+    """A regular candidate set -> LongTensor ``[M]`` of token indices (CPU), as the reference builds it.
 
-    Sequences (``grid`` None): every ``(n // r)``-th token, ``M = r``. Maps (``grid = (H, W)`` of the
-    map the tokens come from, padding included): a ``g x g`` grid with ``g = floor(sqrt(r))``, rows and
-    columns from ``linspace(0, H - 1, g)`` / ``linspace(0, W - 1, g)`` rounded, indices ``row * W + col``
-    (``M = g * g``). A grid larger than the map is capped at the map's rows / columns (every
-    row / column once, never a duplicate candidate), so small late-stage maps stay usable.
+    Sequences (``grid`` None): ``linspace(0, n - 1, r)`` truncated to int (``M = r``; for n = 197,
+    r = 32: 0, 6, 12, 18, 25, ..., 196). Maps (``grid = (H, W)`` of the map the tokens come from,
+    ``padding`` included on every side): a ``g x g`` grid with ``g = floor(sqrt(r))`` over the real
+    pixels only, rows ``padding + linspace(0, H - 1 - 2 padding, g)`` and columns alike, truncated,
+    indices ``row * W + col`` (``M = g * g``). A grid with more rows or columns than the real map
+    raises (see :class:`CandidateSampler`'s ``fallback_to_all``).
     """
     if grid is None:
         if not 1 <= r <= n:
             raise ValueError(f"spatial sampling needs 1 <= num_candidates <= N tokens, got r={r}, N={n}")
-        return torch.arange(r) * (n // r)
+        return torch.linspace(0, n - 1, r, dtype=torch.float64).long()
     height, width = grid
     if height * width != n:
         raise ValueError(f"grid {grid} does not hold the {n} tokens")
     g = math.isqrt(r)
     if g < 1:
         raise ValueError(f"spatial sampling needs num_candidates >= 1, got r={r}")
-    rows = torch.linspace(0, height - 1, min(g, height)).round().long()
-    cols = torch.linspace(0, width - 1, min(g, width)).round().long()
+    real_h, real_w = height - 2 * padding, width - 2 * padding
+    if g > min(real_h, real_w):
+        raise ValueError(
+            f"a {g}x{g} spatial grid (num_candidates={r}) exceeds the {real_h}x{real_w} map; "
+            "set fallback_to_all=true to use all candidates on such maps"
+        )
+    rows = padding + torch.linspace(0, real_h - 1, g, dtype=torch.float64).long()
+    cols = padding + torch.linspace(0, real_w - 1, g, dtype=torch.float64).long()
     return (rows[:, None] * width + cols[None, :]).flatten()
+
+
+def fits(sampling: str, n: int, r: int, grid: tuple[int, int] | None, padding: int) -> bool:
+    """Whether ``r`` random candidates (``r <= n``) or a spatial ``floor(sqrt(r))`` grid (a sequence:
+    ``r <= n``; a map: the grid's side <= the real map's height and width) fit the ``n`` tokens."""
+    if sampling == "random" or grid is None:
+        return r <= n
+    return math.isqrt(r) <= min(grid) - 2 * padding
 
 
 def _auto_chunk(batch: int, m: int) -> int:
@@ -462,38 +477,54 @@ class CandidateSampler(nn.Module):
     """Which tokens are candidate neighbours: "all", "random" (``num_candidates`` r) or "spatial".
 
     ``num_candidates`` is required for "random" / "spatial" and ignored by "all" (so a sweep over
-    ``sampling`` can keep one r).
+    ``sampling`` can keep one r). A map's spatial grid is ``floor(sqrt(r)) x floor(sqrt(r))``, so the
+    paper's Figure 5 "r" (r^2 random candidates or an r x r grid) is ``num_candidates = r^2``.
+
+    ``fallback_to_all``: when r exceeds the tokens (random) or the grid's side exceeds the real map's
+    (spatial), use all candidates (each token its own first neighbour) instead of raising, as the
+    paper's Figure 5 runs did on VGG-11's small late-stage maps. Off by default: never silent.
 
     In training mode random candidates are drawn from the global RNG (reproducible through
     ``seed_everything``); in eval mode from this module's own ``generator``, which
     :func:`reset_sampling` re-seeds at the start of every validation / test epoch.
     """
 
-    def __init__(self, sampling: str = "all", num_candidates: int | None = None) -> None:
+    def __init__(
+        self, sampling: str = "all", num_candidates: int | None = None, fallback_to_all: bool = False
+    ) -> None:
         super().__init__()
         check_choice("sampling", sampling, SAMPLINGS)
         if sampling != "all" and (num_candidates is None or num_candidates < 1):
             raise ValueError(f"sampling={sampling!r} needs a positive num_candidates, got {num_candidates}")
         self.sampling = sampling
         self.num_candidates = num_candidates
+        self.fallback_to_all = fallback_to_all
         self.generator = torch.Generator().manual_seed(0)
 
     def candidates(
-        self, n: int, grid: tuple[int, int] | None = None, device: torch.device | None = None
+        self,
+        n: int,
+        grid: tuple[int, int] | None = None,
+        device: torch.device | None = None,
+        padding: int = 0,
     ) -> Tensor | None:
-        """Candidate token indices for ``n`` tokens: None for "all", else LongTensor ``[M]`` on ``device``.
+        """Candidate token indices for ``n`` tokens: None for all, else LongTensor ``[M]`` on ``device``.
 
-        ``grid = (H, W)`` marks the tokens as a (padded) map for the spatial grid; None = a sequence.
+        ``grid = (H, W)`` marks the tokens as a map (``padding`` zero rows / columns on every side,
+        left out of the spatial grid); None = a sequence.
         """
         if self.sampling == "all":
+            return None
+        if self.fallback_to_all and not fits(self.sampling, n, self.num_candidates, grid, padding):
             return None
         if self.sampling == "random":
             generator = None if self.training else self.generator
             return random_candidates(n, self.num_candidates, generator).to(device)
-        return spatial_candidates(n, self.num_candidates, grid).to(device)
+        return spatial_candidates(n, self.num_candidates, grid, padding).to(device)
 
     def extra_repr(self) -> str:
-        return f"sampling={self.sampling!r}, num_candidates={self.num_candidates}"
+        fallback = ", fallback_to_all=True" if self.fallback_to_all else ""
+        return f"sampling={self.sampling!r}, num_candidates={self.num_candidates}{fallback}"
 
 
 def reset_sampling(model: nn.Module, seed: int) -> int:

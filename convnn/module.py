@@ -2,7 +2,10 @@
 
 Each epoch it measures train loss / top-1 / top-5 (running over the epoch's batches), then test
 loss / top-1 / top-5 on the test split (Lightning's validation loop), the training time and
-throughput, and appends one row (accuracies in percent) to ``history``. ``history`` and the RNG
+throughput, and appends one row (accuracies in percent) to ``history``. Test loss and top-1 are
+recorded twice: per image (``test_loss``, ``test_acc1``: every image weighs the same) and as the
+mean of per-batch means (``test_loss_batchmean``, ``test_acc1_batchmean``: every batch weighs the
+same, a short last batch included), which is how the paper's reference averaged them. ``history`` and the RNG
 states travel in the checkpoint, so a resumed run continues exactly where the killed one stopped.
 """
 
@@ -23,6 +26,7 @@ from convnn.config import OptimConfig, SchedulerConfig
 from convnn.layers import reset_sampling
 
 SPLITS = ("train", "test")
+BATCHMEAN = ("test_loss_batchmean", "test_acc1_batchmean")
 
 
 def seed_epoch(seed: int, epoch: int) -> None:
@@ -84,6 +88,8 @@ class ImageClassifier(L.LightningModule):
             self.metrics[f"{split}_loss"] = MeanMetric()
             self.metrics[f"{split}_acc1"] = MulticlassAccuracy(num_classes, top_k=1, average="micro")
             self.metrics[f"{split}_acc5"] = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        for name in BATCHMEAN:
+            self.metrics[name] = MeanMetric()
         self.history: list[dict[str, float]] = []
         self._train_start = self._train_time = 0.0
         self._train_images = 0
@@ -100,6 +106,9 @@ class ImageClassifier(L.LightningModule):
         self.metrics[f"{split}_loss"].update(loss.detach(), weight=y.numel())
         self.metrics[f"{split}_acc1"].update(logits.detach(), y)
         self.metrics[f"{split}_acc5"].update(logits.detach(), y)
+        if split == "test":
+            self.metrics["test_loss_batchmean"].update(loss.detach())
+            self.metrics["test_acc1_batchmean"].update((logits.detach().argmax(-1) == y).float().mean())
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -127,10 +136,11 @@ class ImageClassifier(L.LightningModule):
         reset_sampling(self.model, self.seed)
 
     def _compute(self, split: str) -> dict[str, float]:
+        names = [f"{split}_{name}" for name in ("loss", "acc1", "acc5")]
         out = {}
-        for name in ("loss", "acc1", "acc5"):
-            metric = self.metrics[f"{split}_{name}"]
-            out[f"{split}_{name}"] = metric.compute().item() * (1.0 if name == "loss" else 100.0)
+        for name in names + (list(BATCHMEAN) if split == "test" else []):
+            metric = self.metrics[name]
+            out[name] = metric.compute().item() * (1.0 if "_loss" in name else 100.0)
             metric.reset()
         return out
 

@@ -105,16 +105,38 @@ def _native_stderr_silenced() -> Iterator[None]:
         os.close(saved)
 
 
+SDPA_EVENT = "aten::scaled_dot_product_attention"
+
+
+def sdpa_explicit_flops(input_shapes: Sequence[Sequence[int]]) -> int:
+    """What torch.profiler counts for the explicit ops one fused SDPA call stands for, ``softmax(Q Kᵀ
+    / sqrt(E)) V`` written as two matmuls (the reference's attention): ``2 L S E + 2 L S Ev`` per batch
+    and head, for ``q [.., L, E]``, ``k [.., S, E]``, ``v [.., S, Ev]`` (softmax and the scale count 0)."""
+    q, k, v = input_shapes[:3]
+    return 2 * math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
 def profiler_flops(model: nn.Module, x: torch.Tensor) -> int:
     """The paper's count: ``torch.profiler`` ``with_flops=True``, ``flops`` summed over ``key_averages()``.
 
     It counts integer-padded ``conv2d`` (2 MACs), ``mm``/``addmm``/``bmm`` (2 M N K) and ``mul``/``add``
-    (1 per element), and 0 for everything else (``"same"`` convs, Conv1d, SDPA, norms, top-k, ...).
+    (1 per element), and 0 for everything else (``"same"`` convs, Conv1d, SDPA, norms, top-k, ...). The
+    one exception: a fused ``F.scaled_dot_product_attention`` computes the same function as the
+    reference's explicit attention matmuls, so each call that ran a fused kernel (nothing counted
+    inside it) adds what the profiler counts for those (:func:`sdpa_explicit_flops`); then the same
+    model gets the paper's figure whichever kernel runs.
     """
     with _native_stderr_silenced():
-        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
             model(x)
-        return int(sum(event.flops for event in prof.key_averages()))
+        counted = sum(event.flops for event in prof.key_averages())
+        fused = [e for e in prof.events() if e.name == SDPA_EVENT and not _flops_inside(e)]
+        return int(counted + sum(sdpa_explicit_flops(e.input_shapes) for e in fused))
+
+
+def _flops_inside(event: Any) -> int:
+    """FLOPs the profiler counted in the ops ``event`` called (non-zero when SDPA took its math path)."""
+    return sum(child.flops + _flops_inside(child) for child in event.cpu_children)
 
 
 def profile_model(model: nn.Module, input_shape: Sequence[int]) -> dict[str, Any]:

@@ -23,6 +23,8 @@ EPOCH_FIELDS = (
     "test_loss",
     "test_acc1",
     "test_acc5",
+    "test_loss_batchmean",
+    "test_acc1_batchmean",
     "epoch_time_s",
     "images_per_s",
 )
@@ -87,13 +89,14 @@ def collect_records(root: str | Path) -> list[dict[str, Any]]:
 def summarize_epochs(epochs: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """``(final, best)`` from per-epoch rows: the last epoch's test metrics and the best-top-1 epoch's.
 
-    Ties in top-1 go to the earlier epoch. Both are ``None`` when no epoch has finished.
+    Ties in top-1 go to the earlier epoch. Both are ``None`` when no epoch has finished. The per-batch
+    means (``test_loss_batchmean``, ``test_acc1_batchmean``) are copied where the epochs have them.
     """
     if not epochs:
         return None, None
-    keys = ("test_loss", "test_acc1", "test_acc5")
+    keys = ("test_loss", "test_acc1", "test_acc5", "test_loss_batchmean", "test_acc1_batchmean")
     last = epochs[-1]
     top = max(epochs, key=lambda row: (row["test_acc1"], -row["epoch"]))
-    final = {k: last[k] for k in keys}
-    best = {"epoch": top["epoch"], **{k: top[k] for k in keys}}
+    final = {k: last[k] for k in keys if k in last}
+    best = {"epoch": top["epoch"], **{k: top[k] for k in keys if k in top}}
     return final, best

@@ -35,12 +35,10 @@ PARAM_NOTES = {
     "+ 0.369M classifier, as 268.289M -> 268.658M for ConvNN p=2)",
 }
 GFLOPS_NOTES = {
-    "attention": "F.scaled_dot_product_attention counts 0 in torch.profiler; its two matmuls as the paper "
-    "wrote them add 12 x 2 x 2N²D = 0.358 G",
     "kvt_attention": "our KVT gathers the k selected values (N·k·D mul); the paper's dense masked attention "
     "counted a full A·V bmm (2N²D) and the N² score scaling instead",
-    "convnn_attention": "self_first scores the self entry by its own key, so w_k projects all N tokens; "
-    "the paper's reference projected the r candidates only",
+    "convnn_attention": "self_first without self_logit scores the self entry by its own key, so w_k "
+    "projects all N tokens; the paper's reference (self_logit=1.0) projected the r candidates only",
 }
 
 
@@ -78,10 +76,10 @@ def gflops_note(cfg: DictConfig, ours: float, paper: float) -> str:
     if abs(ours - paper) < GFLOPS_TOLERANCE:
         return ""
     note = GFLOPS_NOTES.get(cfg.layer.name, "unexplained")
-    if cfg.layer.name == "convnn_attention" and cfg.layer.get("self_first") is None:
-        alternative = OmegaConf.merge(cfg, {"layer": {"self_first": False}})
+    if cfg.layer.name == "convnn_attention" and cfg.layer.get("self_logit") is None:
+        alternative = OmegaConf.merge(cfg, {"layer": {"self_logit": 1.0}})
         model, shape = build_from_config(alternative)
-        note += f"; with layer.self_first=false: {profile_model(model, shape)['gflops_profiler']:.5f}"
+        note += f"; with layer.self_logit=1.0: {profile_model(model, shape)['gflops_profiler']:.5f}"
     return note
 
 
@@ -97,7 +95,9 @@ def render(rows: list[dict[str, str]], profiles: dict[str, tuple[DictConfig, dic
         "- **GFLOPS (paper method)**: `torch.profiler` with `with_flops=True`, batch 1, CPU, eval mode, "
         "`flops` summed over `key_averages()` — the method behind the paper's column. It counts 2 per "
         "multiply-add of `conv2d` with integer padding and of `mm`/`addmm`/`bmm`, 1 per element of `mul`/"
-        "`add`, and 0 for `Conv2d(padding='same')`, Conv1d (the ConvNN aggregation), SDPA, top-k, norms.",
+        "`add`, and 0 for `Conv2d(padding='same')`, Conv1d (the ConvNN aggregation), top-k, norms. A fused "
+        "`F.scaled_dot_product_attention` (also 0 to the profiler) is counted as the reference's two "
+        "explicit matmuls would be (2·L·S·(E + Ev) per head), since it computes the same function.",
         f"  ✓ = within {GFLOPS_TOLERANCE} of the paper.",
         "- **GMACs (fvcore)**: fvcore multiply-adds with handles for the ops fvcore 0.1.5 skips "
         "(string-padded convs, SDPA, baddbmm, cdist): the honest compute figure.",

@@ -23,8 +23,10 @@ JOBS = {
     "table3": 9 * 2 * 3,
     "table4": 5 * 2 * 3,  # Conv2D p=1, branching / ConvNN x p in {1, 2}
     "table5": 4 * 2 * 3,  # attention, D, DS, R
-    "fig4": (12 + 3) * 2 * 3,  # k in 1..12, Conv2D kernel 1..3
-    "fig5": (2 * 4 + 2) * 2 * 3,  # random / spatial x r in 10..16 (paper: 4..30, see fig5.yaml)
+    "fig4": (12 * 3 + 3) * 2 * 3,  # k in 1..12 x conv kernel 1..3, Conv2D kernel 1..3
+    "fig5": (2 * 2 * 15 + 2 + 1)
+    * 2
+    * 3,  # lambda 0.5 / 1 x random / spatial x r in 4..32 step 2, all; Conv2D
     "fig7": (11 + 11 + 12 + 1) * 2 * 3,  # ConvNN all / random x k in 2..12, KVT k in 2..12 + 100, attention
     "fig8": (2 * 12 + 2) * 2 * 3,  # random / spatial x r in 16..192 step 16, all, attention
     "fig10": 3 * 3 * 2 * 3,  # lambda in {0, 0.5, 1} x lr x dataset x seed
@@ -34,9 +36,10 @@ TABLE_CSV = {"table1", "table2", "table3", "table4", "table5", "resnet50"}
 
 
 def experiment_jobs(name: str) -> tuple[dict[str, str], list[list[str]]]:
-    """The experiment's group choices from its defaults list, and its jobs."""
+    """The experiment's group choices from its defaults list (and the ``model.*`` values it sets for
+    every job, e.g. the reference's initialisation), and its jobs."""
     cfg = OmegaConf.load(EXPERIMENTS / f"{name}.yaml")
-    defaults = {}
+    defaults = {f"model.{key}": str(value) for key, value in cfg.get("model", {}).items()}
     for entry in cfg.defaults:
         ((key, value),) = entry.items()
         defaults[key.removeprefix("override /")] = value
@@ -57,7 +60,9 @@ def _value(text: str) -> object:
 
 def effective(defaults: dict[str, str], overrides: list[str]) -> dict[str, object]:
     """The model / data / layer choices and options a job (or a paper row) sets, seed left out."""
-    out: dict[str, object] = {k: v for k, v in defaults.items() if k in ("model", "data", "layer")}
+    out: dict[str, object] = {
+        k: _value(v) for k, v in defaults.items() if k in ("model", "data", "layer") or k.startswith("model.")
+    }
     for o in overrides:
         key = override_key(o)
         if key not in ("seed", "resume"):

@@ -120,19 +120,45 @@ def test_random_candidates_are_distinct_and_reproducible():
         random_candidates(100, 101)
 
 
-def test_spatial_grid_uses_the_padded_width():
-    # a 3x7 map padded by 1 is 5x9; a 3x3 grid takes rows 0, 2, 4 and columns 0, 4, 8 of it
-    idx = spatial_candidates(45, 9, grid=(5, 9))
-    assert idx.tolist() == [0, 4, 8, 18, 22, 26, 36, 40, 44]
-    assert spatial_candidates(45, 12, grid=(5, 9)).numel() == 9  # floor(sqrt(12)) = 3
-    # a 6x6 grid is capped at the 5 rows: every row, 6 spread columns, no duplicates
-    capped = spatial_candidates(45, 36, grid=(5, 9))
-    assert capped.numel() == 30 and capped.unique().numel() == 30
-    assert sorted({int(i) // 9 for i in capped}) == [0, 1, 2, 3, 4]
+def test_spatial_grid_covers_the_real_pixels_not_the_padding():
+    # a 3x7 map padded by 1 is 5x9; a 3x3 grid over the real pixels takes rows 1, 2, 3 and columns
+    # 1 + linspace(0, 6, 3) = 1, 4, 7 of it, indexed with the padded width 9
+    idx = spatial_candidates(45, 9, grid=(5, 9), padding=1)
+    assert idx.tolist() == [10, 13, 16, 19, 22, 25, 28, 31, 34]
+    assert spatial_candidates(45, 12, grid=(5, 9), padding=1).numel() == 9  # floor(sqrt(12)) = 3
+    # VGG's first stage: 32x32 padded to 34x34, a 4x4 grid; linspace(0, 31, 4) = 0, 10.3, 20.7, 31 truncated
+    grid = spatial_candidates(34 * 34, 16, grid=(34, 34), padding=1)
+    assert grid[:4].tolist() == [34 + 1, 34 + 11, 34 + 21, 34 + 32]
+    rows, cols = grid // 34, grid % 34
+    assert rows.min() >= 1 and rows.max() <= 32 and cols.min() >= 1 and cols.max() <= 32  # no padding
+    assert spatial_candidates(9, 4, grid=(3, 3)).tolist() == [0, 2, 6, 8]  # padding 0: the corners
 
 
-def test_spatial_sequence_takes_every_n_over_r_th_token():
-    assert spatial_candidates(197, 32).tolist() == list(range(0, 192, 6))
+def test_spatial_grid_larger_than_the_real_map_raises_unless_falling_back():
+    with pytest.raises(ValueError, match=r"a 4x4 spatial grid \(num_candidates=16\) exceeds the 3x7 map"):
+        spatial_candidates(45, 16, grid=(5, 9), padding=1)
+    spatial = CandidateSampler("spatial", 16)
+    with pytest.raises(ValueError, match="set fallback_to_all=true"):
+        spatial.candidates(45, grid=(5, 9), padding=1)
+    assert (
+        CandidateSampler("spatial", 16, fallback_to_all=True).candidates(45, grid=(5, 9), padding=1) is None
+    )
+    fits = CandidateSampler("spatial", 9, fallback_to_all=True).candidates(45, grid=(5, 9), padding=1)
+    assert fits.tolist() == spatial_candidates(45, 9, grid=(5, 9), padding=1).tolist()
+    assert CandidateSampler("random", 50, fallback_to_all=True).candidates(49) is None
+    assert CandidateSampler("random", 49, fallback_to_all=True).candidates(49).sort().values.tolist() == list(
+        range(49)
+    )
+    with pytest.raises(ValueError, match="got r=50, N=49"):
+        CandidateSampler("random", 50).candidates(49)
+
+
+def test_spatial_sequence_is_the_truncated_linspace():
+    # the reference: linspace(0, N - 1, r) truncated; for N = 197, r = 32 it starts 0, 6, 12, 18, 25, 31
+    idx = spatial_candidates(197, 32)
+    assert idx.tolist() == [int(i * 196 / 31) for i in range(32)]
+    assert idx[:6].tolist() == [0, 6, 12, 18, 25, 31] and idx[-1] == 196
+    assert spatial_candidates(5, 5).tolist() == [0, 1, 2, 3, 4]  # r = N: every token once
 
 
 def test_gather_neighbors_matches_a_loop():

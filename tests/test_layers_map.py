@@ -274,18 +274,40 @@ def test_self_first_puts_each_token_first():
     assert math.isclose(n_params(layer), 2)
 
 
-def test_spatial_candidates_come_from_the_padded_map(monkeypatch):
-    layer = build_layer("convnn", 2, 2, sampling="spatial", num_candidates=9, padding=1, k=3)
-    seen = []
-    draw = layer.sampler.candidates
+def test_spatial_grid_candidates_are_real_pixels_of_the_padded_map():
+    # 3x7 map, padding 1 -> 5x9 tokens; a 3x3 grid over the real pixels: padded rows 1..3, columns
+    # 1, 4, 7. Each real token: itself, then the 2 most cosine-similar grid tokens other than itself.
+    layer = build_layer("convnn", 2, 3, k=3, sampling="spatial", num_candidates=9).double()
+    x = rand(1, 2, 3, 7)
+    tokens = F.pad(x, [1] * 4).flatten(2)[0].T  # [45, C]
+    grid = [r * 9 + c for r in (1, 2, 3) for c in (1, 4, 7)]
+    w, b = layer.aggregate.weight, layer.aggregate.bias
+    expected = torch.zeros(3, 21, dtype=torch.float64)
+    for out_i, (r, c) in enumerate((r, c) for r in range(1, 4) for c in range(1, 8)):
+        i = r * 9 + c
+        others = [j for j in grid if j != i]
+        sims = F.cosine_similarity(tokens[i][None], tokens[others], dim=-1)
+        picked = [i] + [others[j] for j in sims.topk(2).indices]
+        expected[:, out_i] = torch.einsum("ocj,jc->o", w, tokens[picked]) + b
+    torch.testing.assert_close(layer(x)[0].flatten(1), expected, rtol=0, atol=1e-12)
 
-    def spy(n, grid=None, device=None):
-        seen.append((n, grid))
-        return draw(n, grid=grid, device=device)
 
-    monkeypatch.setattr(layer.sampler, "candidates", spy)
-    layer(torch.randn(1, 2, 3, 7))
-    assert seen == [(45, (5, 9))]  # the 3x7 map padded to 5x9
+@pytest.mark.parametrize(("sampling", "r"), [("spatial", 16), ("random", 26)])
+def test_fallback_to_all_uses_every_candidate_only_where_r_does_not_fit(sampling, r):
+    # a 3x3 map padded to 5x5 (25 tokens): neither a 4x4 grid over 3x3 real pixels nor 26 random tokens fit
+    x = rand(2, 3, 3, 3)
+    every = build_layer("convnn", 3, 4).double()
+    fallback = build_layer("convnn", 3, 4, sampling=sampling, num_candidates=r, fallback_to_all=True).double()
+    fallback.load_state_dict(every.state_dict())
+    torch.testing.assert_close(fallback(x), every(x), rtol=0, atol=0)
+    strict = build_layer("convnn", 3, 4, sampling=sampling, num_candidates=r)
+    with pytest.raises(
+        ValueError, match="fallback_to_all=true" if sampling == "spatial" else "got r=26, N=25"
+    ):
+        strict(x.float())
+    fitting = build_layer("convnn", 3, 4, sampling=sampling, num_candidates=9, fallback_to_all=True).double()
+    fitting.load_state_dict(every.state_dict())
+    assert not torch.allclose(fitting.eval()(x), every(x))  # r fits: sampled, not all
 
 
 @pytest.mark.parametrize("sampling", ["all", "random", "spatial"])

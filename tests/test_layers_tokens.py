@@ -121,10 +121,11 @@ def test_unit_init_starts_every_aggregation_as_the_neighbour_sum():
         torch.testing.assert_close(other(x), depthwise(x), rtol=0, atol=1e-12)
 
 
-def test_random_sampling_follows_the_documented_semantics():
-    """Self first, scored q_i . k_i / sqrt(d), then the k-1 best other candidates."""
+@pytest.mark.parametrize("self_logit", [None, 1.0, -2.5])
+def test_random_sampling_follows_the_documented_semantics(self_logit):
+    """Self first, scored q_i . k_i / sqrt(d) (or the constant ``self_logit``), then the k-1 best others."""
     x = tokens(b=2, n=8, d=4)
-    layer = build("convnn_attention", d=4, k=3, sampling="random", num_candidates=4)
+    layer = build("convnn_attention", d=4, k=3, sampling="random", num_candidates=4, self_logit=self_logit)
     reset_sampling(layer, 5)
     candidates = layer.sampler.candidates(8)
     reset_sampling(layer, 5)
@@ -137,21 +138,65 @@ def test_random_sampling_follows_the_documented_semantics():
             others = [int(c) for c in candidates if c != i]
             scores = {c: float(q[bi, i] @ k[bi, c]) / 2.0 for c in others}
             best = sorted(others, key=lambda c: -scores[c])[:2]
-            logits = torch.tensor(
-                [float(q[bi, i] @ k[bi, i]) / 2.0] + [scores[c] for c in best], dtype=torch.float64
-            )
+            own = float(q[bi, i] @ k[bi, i]) / 2.0 if self_logit is None else self_logit
+            logits = torch.tensor([own] + [scores[c] for c in best], dtype=torch.float64)
             rows = torch.stack([v[bi, i]] + [v[bi, c] for c in best])
             expected[bi, i] = (torch.softmax(logits, 0) @ rows) @ w_o.T
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize(("self_first", "key_rows"), [(False, 4), (True, 16)])
-def test_key_projection_runs_on_candidates_unless_the_self_key_is_needed(self_first, key_rows):
-    layer = build("convnn_attention", k=3, sampling="random", num_candidates=4, self_first=self_first)
+@pytest.mark.parametrize(
+    ("self_first", "self_logit", "key_rows"), [(False, None, 4), (True, None, 16), (True, 1.0, 4)]
+)
+def test_key_projection_runs_on_candidates_unless_the_self_key_is_needed(self_first, self_logit, key_rows):
+    layer = build(
+        "convnn_attention",
+        k=3,
+        sampling="random",
+        num_candidates=4,
+        self_first=self_first,
+        self_logit=self_logit,
+    )
     seen = []
     layer.w_k.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
     layer(tokens(n=16))
     assert seen == [key_rows]
+
+
+def test_self_logit_scores_self_constantly_with_all_candidates_too():
+    # sampling "all" with a forced self neighbour: softmax over [self_logit, k - 1 best other scores]
+    x = tokens(b=1, n=6, d=4)
+    layer = build("convnn_attention", d=4, k=3, self_first=True, self_logit=1.0)
+    w_q, w_k, w_v, w_o = weights(layer)
+    q, k, v = x @ w_q.T, x @ w_k.T, x @ w_v.T
+    expected = torch.zeros_like(x)
+    for i in range(6):
+        scores = (q[0, i] @ k[0].T) / 2.0
+        scores[i] = -math.inf
+        best = scores.topk(2).indices
+        weights_i = torch.softmax(torch.cat([torch.tensor([1.0], dtype=torch.float64), scores[best]]), 0)
+        expected[0, i] = (weights_i @ torch.stack([v[0, i], *v[0, best]])) @ w_o.T
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dropout_on", ["weights", "output"])
+def test_dropout_on_output_drops_the_aggregated_channels_before_w_o(dropout_on):
+    # k = n, all candidates, no forced self: the layer is attention; "output" drops elements of the
+    # aggregated [B, D, N] tensor (the reference's mask) before w_o, "weights" drops neighbour weights
+    x = tokens(b=2, n=5, d=4)
+    layer = build("convnn_attention", d=4, k=5, self_first=False, dropout=0.5, dropout_on=dropout_on).train()
+    torch.manual_seed(11)
+    out = layer(x)
+    torch.manual_seed(11)
+    mask = F.dropout(torch.ones(2, 4, 5, dtype=torch.float64), 0.5).transpose(1, 2)  # [B, N, D]
+    w_q, w_k, w_v, w_o = weights(layer)
+    attended = torch.softmax((x @ w_q.T) @ (x @ w_k.T).transpose(1, 2) / 2.0, dim=-1) @ (x @ w_v.T)
+    expected = (attended * mask) @ w_o.T
+    if dropout_on == "output":
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    else:
+        assert not torch.allclose(out, expected)
+    torch.testing.assert_close(layer.eval()(x), attended @ w_o.T, rtol=0, atol=1e-12)  # off in eval
 
 
 def test_random_sampling_is_reproducible():
@@ -169,13 +214,13 @@ def test_random_sampling_is_reproducible():
     torch.testing.assert_close(layer(x), drawn, rtol=0, atol=0)
 
 
-def test_spatial_sampling_keys_every_nth_token():
+def test_spatial_sampling_keys_the_truncated_linspace():
     x = tokens(n=12)
     layer = build("convnn_attention", k=2, sampling="spatial", num_candidates=4, rho="ones", self_first=False)
     layer.aggregate.weight.data.fill_(0.5)
     w_q, w_k, w_v, w_o = weights(layer)
     q, k, v = x @ w_q.T, x @ w_k.T, x @ w_v.T
-    grid = torch.tensor([0, 3, 6, 9])
+    grid = torch.tensor([0, 3, 7, 11])  # linspace(0, 11, 4) = 0, 3.67, 7.33, 11, truncated
     top = (q @ k[:, grid].transpose(1, 2)).topk(2, dim=-1).indices
     rows = torch.stack([v[b, grid[top[b]]] for b in range(2)])  # [B, N, 2, D]
     torch.testing.assert_close(layer(x), rows.sum(2) * 0.5 @ w_o.T, rtol=0, atol=1e-12)
@@ -364,6 +409,9 @@ def test_every_option_combination_gives_finite_outputs(
         ("sparse_attention", {"context": -1}, r"context=-1"),
         ("kvt_attention", {"k": 0}, r"k=0"),
         ("convnn_attention", {"select_by": "time"}, r"\['features', 'position', 'both'\].*'time'"),
+        ("convnn_attention", {"dropout_on": "scores"}, r"dropout_on must be one of \['weights', 'output'\]"),
+        ("convnn_attention", {"self_logit": 1.0}, r"self_logit=1.0 .*needs self_first=true"),
+        ("convnn_attention", {"self_logit": 1.0, "self_first": True, "rho": "ones"}, r"needs rho='softmax'"),
         ("convnn_attention", {"select_by": "position"}, r"projections='identity'"),
         ("convnn_attention", {"position_weight": 1.5}, r"position_weight=1.5 .*\[0, 1\]"),
         ("convnn_attention", {"chunk_size": 0}, r"chunk_size=0"),

@@ -246,3 +246,34 @@ def test_dictconfig_input_and_effective_size():
         model_cfg, OmegaConf.create({"name": "conv2d", "kernel_size": 3}), 7, 32, in_channels=1
     )
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("init", ["normal", "pytorch"])
+def test_vgg_classifier_init_is_torchvision_normal_or_pytorch_default(init):
+    torch.manual_seed(0)
+    model_cfg = {"name": "vgg11", "width_mult": 0.125, "hidden_features": 512, "classifier_init": init}
+    model = build_model(model_cfg, {"name": "conv2d"}, 10, 32)
+    middle = model.classifier[3]  # Linear(512, 512): 262,144 weights
+    fan_in_bound = 1 / math.sqrt(512)  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), bias too
+    if init == "normal":
+        assert math.isclose(middle.weight.std().item(), 0.01, rel_tol=0.02)
+        assert all(torch.count_nonzero(m.bias) == 0 for m in model.classifier if isinstance(m, nn.Linear))
+    else:
+        assert middle.weight.abs().max() <= fan_in_bound
+        assert math.isclose(middle.weight.std().item(), fan_in_bound / math.sqrt(3), rel_tol=0.02)
+        assert middle.bias.abs().max() <= fan_in_bound and torch.count_nonzero(middle.bias) == 512
+    with pytest.raises(
+        ValueError, match=r"classifier_init must be one of \['normal', 'pytorch'\], got 'zero'"
+    ):
+        build_model({**model_cfg, "classifier_init": "zero"}, {"name": "conv2d"}, 10, 32)
+
+
+@pytest.mark.parametrize(("init", "std"), [("trunc_normal", 0.02), ("randn", 1.0)])
+def test_vit_cls_token_init(init, std):
+    torch.manual_seed(0)
+    model_cfg = {"name": "vit_tiny", "dim": 4096, "depth": 1, "mlp_dim": 8, "cls_init": init}
+    model = build_model(model_cfg, {"name": "attention", "heads": 1}, 10, 32)
+    token = model.cls_token.detach().flatten()
+    assert math.isclose(token.std().item(), std, rel_tol=0.05) and abs(token.mean().item()) < 0.1 * std
+    with pytest.raises(ValueError, match=r"cls_init must be one of \['trunc_normal', 'randn'\], got 'zeros'"):
+        build_model({**model_cfg, "cls_init": "zeros"}, {"name": "attention"}, 10, 32)

@@ -37,22 +37,27 @@ def paper_method_equivalent(cfg, ours: float) -> tuple[float, str] | None:
     """For rows whose paper GFLOPS our layer does not give by the profiler method: the figure that
     accounts for the difference, and why. ``None`` where our figure should match the paper's."""
     layer = cfg.layer
-    if layer.name == "attention":
-        # Q Kᵀ and A V as two bmm of 2 N² D flops per block
-        sdpa = VIT_DEPTH * 2 * (2 * VIT_N**2 * VIT_D)
-        why = "F.scaled_dot_product_attention is one op the profiler counts as 0; the paper's wrote matmuls"
-        return ours + sdpa / 1e9, why
     if layer.name == "kvt_attention":
         # the paper's dense A V bmm (2 N² D) and N² score scaling mul, less our N k D gathered-value mul
         dense = VIT_DEPTH * (2 * VIT_N**2 * VIT_D + VIT_N**2 - VIT_N * layer.k * VIT_D)
         why = "our KVT gathers the k selected values; the paper's masked a dense N x N attention"
         return ours + dense / 1e9, why
-    if layer.name == "convnn_attention" and layer.sampling != "all" and layer.self_first is None:
+    if own_key_scored(layer):
         # self_first (the default with sampling) scores the forced self entry by its own key, so w_k
         # runs on all N tokens; the paper's reference gave it a constant logit and projected r keys.
         why = "w_k projects all N tokens to score the self entry; the paper projected only r candidates"
-        return profiler_gflops(OmegaConf.merge(cfg, {"layer": {"self_first": False}})), why
+        return profiler_gflops(OmegaConf.merge(cfg, {"layer": {"self_logit": 1.0}})), why
     return None
+
+
+def own_key_scored(layer) -> bool:
+    """Sampled ConvNN-attention whose forced self neighbour is scored by its own key (no ``self_logit``)."""
+    return (
+        layer.name == "convnn_attention"
+        and layer.sampling != "all"
+        and layer.self_first is None
+        and layer.self_logit is None
+    )
 
 
 def fvcore_extra_macs(cfg) -> int:
@@ -61,7 +66,7 @@ def fvcore_extra_macs(cfg) -> int:
     if cfg.model.name == "vgg11":
         # fvcore 0.1.5 counts Conv2d(padding="same") as 0; our handle counts the 3x3 conv branch
         return vgg11_conv_branch_macs(layer.ratio)
-    if layer.name == "convnn_attention" and layer.sampling != "all" and layer.self_first is None:
+    if own_key_scored(layer):
         # w_k on the N - r tokens that are not candidates (to score the self entry, see above)
         return VIT_DEPTH * VIT_D**2 * (VIT_N - layer.num_candidates)
     return 0
@@ -155,6 +160,33 @@ def test_profile_model_hand_counts_and_side_effects():
     assert model.training
     assert torch.equal(torch.get_rng_state(), rng)
     json.dumps(result)
+
+
+class Attend(nn.Module):
+    """``[1, 3, 8, 8] -> [1, 2, 64, Ev]``: q = k from the 64 pixels (2 heads, E = 3) and v of width
+    ``value_width``, attended by SDPA (``fused``) or by the two explicit matmuls (no scale)."""
+
+    def __init__(self, fused: bool, value_width: int = 3) -> None:
+        super().__init__()
+        self.fused, self.value_width = fused, value_width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.flatten(2).transpose(1, 2)  # [1, 64, 3]
+        q = k = torch.stack([tokens, tokens.flip(1)], dim=1)  # [1, 2, 64, 3]
+        v = torch.cat([q, q], dim=-1)[..., : self.value_width]
+        if self.fused:
+            return F.scaled_dot_product_attention(q, k, v)
+        return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+
+
+def test_fused_attention_counts_as_its_explicit_matmuls_by_the_papers_method():
+    hand = 2 * 2 * 64 * 64 * (3 + 3)  # two heads: Q Kᵀ (2 L S E) and A V (2 L S Ev)
+    assert profile_model(Attend(fused=False), (3, 8, 8))["gflops_profiler"] == pytest.approx(hand / 1e9)
+    assert profile_model(Attend(fused=True), (3, 8, 8))["gflops_profiler"] == pytest.approx(hand / 1e9)
+    # E != Ev sends CPU SDPA down its math path, whose bmm the profiler sees itself: not added twice
+    math_path = profile_model(Attend(fused=True, value_width=5), (3, 8, 8))["gflops_profiler"]
+    hand = 2 * 2 * 64 * 64 * (3 + 5)
+    assert hand / 1e9 <= math_path < 1.1 * hand / 1e9
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (8, 8), (1, 1, 3, 8, 8)])

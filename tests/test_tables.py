@@ -114,6 +114,21 @@ def test_records_match_rows_by_config_and_average_over_seeds(records: list[dict]
     assert died["paper_test_acc1"] == 60.32
 
 
+def test_paper_is_compared_with_the_per_batch_mean_where_runs_recorded_it(records: list[dict]) -> None:
+    batched = [
+        dict(r, final={**r["final"], "test_acc1_batchmean": r["final"]["test_acc1"] + 0.2}) for r in records
+    ]
+    rows = list(ROWS.values())
+    lines = {line["row"]: line for line in build_table(rows, match_records(rows, batched)[0])}
+    branching = lines["t4.c10.branching.p1"]
+    assert branching["test_acc1_mean"] == pytest.approx(81.0)
+    assert branching["test_acc1_batchmean_mean"] == pytest.approx(81.2)
+    assert branching["diff_test_acc1"] == pytest.approx(81.2 - 81.26)  # the comparable average
+    mixed = [batched[0], *records[1:3]]  # one seed without the field: no batch mean, per image compared
+    line = build_table(rows, match_records(rows, mixed)[0])[1]
+    assert line["test_acc1_batchmean_mean"] is None and line["diff_test_acc1"] == pytest.approx(81.0 - 81.26)
+
+
 def test_written_table_shows_missing_cells_paper_and_budget(records: list[dict], tmp_path: Path) -> None:
     source = tmp_path / "runs"
     for i, r in enumerate(records):
@@ -126,9 +141,10 @@ def test_written_table_shows_missing_cells_paper_and_budget(records: list[dict],
         "2 of 10 rows have finished runs" in text
     )
     line = next(x for x in text.splitlines() if x.startswith("| t4.c10.branching.p1 "))
-    assert "| 3 | 1.100 ± 0.100 | 81.00 ± 1.00 | 82.00 ± 1.00 | 1.424 | 81.26 | -0.26 |" in line
+    assert "| 3 | 1.100 ± 0.100 | 81.00 ± 1.00 | missing | 82.00 ± 1.00 | 1.424 | 81.26 | -0.26 |" in line
+    assert line.endswith("| same values as Table 1 (without positional encoding) |")  # the paper's note
     missing = next(x for x in text.splitlines() if x.startswith("| t4.c100.convnn.p2 "))
-    assert missing.count("missing") == 7 and "28.17" in missing
+    assert missing.count("missing") == 8 and "28.17" in missing
     with open(csv_path) as f:
         rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
     assert len(rows) == 10
@@ -212,10 +228,14 @@ def test_params_and_gflops_regenerate_without_training(tmp_path: Path) -> None:
     assert stats["gflops_profiler"] == pytest.approx(0.293, abs=0.005)
 
 
-def test_sweep_figure_points_and_png(tmp_path: Path) -> None:
+def test_sweep_figure_points_cost_panel_and_png(tmp_path: Path) -> None:
     def at(r: int, sampling: str, seed: int, acc: float) -> dict:
         cfg = {
-            "layer": {"ratio": 0.5, "sampling": sampling, "num_candidates": r},
+            "layer": {
+                "ratio": 0.5,
+                "sampling": sampling,
+                "num_candidates": r * r,
+            },  # the paper's r: r^2 candidates
             "data": {"name": "cifar10"},
         }
         return {
@@ -224,6 +244,8 @@ def test_sweep_figure_points_and_png(tmp_path: Path) -> None:
             "seed": seed,
             "budget": "smoke",
             "best": {"test_acc1": acc},
+            "gflops": 0.1 * r,
+            "gflops_profiler": 0.2 * r,
         }
 
     recs = [
@@ -233,9 +255,23 @@ def test_sweep_figure_points_and_png(tmp_path: Path) -> None:
         at(8, "spatial", 0, 60.0),
     ]
     random_series = FIGURES["fig5"].series[0]
+    assert random_series.label == "Branching (λ=0.5), random"
     assert sweep_points(recs, random_series) == [(4.0, 71.0, pytest.approx(2**0.5), 2), (8.0, 75.0, 0.0, 1)]
+    assert sweep_points(recs, random_series, "gflops_profiler") == [
+        (4.0, pytest.approx(0.8), 0.0, 2),
+        (8.0, pytest.approx(1.6), 0.0, 1),
+    ]
+    assert FIGURES["fig5"].cost and FIGURES["fig8"].cost and not FIGURES["fig4"].cost
     path = make_figure("fig5", recs, tmp_path, "synthetic")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    one_row = make_figure("fig7", [], tmp_path, "synthetic")
+    assert _png_size(path)[1] > 1.8 * _png_size(one_row)[1]  # the GFLOPs row below the accuracy row
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    header = path.read_bytes()[16:24]
+    return int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
 
 
 def test_loss_figure_and_smoothing(records: list[dict], tmp_path: Path) -> None:

@@ -9,9 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from convnn import train
-from convnn.config import LoggerConfig
+from convnn.config import LoggerConfig, OptimConfig, SchedulerConfig
 from convnn.loggers import build_logger, wandb_mode
 from convnn.module import ImageClassifier
 from convnn.records import EPOCH_FIELDS, RECORD_FIELDS, read_record, write_record
@@ -71,7 +74,11 @@ def test_synthetic_data_trains_each_backbone_and_writes_the_record(backbone, tmp
         assert 0 <= row[key] <= 100
     assert row["test_acc1"] <= row["test_acc5"] and math.isfinite(row["test_loss"])
     assert row["epoch_time_s"] > 0 and row["images_per_s"] == pytest.approx(64 / row["epoch_time_s"])
-    assert record["final"] == {k: row[k] for k in ("test_loss", "test_acc1", "test_acc5")}
+    final_keys = ("test_loss", "test_acc1", "test_acc5", "test_loss_batchmean", "test_acc1_batchmean")
+    assert record["final"] == {k: row[k] for k in final_keys}
+    # one test batch of 32: the per-batch mean is the per-image mean
+    assert row["test_acc1_batchmean"] == pytest.approx(row["test_acc1"])
+    assert row["test_loss_batchmean"] == pytest.approx(row["test_loss"])
     assert record["best"]["epoch"] == 1
     assert record["params"] == record["trainable_params"] > 0 and record["gflops"] > 0
     assert record["wall_time_s"] > 0 and record["finished_at"] >= record["started_at"]
@@ -295,3 +302,25 @@ def test_optimiser_is_the_papers_adamw_without_a_scheduler_by_default():
     assert (opt.defaults["lr"], opt.defaults["weight_decay"]) == (1e-4, 0.01)
     cosine = ImageClassifier(torch.nn.Linear(4, 3), 3, 150, OptimConfig(), SchedulerConfig(name="cosine"))
     assert cosine.configure_optimizers()["lr_scheduler"]["interval"] == "epoch"
+
+
+def test_test_metrics_per_image_and_per_batch_mean():
+    """Two test batches of 4 and 1 images: the per-batch mean weighs the single image as much as the 4."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3, 3)).double()
+    module = ImageClassifier(model, 3, 1, OptimConfig(), SchedulerConfig())
+    torch.manual_seed(0)
+    batches = [(torch.randn(n, 3, 1, 1, dtype=torch.float64), torch.randint(0, 3, (n,))) for n in (4, 1)]
+    losses, hits = [], []
+    for i, batch in enumerate(batches):
+        module.validation_step(batch, i)
+        logits = model(batch[0])
+        losses.append(F.cross_entropy(logits, batch[1], reduction="none"))
+        hits.append((logits.argmax(-1) == batch[1]).double())
+    out = module._compute("test")
+    # the metric states are float32: compare at 1e-6
+    assert out["test_loss"] == pytest.approx(torch.cat(losses).mean().item(), rel=1e-6)
+    assert out["test_acc1"] == pytest.approx(100 * torch.cat(hits).mean().item())
+    batch_losses = [loss.mean().item() for loss in losses]
+    assert out["test_loss_batchmean"] == pytest.approx(sum(batch_losses) / 2, rel=1e-6)
+    assert out["test_acc1_batchmean"] == pytest.approx(100 * (hits[0].mean() + hits[1].mean()).item() / 2)
+    assert out["test_loss_batchmean"] != pytest.approx(out["test_loss"])

@@ -64,6 +64,7 @@ class ConvNN(nn.Module):
         rho: str = "ones",
         sampling: str = "all",
         num_candidates: int | None = None,
+        fallback_to_all: bool = False,
         select_by: str = "features",
         aggregate_position: bool = False,
         position_weight: float = 0.5,
@@ -96,7 +97,7 @@ class ConvNN(nn.Module):
             raise ValueError(
                 "projections='linear' needs select_by 'features' or 'both' ('position' has no features)"
             )
-        self.sampler = CandidateSampler(sampling, num_candidates)
+        self.sampler = CandidateSampler(sampling, num_candidates, fallback_to_all)
         self.unshuffle, self.shuffle = patch_layers(patch)
         channels, out_total = in_channels * patch**2, out_channels * patch**2
         select_channels = channels + 2 if select_by == "both" else channels
@@ -126,7 +127,9 @@ class ConvNN(nn.Module):
         height, width = x.shape[-2:]
         tokens = x.flatten(2)
         coords = coordinate_channels(height, width, tokens) if self._uses_coordinates else None
-        candidates = self.sampler.candidates(height * width, grid=(height, width), device=x.device)
+        candidates = self.sampler.candidates(
+            height * width, grid=(height, width), device=x.device, padding=self.padding
+        )
         self._check_candidates(height, width, candidates)
         values_in = append_coordinates(tokens, coords) if self.aggregate_position else tokens
         v = self.w_v(values_in)

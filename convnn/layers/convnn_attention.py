@@ -38,6 +38,7 @@ from convnn.layers.registry import register_layer
 AGGREGATIONS = ("standard", "depthwise", "separable", "sum")
 PROJECTIONS = ("linear", "identity")
 SELECT_BY = ("features", "position", "both")
+DROPOUT_ON = ("weights", "output")
 
 
 class NeighborSum(nn.Module):
@@ -104,7 +105,10 @@ class ConvNNAttention(nn.Module):
     r = 32); ``aggregation`` depthwise|separable|standard|sum (:func:`build_aggregation`) with
     ``unit_init`` and ``bias``; ``self_first``: each token is its own first neighbour, then the k - 1
     best other candidates (None = the paper's runs: False with "all", True with random/spatial);
-    ``heads``; ``dropout``: attention dropout on the k modulation weights, training mode only;
+    ``self_logit``: None scores the forced self neighbour by its similarity; a number gives it that
+    constant score (the reference: 1.0, prepended to the k - 1 selected scores before the softmax);
+    ``heads``; ``dropout`` (training mode only) on the k modulation weights (``dropout_on="weights"``,
+    attention dropout) or on the aggregated output before ``w_o`` (``"output"``, the reference);
     ``select_by``: "features" (Q, K from the tokens), "both" (from the tokens mixed with a position
     channel ``linspace(-1, 1, N)``, weight ``position_weight`` on the features, as the map layer does
     with its coordinate channels) or "position" (the k tokens nearest in index, in sequence order,
@@ -114,10 +118,10 @@ class ConvNNAttention(nn.Module):
 
     Queries always cover all N tokens; with sampled candidates the keys are those of the candidates.
     The self entry forced first by ``self_first`` is scored like any neighbour, ``sim(q_i, k_i)``, so
-    with linear projections ``w_k`` then runs on all N tokens. Without ``self_first`` (or with identity
-    projections) only the r candidates go through ``w_k``, which is what the paper's GFLOPs count
-    for random r = 32 ("W_q evaluated on the r candidates only": the reference names its key-side
-    projection W_q, and gives the self entry a constant logit 1 instead of its similarity).
+    with linear projections ``w_k`` then runs on all N tokens. With ``self_logit`` set, without
+    ``self_first`` or with identity projections only the r candidates go through ``w_k``, which is what
+    the paper's GFLOPs count for random r = 32 ("W_q evaluated on the r candidates only": the reference
+    names its key-side projection W_q, and gives the self entry a constant logit 1).
 
     Parameters for D = D' = 192, k = 9: projections ``4 D^2`` = 147,456 plus the aggregation:
     depthwise 1,728 (ViT-Tiny 5,500,042, "5.500M"), separable 38,592 (5,942,410, "5.942M"), standard
@@ -141,8 +145,10 @@ class ConvNNAttention(nn.Module):
         unit_init: bool = True,
         bias: bool = False,
         self_first: bool | None = None,
+        self_logit: float | None = None,
         heads: int = 1,
         dropout: float = 0.1,
+        dropout_on: str = "weights",
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -154,6 +160,7 @@ class ConvNNAttention(nn.Module):
         check_choice("rho", rho, RHOS)
         check_choice("select_by", select_by, SELECT_BY)
         check_dropout(dropout)
+        check_choice("dropout_on", dropout_on, DROPOUT_ON)
         self.sampler = CandidateSampler(sampling, num_candidates)
         if num_candidates is not None and k > num_candidates:
             raise ValueError(f"k={k} neighbours exceed num_candidates={num_candidates}; need k <= r")
@@ -174,10 +181,20 @@ class ConvNNAttention(nn.Module):
         self.k, self.similarity, self.rho, self.heads, self.dropout = k, similarity, rho, heads, dropout
         self.select_by, self.position_weight, self.chunk_size = select_by, position_weight, chunk_size
         self.self_first = sampling != "all" if self_first is None else self_first
+        if self_logit is not None and not self.self_first:
+            raise ValueError(
+                f"self_logit={self_logit} scores the forced self neighbour: it needs self_first=true "
+                "(or null with sampling random / spatial)"
+            )
+        if self_logit is not None and (rho != "softmax" or select_by == "position"):
+            raise ValueError(
+                f"self_logit={self_logit} needs rho='softmax' and select_by 'features' or 'both'"
+            )
+        self.self_logit, self.dropout_on = self_logit, dropout_on
         self.w_q = nn.Linear(select_dim, qk_dim, bias=False) if linear else nn.Identity()
         self.w_k = nn.Linear(select_dim, qk_dim, bias=False) if linear else nn.Identity()
         self.w_v = nn.Linear(in_channels, in_channels, bias=False) if linear else nn.Identity()
-        self._own_keys = self.self_first and linear
+        self._own_keys = self.self_first and linear and self_logit is None
         self.aggregate = build_aggregation(in_channels, k, aggregation, bias, unit_init)
         self.w_o = nn.Linear(in_channels, out_channels, bias=False)
 
@@ -192,9 +209,12 @@ class ConvNNAttention(nn.Module):
             values, indices = self._select_by_features(self._selection(x), candidates)
         v = self._fold(self.w_v(x)).transpose(1, 2)  # [B*H, d, N]
         rows = modulate(gather_neighbors(v, indices), values, self.rho)  # [B*H, d, N*k]
-        if self.training and self.dropout > 0:
+        dropping = self.training and self.dropout > 0
+        if dropping and self.dropout_on == "weights":
             rows = rows * F.dropout(rows.new_ones(rows.shape[0], 1, rows.shape[2]), self.dropout)
         out = self.aggregate(rows.reshape(b, -1, n * self.k))  # [B, D, N]
+        if dropping and self.dropout_on == "output":
+            out = F.dropout(out, self.dropout)
         return self.w_o(out.transpose(1, 2))
 
     def _selection(self, x: Tensor) -> Tensor:
@@ -208,7 +228,7 @@ class ConvNNAttention(nn.Module):
     def _select_by_features(self, sel: Tensor, candidates: Tensor | None) -> tuple[Tensor, Tensor]:
         """k-NN of every token among the candidates through ``w_q`` / ``w_k`` -> ``[B*H, N, k]`` x2."""
         q = self._fold(self.w_q(sel))
-        self_sim = None
+        self_sim = None if self.self_logit is None else q.new_full(q.shape[:2], self.self_logit)
         if candidates is None or not self._own_keys:
             k = self._fold(self.w_k(sel if candidates is None else sel[:, candidates]))
         else:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from convnn.models.registry import LayerFactory, register_model
 
 POOL = "M"
+CLASSIFIER_INITS = ("normal", "pytorch")
 STAGES: dict[str, list[int | str]] = {
     "vgg11": [64, POOL, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512, POOL],
     "vgg13": [64, 64, POOL, 128, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512, POOL],
@@ -19,7 +20,11 @@ STAGES: dict[str, list[int | str]] = {
 
 class VGG(nn.Module):
     """``[B, C, S, S] -> [B, classes]``: slots (each + BatchNorm2d + ReLU) and max-pools, 7x7 average pool,
-    then ``Linear(512*49, h) ReLU Dropout Linear(h, h) ReLU Dropout Linear(h, classes)``."""
+    then ``Linear(512*49, h) ReLU Dropout Linear(h, h) ReLU Dropout Linear(h, classes)``.
+
+    ``classifier_init``: "normal" re-initialises the classifier's weights N(0, 0.01) with zero biases
+    (torchvision's VGG); "pytorch" keeps ``nn.Linear``'s defaults, as the paper's reference did.
+    """
 
     def __init__(
         self,
@@ -30,6 +35,7 @@ class VGG(nn.Module):
         dropout: float,
         hidden_features: int,
         width_mult: float,
+        classifier_init: str,
     ) -> None:
         super().__init__()
         blocks: list[nn.Module] = []
@@ -52,7 +58,7 @@ class VGG(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(hidden_features, num_classes),
         )
-        for module in self.classifier:
+        for module in self.classifier if classifier_init == "normal" else ():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, 0.0, 0.01)
                 nn.init.zeros_(module.bias)
@@ -74,6 +80,7 @@ def _vgg_builder(name: str, doc: str) -> Callable[..., VGG]:
         dropout: float = 0.5,
         hidden_features: int = 4096,
         width_mult: float = 1.0,
+        classifier_init: str = "normal",
     ) -> VGG:
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{name} dropout must be in [0, 1), got {dropout}")
@@ -82,10 +89,26 @@ def _vgg_builder(name: str, doc: str) -> Callable[..., VGG]:
                 f"{name} needs hidden_features >= 1 and width_mult > 0, "
                 f"got {hidden_features} and {width_mult}"
             )
-        return VGG(STAGES[name], layer, num_classes, in_channels, dropout, hidden_features, width_mult)
+        if classifier_init not in CLASSIFIER_INITS:
+            raise ValueError(
+                f"{name} classifier_init must be one of {list(CLASSIFIER_INITS)}, got {classifier_init!r}"
+            )
+        return VGG(
+            STAGES[name],
+            layer,
+            num_classes,
+            in_channels,
+            dropout,
+            hidden_features,
+            width_mult,
+            classifier_init,
+        )
 
     build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"{doc}; ``width_mult`` scales every slot's channels, ``hidden_features`` the classifier."
+    build.__doc__ = (
+        f"{doc}; ``width_mult`` scales every slot's channels, ``hidden_features`` the classifier, "
+        "``classifier_init`` (normal | pytorch) initialises it (see :class:`VGG`)."
+    )
     return build
 
 

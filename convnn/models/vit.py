@@ -9,6 +9,8 @@ from torch import Tensor, nn
 
 from convnn.models.registry import LayerFactory, register_model
 
+CLS_INITS = ("trunc_normal", "randn")
+
 
 def sinusoidal_table(length: int, dim: int) -> Tensor:
     """Fixed position table ``[1, length, dim]`` (even ``dim``): sin on even, cos on odd channels."""
@@ -42,7 +44,11 @@ class EncoderBlock(nn.Module):
 
 class VisionTransformer(nn.Module):
     """``[B, C, S, S] -> [B, classes]``: patch projection + LayerNorm, learnable cls token, fixed sinusoidal
-    positions, ``depth`` pre-norm blocks, a linear classifier on the cls token (no final norm)."""
+    positions, ``depth`` pre-norm blocks, a linear classifier on the cls token (no final norm).
+
+    ``cls_init``: "trunc_normal" starts the cls token at a truncated normal with std 0.02 (timm's ViT);
+    "randn" at a standard normal (std 1), as the paper's reference did.
+    """
 
     def __init__(
         self,
@@ -55,6 +61,7 @@ class VisionTransformer(nn.Module):
         depth: int,
         mlp_dim: int,
         dropout: float,
+        cls_init: str,
     ) -> None:
         super().__init__()
         self.patch_projection = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
@@ -66,7 +73,10 @@ class VisionTransformer(nn.Module):
             *(EncoderBlock(layer(dim, dim), dim, mlp_dim, dropout) for _ in range(depth))
         )
         self.classifier = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if cls_init == "trunc_normal":
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        else:
+            nn.init.normal_(self.cls_token)
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, C, S, S] -> [B, classes]``."""
@@ -86,9 +96,11 @@ def vit_tiny(
     depth: int = 12,
     mlp_dim: int = 768,
     dropout: float = 0.1,
+    cls_init: str = "trunc_normal",
 ) -> VisionTransformer:
     """The paper's ViT-Tiny: 12 blocks, width 192, MLP 768, patch 16 (heads and attention dropout are options
-    of the attention layer); ``dropout`` is applied in the MLP and on both residual branches."""
+    of the attention layer); ``dropout`` is applied in the MLP and on both residual branches; ``cls_init``
+    (trunc_normal | randn) initialises the cls token (see :class:`VisionTransformer`)."""
     if patch_size < 1 or image_size % patch_size:
         raise ValueError(
             f"vit_tiny needs image_size divisible by patch_size, got {image_size} and {patch_size}"
@@ -99,6 +111,8 @@ def vit_tiny(
         )
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"vit_tiny dropout must be in [0, 1), got {dropout}")
+    if cls_init not in CLS_INITS:
+        raise ValueError(f"vit_tiny cls_init must be one of {list(CLS_INITS)}, got {cls_init!r}")
     return VisionTransformer(
-        layer, num_classes, image_size, in_channels, patch_size, dim, depth, mlp_dim, dropout
+        layer, num_classes, image_size, in_channels, patch_size, dim, depth, mlp_dim, dropout, cls_init
     )
