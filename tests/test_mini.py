@@ -49,9 +49,15 @@ def test_mini_sweeps_are_the_kept_rows_times_three_seeds_and_match_the_paper_row
 def test_mini_budget_narrows_the_models_and_keeps_cifar_at_32() -> None:
     vgg = compose_config(("model=vgg11", "layer=branching", "budget=mini"))
     assert (vgg["model"]["width_mult"], vgg["model"]["hidden_features"]) == (0.25, 256)
+    assert (vgg["optim"]["lr"], vgg["data"]["subset"]["train"]) == (3e-4, 25000)  # VGG's own mini recipe
     vit = compose_config(("model=vit_tiny", "layer=attention", "budget=mini"))
     vit_size = [vit["model"][k] for k in ("image_size", "patch_size", "dim", "depth", "mlp_dim")]
     assert vit_size == [32, 4, 128, 6, 512]
+    assert (vit["optim"]["lr"], vit["data"]["subset"]["train"], vit["data"]["subset"]["test"]) == (
+        1e-3,
+        10000,
+        2000,
+    )
     assert vgg["data"]["image_size"] == vit["data"]["image_size"] == 32
     assert vgg["layer"] == compose_config(("model=vgg11", "layer=branching"))["layer"]  # the paper's knobs
     full = compose_config(("model=vit_tiny", "layer=attention"))["model"]
@@ -88,7 +94,7 @@ def test_one_tiny_mini_job_trains_and_reaches_the_mini_tables(tmp_path: Path, mo
     cfg = record["config"]
     assert (cfg["model"]["width_mult"], cfg["optim"]["lr"], cfg["scheduler"]["name"]) == (
         0.25,
-        2e-3,
+        3e-4,
         "cosine",
     )
     assert not list(path.parent.rglob("*.ckpt"))  # the mini budget keeps no checkpoint
