@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 CONVNN_DATA_ROOT ?= $(if $(wildcard ../shared/data/cifar10),../shared/data,data)
 export CONVNN_DATA_ROOT
 
-.PHONY: install test test-all lint quickstart bench clean
+.PHONY: install test test-all lint quickstart mini bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,12 @@ test-all: $(STAMP)
 
 quickstart: $(STAMP)
 	$(BIN)/convnn-train experiment=quickstart
+
+# The mini reproduction (README "The mini reproduction"): 33 runs, then its tables, figures and claims.
+mini: $(STAMP)
+	$(BIN)/convnn-train -m experiment=mini/table1
+	$(BIN)/convnn-train -m experiment=mini/table2
+	$(BIN)/convnn-tables claims=mini source=$${CONVNN_RUNS_DIR:-runs}/mini
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_layers.py

@@ -362,6 +362,17 @@ def setup_key(record: Record) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
+def with_budget_label(records: Sequence[Record], budget: str | None) -> list[Record]:
+    """The records whose budget label is ``budget`` (all when None); a label no record has is an
+    error naming those present."""
+    if budget is None:
+        return list(records)
+    labels = sorted({str(r.get("budget")) for r in records})
+    if budget not in labels:
+        raise ValueError(f"budget={budget!r} matches no record; the records' budgets: {labels}")
+    return [r for r in records if str(r.get("budget")) == budget]
+
+
 def select_budget(records: Sequence[Record], budget: str | None, setup: str | None = None) -> list[Record]:
     """Records of one training setup (effective budget, optimiser, schedule, precision...), never a mix.
 
@@ -369,11 +380,7 @@ def select_budget(records: Sequence[Record], budget: str | None, setup: str | No
     present); ``setup`` picks one setup by its :func:`setup_key`. Several setups left raise a
     ``ValueError`` that lists them with the keys they differ in.
     """
-    if budget is not None:
-        labels = sorted({str(r.get("budget")) for r in records})
-        if budget not in labels:
-            raise ValueError(f"budget={budget!r} matches no record; the records' budgets: {labels}")
-        records = [r for r in records if str(r.get("budget")) == budget]
+    records = with_budget_label(records, budget)
     groups: dict[str, list[Record]] = {}
     for r in records:
         groups.setdefault(setup_key(r), []).append(r)
@@ -417,17 +424,27 @@ def make_table(
     dataset: str | None = None,
     note: str | None = None,
     setup: str | None = None,
+    row_ids: Sequence[str] | None = None,
 ) -> list[Path]:
-    """Regenerate ``table`` (only ``dataset``'s rows when given, written as ``<table>-<dataset>``)
-    from the records in ``source`` and/or by profiling into ``out_dir``; ``note`` joins the header."""
+    """Regenerate ``table`` (only ``dataset``'s rows when given, written as ``<table>-<dataset>``;
+    only the rows ``row_ids`` when given) from the records in ``source`` and/or by profiling into
+    ``out_dir``; ``note`` joins the header."""
     rows = read_paper(table)
+    if row_ids is not None:
+        unknown = sorted(set(row_ids) - {r["row"] for r in rows})
+        if unknown:
+            raise ValueError(f"{table} has no rows {unknown}; rows: {[r['row'] for r in rows]}")
+        rows = [r for r in rows if r["row"] in row_ids]
     if dataset is not None:
         datasets = sorted({r["dataset"] for r in rows})
         rows = [r for r in rows if r["dataset"] == dataset]
         if not rows:
             raise ValueError(f"{table} has no rows for dataset {dataset!r}; datasets: {datasets}")
-    records = select_budget(load_records(source), budget, setup) if source else []
+    records = with_budget_label(load_records(source), budget) if source else []
     matched, unmatched = match_records(rows, records)
+    # one setup among the runs of this table's rows (a source may hold other tables' runs too)
+    chosen = {id(r) for r in select_budget([r for rs in matched.values() for r in rs], None, setup)}
+    matched = {row: [r for r in rs if id(r) in chosen] for row, rs in matched.items()}
     used = [r for rs in matched.values() for r in rs]
     lines = build_table(rows, matched, profile_rows(rows) if profile else None)
     given = {
@@ -462,15 +479,15 @@ def make_table(
 
 def parse_args(argv: Sequence[str]) -> dict[str, str]:
     """``key=value`` arguments; unknown keys raise a ``ValueError`` listing the known ones."""
-    known = ("table", "figure", "source", "out", "budget", "setup", "profile", "dataset", "note")
+    known = ("table", "figure", "claims", "source", "out", "budget", "setup", "profile", "dataset", "note")
     args = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or key not in known:
             raise ValueError(f"bad argument {arg!r}; expected key=value with key in {list(known)}")
         args[key] = value
-    if ("table" in args) == ("figure" in args):
-        raise ValueError("give exactly one of table=<name> or figure=<name>")
+    if sum(k in args for k in ("table", "figure", "claims")) != 1:
+        raise ValueError("give exactly one of table=<name>, figure=<name> or claims=<reproduction>")
     if args.get("profile", "false") not in ("true", "false"):
         raise ValueError(f"profile={args['profile']!r}; allowed: true, false")
     return args
@@ -493,6 +510,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run(argv: Sequence[str]) -> list[Path]:
     """Make the table or figure ``argv`` asks for; the written paths."""
     args = parse_args(argv)
+    if "claims" in args:
+        from convnn.claims import make_claims
+
+        if "source" not in args:
+            raise ValueError("claims need source=<run dir or wandb:entity/project>")
+        out = args.get("out")
+        return make_claims(args["claims"], args["source"], Path(out) if out else None, args.get("note"))
     out_dir = Path(args.get("out", OUT_DIR))
     if "figure" in args:
         from convnn.figures import make_figure

@@ -100,7 +100,7 @@ def test_experiment_group_is_the_top_level_experiments_folder():
     assert cfg.name == "quickstart" and hydra_cfg["sweep_dir"] == "runs/quickstart"
     assert hydra_cfg["run_dir"] == "runs/quickstart/default"
     assert (cfg.model.name, cfg.layer.name, cfg.layer.ratio, cfg.data.name, cfg.epochs) == (
-        "vgg11", "branching", 0.5, "cifar10", 1,
+        "resnet18", "branching", 0.5, "cifar10", 2,
     )  # fmt: skip
     validate_config(cfg)
 

@@ -1,0 +1,182 @@
+"""``convnn-tables claims=mini``: the paper's claims judged from records the test writes."""
+
+from __future__ import annotations
+
+import math
+import shlex
+from pathlib import Path
+
+import pytest
+
+from convnn.claims import (
+    CONTRADICTED,
+    INCONCLUSIVE,
+    MINI,
+    PAPER_CLAIMS,
+    SUPPORTED,
+    Claim,
+    judge,
+    make_claims,
+    spread,
+)
+from convnn.records import write_record
+from convnn.tables import compose_config, main, read_paper
+
+PAPER = {r["row"]: r for table in MINI.tables for r in read_paper(table)}
+
+
+def mini_record(row_id: str, seed: int, acc: float, loss: float = 1.0, budget: str = "mini") -> dict:
+    """A finished record of paper row ``row_id`` at ``budget`` (config composed as training does)."""
+    config = compose_config((*shlex.split(PAPER[row_id]["overrides"]), f"budget={budget}"))
+    epochs = [
+        {"epoch": 1, "train_loss": loss + 1, "test_loss": loss + 0.5, "test_acc1": acc - 5},
+        {"epoch": 2, "train_loss": loss + 0.5, "test_loss": loss, "test_acc1": acc},
+    ]
+    return {
+        "status": "finished",
+        "config": {**config, "epochs": 2, "batch_size": 64},
+        "seed": seed,
+        "budget": budget,
+        "device": "cpu",
+        "params": 1000,
+        "gflops": 0.1,
+        "gflops_profiler": 0.1,
+        "epochs": epochs,
+        "final": {"test_loss": loss, "test_acc1": acc, "test_acc5": 99.0},
+        "best": {"epoch": 2, "test_loss": loss, "test_acc1": acc},
+    }
+
+
+# Three seeds per row: final top-1 = centre + (-1, 0, +1) (sample std 1.0); test loss 1.0 + (0, 0.1, 0.2).
+CENTRES = {
+    "t1.c10.features.conv2d": 60.0,
+    "t1.c10.features.r0.250": 64.0,  # +4 > spread sqrt(2) = 1.41: beats Conv2D
+    "t1.c10.features.r0.500": 59.5,  # -0.5, within the spread: "matches or beats" holds
+    "t1.c10.features.r0.750": 55.0,  # 4.5 below lambda 0.5: supported
+    "t1.c10.features.convnn": 54.0,  # 6 below Conv2D: the "far (> 10)" claim is contradicted (6 - 10 < -1.41)
+    "t2.c10.attention": 50.0,
+    "t2.c10.local": 49.5,  # within the spread: inconclusive
+    "t2.c10.kvt9": 53.0,  # above attention: "KVT trails attention" contradicted
+    "t2.c10.convnn_all": 45.0,
+    "t2.c10.convnn_random": 55.0,
+    # convnn_spatial: only one seed, so its claims are inconclusive
+}
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    root = tmp_path / "runs"
+    for row_id, centre in CENTRES.items():
+        for seed, offset in enumerate((-1.0, 0.0, 1.0)):
+            write_record(
+                root / row_id / str(seed) / "results.json", mini_record(row_id, seed, centre + offset)
+            )
+    write_record(root / "spatial" / "results.json", mini_record("t2.c10.convnn_spatial", 0, 40.0))
+    write_record(root / "smoke" / "results.json", mini_record("t2.c10.attention", 0, 99.0, budget="smoke"))
+    return root
+
+
+def verdict(judged: list[dict], text: str) -> str:
+    return next(j["verdict"] for j in judged if j["claim"] == text)
+
+
+def test_spread_and_verdicts_by_hand() -> None:
+    assert spread(3.0, 4.0) == 5.0 and spread(None, 1.0) is None
+    line = {"n": 3, "test_acc1_std": 1.0, "test_loss_std": 0.1}
+    lines = {
+        "a": {
+            **line,
+            "test_acc1_mean": 70.0,
+            "paper_test_acc1": 80.0,
+            "test_loss_mean": 1.0,
+            "paper_test_loss": 2.0,
+        },
+        "b": {
+            **line,
+            "test_acc1_mean": 71.0,
+            "paper_test_acc1": 79.0,
+            "test_loss_mean": 1.3,
+            "paper_test_loss": 1.5,
+        },
+    }
+    beats = judge(Claim("a beats b", "a", "b"), lines)
+    assert beats["diff"] == -1.0 and beats["spread"] == pytest.approx(math.sqrt(2))
+    assert (beats["verdict"], beats["paper_diff"]) == (INCONCLUSIVE, 1.0)
+    assert judge(Claim("a matches or beats b", "a", "b", ties=True), lines)["verdict"] == SUPPORTED
+    assert judge(Claim("b beats a by 5", "b", "a", margin=5.0), lines)["verdict"] == CONTRADICTED
+    loss = judge(Claim("a has the lower loss", "a", "b", metric="test_loss"), lines)
+    assert loss["diff"] == pytest.approx(0.3) and loss["paper_diff"] == pytest.approx(-0.5)
+    assert loss["verdict"] == SUPPORTED  # 0.3 > sqrt(0.02) = 0.141
+
+
+def test_every_claim_names_rows_the_reproduction_keeps() -> None:
+    kept = {row for ids in MINI.tables.values() for row in ids}
+    assert {c.better for c in PAPER_CLAIMS} | {c.worse for c in PAPER_CLAIMS} <= kept
+    assert kept <= set(PAPER)
+
+
+def test_mini_report_writes_tables_figures_and_claims(source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mini"
+    paths = make_claims("mini", str(source), out)
+    assert sorted(p.name for p in paths) == sorted(
+        [f"{t}-cifar10.{ext}" for t in ("table1", "table2") for ext in ("md", "csv", "tex")]
+        + ["fig3.png", "fig6.png", "claims.md"]
+    )
+    table1 = (out / "table1-cifar10.md").read_text()
+    assert "budget=mini" in table1 and "t1.c10.both." not in table1 and "r0.125" not in table1
+    assert (
+        "| t1.c10.features.r0.250 | cifar10 | without_pe | lambda=0.250 | 3 of 3 "
+        "| 1.000 ± 0.000 | 64.00 ± 1.00 |" in table1
+    )
+    table2 = (out / "table2-cifar10.md").read_text()
+    assert (
+        "kvt100" not in table2 and "| t2.c10.attention | cifar10 |  | Attention | 3 of 3 |" in table2
+    )  # smoke run left out
+
+    text = (out / "claims.md").read_text()
+    judged = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    expected = {
+        "Branching λ = 0.25 matches or beats Conv2D (Table 1)": "**supported** (difference beyond",
+        "Branching λ = 0.5 matches or beats Conv2D (Table 1)": "**supported** (matches within",
+        "ConvNN alone (λ = 1) is far (> 10 points) below Conv2D": "**contradicted**",
+        "Branching λ = 0.5 beats λ = 0.75 (accuracy falls as λ nears 1)": "**supported**",
+        "Sampled ConvNN-attention (random, r = 32) beats attention (Table 2)": "**supported**",
+        "Local attention trails attention": "**inconclusive** (difference within",
+        "KVT k = 9 trails attention": "**contradicted**",
+        "Random candidates beat spatial candidates": "**inconclusive** (fewer than 2",
+        "Spatial ConvNN-attention is below attention": "**inconclusive** (fewer than 2",
+    }
+    for claim, verdict_text in expected.items():
+        assert verdict_text in judged[claim], judged[claim]
+    # ours and the paper's numbers beside each other, read from the records and results/paper
+    line = judged["Sampled ConvNN-attention (random, r = 32) beats attention (Table 2)"]
+    assert "55.00 vs 50.00 (3, 3) | +5.00 | 1.41 | 79.82 vs 77.41 | +2.41 |" in line
+    assert (
+        "below Conv2D | test_acc1 | 60.00 vs 54.00 (3, 3) | +6.00 (margin 10)"
+        in judged["ConvNN alone (λ = 1) is far (> 10 points) below Conv2D"]
+    )
+    assert f"of {len(PAPER_CLAIMS)})" in text and "## What this setting cannot test" in text
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_cli_claims_and_its_errors(source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["claims=mini", f"source={source}", f"out={tmp_path / 'cli'}", "note=made by a test"])
+    assert (tmp_path / "cli" / "claims.md").read_text().count("Note: made by a test") == 1
+    for argv, message in (
+        (["claims=maxi", f"source={source}"], "unknown claims='maxi'; allowed: ['mini']"),
+        (["claims=mini"], "claims need source="),
+        (["claims=mini", "table=table1"], "give exactly one of"),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+
+
+def test_table_rows_are_selected_by_id(tmp_path: Path) -> None:
+    from convnn.tables import make_table
+
+    (md, _, _) = make_table("table2", None, tmp_path, row_ids=["t2.c10.kvt9"])
+    assert "t2.c10.kvt9" in md.read_text() and "t2.c10.attention" not in md.read_text()
+    with pytest.raises(ValueError, match=r"table2 has no rows \['t2.c10.nope'\]"):
+        make_table("table2", None, tmp_path, row_ids=["t2.c10.nope"])
