@@ -11,11 +11,13 @@ export CONVNN_DATA_ROOT
 
 .PHONY: install test test-all lint quickstart mini bench clean
 
+# compat: the checkout on sys.path, so Hydra's scan of the hydra_plugins namespace finds our plugins
+# (setuptools' default editable finder hides them from pkgutil).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 install: $(STAMP)
