@@ -2,7 +2,7 @@
 
 Forward + backward at VGG-11's ConvNN shapes and ViT-Tiny's (197 tokens x 192): every map layer
 against ``nn.Conv2d(C, C, 3, padding=1)``, every token layer against SDPA ``attention`` (and KVT
-against a dense masked-softmax KVT), all against the paper's Algorithm 1 (``tests/reference_algorithm1.py``)
+against a dense masked-softmax KVT), all against the paper's Algorithm 1 (``convnn/reference_algorithm1.py``)
 and against the FLOP floor (the case's multiply-adds over the reference's: the time ratio if both ran
 at the same FLOP rate). Every case of a shape is timed in the same loop, interleaved, and the median
 is taken, so ratios are measured side by side on a shared machine. Per case also: peak tensor memory
