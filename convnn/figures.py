@@ -20,6 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen first
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from convnn.identity import select as lookup  # noqa: E402 - config["a"]["b"] for "a.b", None if missing
+
 Record = dict[str, Any]
 SMOOTH_WINDOW = 10  # the paper's moving average for loss curves
 
@@ -143,16 +145,6 @@ FIGURES: dict[str, Figure] = {
 }
 
 
-def get_path(config: Mapping[str, Any], path: str) -> Any:
-    """``config["a"]["b"]`` for ``path="a.b"``; ``None`` when any part is missing."""
-    node: Any = config
-    for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
@@ -165,7 +157,7 @@ def select(records: Sequence[Record], match: Mapping[str, Any]) -> list[Record]:
         r
         for r in records
         if r.get("status") == "finished"
-        and all(_same(get_path(r.get("config", {}), k), v) for k, v in match.items())
+        and all(_same(lookup(r.get("config", {}), k), v) for k, v in match.items())
     ]
 
 
@@ -176,8 +168,8 @@ def sweep_points(
     ``gflops``, ``gflops_profiler``) per swept value (std 0 for one seed)."""
     groups: dict[float, list[float]] = {}
     for r in select(records, series.match):
-        x = get_path(r["config"], series.x) if series.x else 0.0
-        value = get_path(r, metric)
+        x = lookup(r["config"], series.x) if series.x else 0.0
+        value = lookup(r, metric)
         if x is None or value is None:
             continue
         groups.setdefault(series.position(float(x)), []).append(value)
@@ -207,7 +199,7 @@ def mean_curve(records: Sequence[Record], key: str) -> tuple[list[int], list[flo
 
 
 def _facet_values(records: Sequence[Record], facets: Sequence[str]) -> list[tuple[Any, ...]]:
-    values = {tuple(get_path(r.get("config", {}), f) for f in facets) for r in records}
+    values = {tuple(lookup(r.get("config", {}), f) for f in facets) for r in records}
     return sorted(values, key=lambda v: tuple(str(x) for x in v))
 
 
@@ -312,8 +304,8 @@ def describe(records: Sequence[Record], source: str) -> str:
     """The figure's provenance line: budget(s), epochs, train subset, seeds, source."""
     budgets = sorted(
         {
-            f"budget={r.get('budget')} ({get_path(r['config'], 'epochs')} epochs, "
-            f"train subset {get_path(r['config'], 'data.subset.train') or 'all'})"
+            f"budget={r.get('budget')} ({lookup(r['config'], 'epochs')} epochs, "
+            f"train subset {lookup(r['config'], 'data.subset.train') or 'all'})"
             for r in records
         }
     )
