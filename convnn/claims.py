@@ -105,7 +105,8 @@ MINI = Reproduction(
         "The paper's regime: 150 epochs at lr 1e-4 without a schedule on all 50,000 images; late-epoch "
         "effects (Conv2D overfitting after epoch ~40, Figure 3) do not appear in a few epochs.",
         "Full width: VGG-11 at 0.25 width with a 256-wide classifier and a 6-block, 128-wide ViT hold far "
-        "fewer parameters; the regularising effect the paper credits ConvNN with may need the large model.",
+        "fewer parameters, and the mini VGG trains without classifier dropout (the paper: 0.5); the "
+        "regularising effect the paper credits ConvNN with may need the large, long-trained model.",
         "ViT token counts: at 32x32 with patch 4 a ViT has 64 + 1 tokens, not 196 + 1 at 224x224 with "
         "patch 16, so r = 32 random candidates are half the tokens (the paper: 16%), and local attention's "
         "128-token window covers the whole sequence (it differs from attention only by rotary positions "

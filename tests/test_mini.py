@@ -58,6 +58,7 @@ def test_mini_budget_narrows_the_models_and_keeps_cifar_at_32() -> None:
         10000,
         2000,
     )
+    assert (vgg["model"]["dropout"], vit["model"]["dropout"]) == (0.0, 0.1)  # no VGG classifier dropout
     assert vgg["data"]["image_size"] == vit["data"]["image_size"] == 32
     assert vgg["layer"] == compose_config(("model=vgg11", "layer=branching"))["layer"]  # the paper's knobs
     full = compose_config(("model=vit_tiny", "layer=attention"))["model"]
