@@ -329,3 +329,27 @@ def test_position_selection_with_every_sampling(sampling, patch, self_first, rho
     out = layer(x)
     out.sum().backward()
     assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("rho", ["ones", "softmax"])
+def test_training_queries_only_the_unpadded_tokens_and_evaluation_all_as_the_reference(monkeypatch, rho):
+    """With gradients (whatever rho) only the H * W real tokens query; without, all (H+2)(W+2) do (the
+    reference's ops, for the paper's profiler GFLOPs); both give the same output."""
+    import convnn.layers.convnn as module
+
+    rows: list[int] = []
+    real_select = module.knn_select
+
+    def counting(q, *args, **kwargs):
+        rows.append(q.shape[1])
+        return real_select(q, *args, **kwargs)
+
+    monkeypatch.setattr(module, "knn_select", counting)
+    torch.manual_seed(0)
+    layer = ConvNN(3, 4, rho=rho, similarity="cosine", projections="linear")
+    x = torch.randn(2, 3, 5, 6, requires_grad=True)
+    trained = layer(x)
+    with torch.no_grad():
+        evaluated = layer(x)
+    assert rows == [5 * 6, 7 * 8]
+    torch.testing.assert_close(trained, evaluated)

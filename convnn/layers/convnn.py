@@ -133,14 +133,15 @@ class ConvNN(nn.Module):
         self._check_candidates(height, width, candidates)
         values_in = append_coordinates(tokens, coords) if self.aggregate_position else tokens
         v = self.w_v(values_in)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.rho == "softmax"):
+        real_only = torch.is_grad_enabled() and not torch.jit.is_tracing()  # training: unpadded queries
+        with torch.set_grad_enabled(real_only and self.rho == "softmax"):
             if self.select_by == "position":
                 sims, idx = self._select_by_position(x.shape[0], height, width, candidates)
                 sims, idx = self._crop(sims, height, width), self._crop(idx, height, width)
             else:
                 if self.select_by == "both":
                     tokens = mix_position(tokens, coords, self.position_weight)
-                sims, idx = self._select_by_features(tokens, candidates, height, width)
+                sims, idx = self._select_by_features(tokens, candidates, height, width, real_only)
         out = self.pointwise(aggregate_neighbors(v, idx, sims, self.rho, self.aggregate))
         pad = self.padding
         return self.shuffle(out.unflatten(2, (height - 2 * pad, width - 2 * pad)))
@@ -162,18 +163,19 @@ class ConvNN(nn.Module):
         return grid.flatten(1, 2)
 
     def _select_by_features(
-        self, selection: Tensor, candidates: Tensor | None, height: int, width: int
+        self, selection: Tensor, candidates: Tensor | None, height: int, width: int, real_only: bool
     ) -> tuple[Tensor, Tensor]:
         """k-NN of the unpadded tokens among the candidates of the padded ``height x width`` map
         ``selection [B, C, N]`` through ``w_q`` / ``w_k`` -> ``(values, indices) [B, H * W, k]``.
 
-        In training (gradients on) only the unpadded tokens query. Without gradients (evaluation,
-        FLOP profiling) every padded token queries too and its rows are cropped, as in the reference,
-        so the paper's profiler GFLOPs are reproduced; the kept rows are the same.
+        ``real_only`` (training: the layer's input needs gradients, whatever ``rho``): only the
+        unpadded tokens query. Otherwise (evaluation, FLOP profiling) every padded token queries too
+        and its rows are cropped, as in the reference, so the paper's profiler GFLOPs are reproduced;
+        the kept rows are the same.
         """
         pad = self.padding
         real = None
-        if torch.is_grad_enabled():
+        if real_only:
             grid = torch.arange(height * width, device=selection.device).view(height, width)
             real = grid[pad : height - pad, pad : width - pad].flatten()
         q = self.w_q(selection).transpose(1, 2)
