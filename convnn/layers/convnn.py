@@ -122,10 +122,13 @@ class ConvNN(nn.Module):
                 f"convnn patch={self.patch} needs H and W divisible by it, got {tuple(x.shape[-2:])}"
             )
         x = self.unshuffle(x)
-        if self.padding:
-            x = F.pad(x, [self.padding] * 4)
-        height, width = x.shape[-2:]
-        tokens = x.flatten(2)
+        pad = self.padding
+        height, width = x.shape[-2] + 2 * pad, x.shape[-1] + 2 * pad
+        # the padded map's token rows [B, N, C] in one copy: the layout the selection and the gathers
+        # read, so neither transposes the map again; ``tokens`` is its [B, C, N] view
+        rows = x.permute(0, 2, 3, 1)
+        rows = F.pad(rows, [0, 0, pad, pad, pad, pad]) if pad else rows
+        tokens = rows.reshape(x.shape[0], height * width, -1).transpose(1, 2)
         coords = coordinate_channels(height, width, tokens) if self._uses_coordinates else None
         candidates = self.sampler.candidates(
             height * width, grid=(height, width), device=x.device, padding=self.padding
@@ -143,7 +146,6 @@ class ConvNN(nn.Module):
                     tokens = mix_position(tokens, coords, self.position_weight)
                 sims, idx = self._select_by_features(tokens, candidates, height, width, real_only)
         out = self.pointwise(aggregate_neighbors(v, idx, sims, self.rho, self.aggregate))
-        pad = self.padding
         return self.shuffle(out.unflatten(2, (height - 2 * pad, width - 2 * pad)))
 
     def _select_by_position(
