@@ -82,6 +82,33 @@ def test_a_sweep_skips_a_job_another_process_holds(tmp_path, monkeypatch, capsys
     assert f"in use by pid {holder.pid}" in out and not (held / "results.json").exists()
 
 
+def test_a_job_another_process_takes_after_planning_is_skipped_not_failed(tmp_path, monkeypatch, capsys):
+    from hydra_plugins.convnn_sweeper.paper_sweeper import PaperSweeper
+
+    held = run_dir_of(tmp_path, *TINY, "epochs=1", "seed=1")
+    holders = []
+    plan = PaperSweeper.plan
+
+    def plan_then_hold(self, *args, **kwargs):  # a second sweep takes seed=1 once this one has planned
+        jobs = plan(self, *args, **kwargs)
+        holders.append(hold_lock(held))
+        return jobs
+
+    monkeypatch.setattr(PaperSweeper, "plan", plan_then_hold)
+    monkeypatch.setattr(
+        sys, "argv", ["convnn-train", "-m", f"out_dir={tmp_path}", *TINY, "epochs=1", "seed=0,1"]
+    )
+    try:
+        train.main()
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+    out = capsys.readouterr().out
+    assert "sweep summary: 1 finished, 1 skipped, 0 failed" in out
+    assert f"in use by pid {holders[0].pid}" in out and not (held / "results.json").exists()
+
+
 def test_a_sweep_runs_every_valid_job_and_summarises_the_failures(tmp_path, monkeypatch, capsys):
     args = ["-m", f"out_dir={tmp_path}", *TINY, "epochs=1", "layer=branching", "layer.ratio=0.5,1.5,0.25"]
     monkeypatch.setattr(sys, "argv", ["convnn-train", *args, "hydra.sweeper.dry_run=true"])

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from convnn.slurm import queued_jobs
 from convnn.sweep import JobOutcome, expand_jobs, format_jobs, format_summary, run_state
-from convnn.train import unwritable
+from convnn.train import EXIT_BUSY, unwritable
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,9 @@ class PaperSweeper(BasicSweeper):
                     self.outcomes.append(JobOutcome(tuple(job), "finished"))
                     continue
                 reason, code = _job_error(ret._return_value)
-                self.outcomes.append(JobOutcome(tuple(job), "failed", reason))
+                # another process took the run after this sweep planned it: run once, by that process
+                status = "skipped" if code == EXIT_BUSY else "failed"
+                self.outcomes.append(JobOutcome(tuple(job), status, reason))
                 stop = code if code in STOP_CODES else stop
         print(format_summary(self.outcomes))
         if stop is not None:
