@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from convnn.models import build_model
+from convnn.models import build_from_config
+from convnn.paths import CONFIG_DIR, EXPERIMENTS_DIR
 from convnn.sweep import expand_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ TABLES = ("table1", "table2")
 
 def experiment_configs(table: str) -> tuple[list[list[str]], int]:
     """The distinct configurations of ``experiments/mini/<table>.yaml`` (seed left out) and the seeds."""
-    sweeper = OmegaConf.load(ROOT / "experiments" / "mini" / f"{table}.yaml").hydra.sweeper
+    sweeper = OmegaConf.load(EXPERIMENTS_DIR / "mini" / f"{table}.yaml").hydra.sweeper
     seeds = len(str(sweeper.params.seed).split(","))
     rows = expand_jobs(dict(sweeper.rows), [])
     return [[f"experiment=mini/{table}", *job] for job in rows], seeds
@@ -53,14 +54,13 @@ def cpu_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 def measure(overrides: list[str], repeats: int) -> dict[str, object]:
     """One configuration's per-step CPU cost and its projected CPU seconds per run at its budget."""
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         composed = compose(config_name="train", overrides=overrides)
-    cfg = {k: OmegaConf.to_container(composed[k], resolve=True) for k in ("model", "layer", "data")}
-    batch, epochs, subset = composed.batch_size, composed.epochs, cfg["data"]["subset"]
+    batch, epochs, subset = composed.batch_size, composed.epochs, composed.data.subset
     torch.manual_seed(0)
-    model = build_model(cfg["model"], cfg["layer"], cfg["data"]["num_classes"], 32, 3)
+    model, shape = build_from_config(composed)
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, cfg["data"]["num_classes"], (batch,))
+    x, y = torch.randn(batch, *shape), torch.randint(0, composed.data.num_classes, (batch,))
 
     def train_step() -> None:
         optimiser.zero_grad()
