@@ -129,9 +129,11 @@ class ConvNN(nn.Module):
         rows = x.permute(0, 2, 3, 1)
         rows = F.pad(rows, [0, 0, pad, pad, pad, pad]) if pad else rows
         tokens = rows.reshape(x.shape[0], height * width, -1).transpose(1, 2)
+        if not isinstance(self.w_v, nn.Identity):  # a 1x1 Conv1d reads [B, C, N] ~6x faster contiguous
+            tokens = tokens.contiguous()
         coords = coordinate_channels(height, width, tokens) if self._uses_coordinates else None
         candidates = self.sampler.candidates(
-            height * width, grid=(height, width), device=x.device, padding=self.padding
+            height * width, grid=(height, width), device=x.device, padding=pad
         )
         self._check_candidates(height, width, candidates)
         values_in = append_coordinates(tokens, coords) if self.aggregate_position else tokens
