@@ -16,12 +16,15 @@ where ``aggregate`` is the layer's ``Conv1d(kernel k, stride k)``; :func:`aggreg
 Design choices the tests pin down:
 
 * similarity and top-k run in chunks sized per device (cache-sized on CPU, one chunk on CUDA when
-  memory allows, one chunk under ``torch.compile``), so peak extra memory is O(B * chunk * M + B * N * k)
-  instead of the dense ``[B, N, N]`` matrix; the selection runs in float32 also under autocast;
+  memory allows; under ``torch.compile`` the chunked selection is one opaque op), so peak extra
+  memory is O(B * chunk * M + B * N * k) instead of the dense ``[B, N, N]`` matrix; the selection
+  runs in float32 also under autocast; on CPU the scores come from oneDNN and the top-k from the
+  native kernel (:mod:`convnn.native`);
 * neighbour rows are gathered whole with ``index_select`` from the token-major ``[B * N, C]`` rows
-  (backward: ``index_add_``, deterministic under ``torch.use_deterministic_algorithms``), never from
+  (backward: ``index_add_``, deterministic under ``torch.use_deterministic_algorithms``; on CPU the
+  native :func:`~convnn.native.index_add_rows`, deterministic always), never from
   an expanded ``[B, C, N, k]`` copy; in training on CPU (``rho="ones"``) not even the gathered rows
-  exist at once: :class:`GatherAggregate` works in cache-sized token steps;
+  exist at once: :func:`gather_aggregate` works in cache-sized token steps;
 * selection runs without autograd; gradients of the selected similarities (rho softmax) flow through
   the selected pairs only (:class:`SelectedSimilarity`);
 * ``rho="ones"`` does no multiplication at all, and masks use the dtype's finite minimum, so nothing
@@ -35,19 +38,23 @@ Design choices the tests pin down:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from convnn.native import index_add_rows, topk_last
+
 SIMILARITIES = ("cosine", "dot", "euclidean")
 SAMPLINGS = ("all", "random", "spatial")
 RHOS = ("ones", "softmax")
 
-#: Similarity entries per chunk on CPU when ``chunk_size`` is None (1 MiB of float32: the chunk of
+#: Similarity entries per chunk on CPU when ``chunk_size`` is None (2 MiB of float32: the chunk of
 #: scores stays in the core's cache for the top-k that reads it again).
-AUTO_CHUNK_ELEMENTS = 1 << 18
+AUTO_CHUNK_ELEMENTS = 1 << 19
 
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -187,7 +194,7 @@ def _auto_chunk(batch: int, n: int, m: int, device: torch.device) -> tuple[int, 
     if torch.compiler.is_compiling():
         return n, batch
     if device.type == "cpu":
-        queries = min(n, max(1, AUTO_CHUNK_ELEMENTS // m))
+        queries = min(n, max(CONV_BATCH, AUTO_CHUNK_ELEMENTS // m))
         return queries, min(batch, max(1, AUTO_CHUNK_ELEMENTS // (queries * m)))
     # CUDA: a quarter of the free bytes, in float32 entries
     elements = torch.cuda.mem_get_info(device)[0] // 16 if device.type == "cuda" else DEVICE_CHUNK_ELEMENTS
@@ -282,7 +289,11 @@ def _knn_fp32(
     if candidates is not None:
         candidates = candidates.to(q.device)
     with torch.no_grad():
-        values, positions, own = _select(q, k, ids, picks, kind, candidates, self_first, chunk)
+        if torch.compiler.is_compiling():  # an opaque op: the eager chunked selection, not a dense graph
+            values, positions, own = torch.ops.convnn.select(q, k, ids, picks, kind, candidates, self_first)
+            own = own if self_first and candidates is None else None
+        else:
+            values, positions, own = _select(q, k, ids, picks, kind, candidates, self_first, chunk)
     self_ids = ids.expand(batch, n).unsqueeze(-1)
     if own is not None and self_sim is None:  # all candidates: the self value is a similarity entry too
         positions = torch.cat([self_ids, positions], dim=-1)
@@ -317,29 +328,73 @@ def _select(
     ``own`` is the similarity of each token with itself ``[B, N]`` (all candidates with
     ``self_first``), else None. With ``self_first`` the token's own candidate entry is masked out.
     ``chunk = (queries, images)``: peak extra memory is one ``[images, queries, M]`` chunk of scores.
+    On CPU in float32 the scores of cosine / dot come from oneDNN (:func:`_onednn_keys`), one image
+    and a multiple of :data:`CONV_BATCH` queries per chunk.
     """
     batch, n = q.shape[:2]
     queries, images = chunk
+    keys = _onednn_keys(q, k, kind, queries)
+    if keys is not None:
+        queries, images = queries - queries % CONV_BATCH, 1
     if queries >= n and images >= batch:  # one chunk (always under torch.compile): no loop
-        return _select_chunk(q, k, ids, picks, kind, candidates, self_first)
+        return _select_chunk(q, k, ids, picks, kind, candidates, self_first, keys)
     values = q.new_empty(batch, n, picks)
     positions = torch.empty(batch, n, picks, dtype=torch.long, device=q.device)
     own = q.new_empty(batch, n) if self_first and candidates is None else None
     for first in range(0, batch, images):
+        image_keys = None if keys is None else keys[first : first + images]
         for start in range(0, n, queries):
             part = (slice(first, first + images), slice(start, start + queries))
-            top = _select_chunk(q[part], k[part[0]], ids[part[1]], picks, kind, candidates, self_first)
+            top = _select_chunk(
+                q[part], k[part[0]], ids[part[1]], picks, kind, candidates, self_first, image_keys
+            )
             values[part], positions[part] = top[0], top[1]
             if own is not None:
                 own[part] = top[2]
     return values, positions, own
 
 
-def _select_chunk(
+@torch.library.custom_op(
+    "convnn::select",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor ids, int picks, str kind, Tensor? candidates, bool self_first)"
+    " -> (Tensor, Tensor, Tensor)",
+)
+def _select_op(
     q: Tensor, k: Tensor, ids: Tensor, picks: int, kind: str, candidates: Tensor | None, self_first: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_select` as one op for ``torch.compile`` (chunks sized for the device as in eager); ``own``
+    is an empty tensor where :func:`_select` returns None."""
+    chunk = _auto_chunk(q.shape[0], q.shape[1], k.shape[1], q.device)
+    values, positions, own = _select(q, k, ids, picks, kind, candidates, self_first, chunk)
+    return values, positions, q.new_empty(0) if own is None else own
+
+
+@_select_op.register_fake
+def _select_fake(
+    q: Tensor, k: Tensor, ids: Tensor, picks: int, kind: str, candidates: Tensor | None, self_first: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    batch, n = q.shape[:2]
+    own = q.new_empty(batch, n) if self_first and candidates is None else q.new_empty(0)
+    return q.new_empty(batch, n, picks), q.new_empty(batch, n, picks, dtype=torch.long), own
+
+
+def _select_chunk(
+    q: Tensor,
+    k: Tensor,
+    ids: Tensor,
+    picks: int,
+    kind: str,
+    candidates: Tensor | None,
+    self_first: bool,
+    keys: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`_select` for the query rows ``q [b, c, h]`` of tokens ``ids [c]`` against ``k [b, M, h]``."""
-    scores = prepared_similarity(q, k, kind)
+    """:func:`_select` for the query rows ``q [b, c, h]`` of tokens ``ids [c]`` against ``k [b, M, h]``
+    (``keys``: :func:`_onednn_keys` of one image's ``k``, or None)."""
+    if keys is None or q.shape[1] % CONV_BATCH:
+        scores = prepared_similarity(q, k, kind)
+    else:
+        scores = _onednn_scores(q, keys, kind)[:, :, : k.shape[1]]
     lowest = torch.finfo(scores.dtype).min
     own = None
     if self_first and candidates is None:  # the token's own column: read, then masked out
@@ -348,8 +403,50 @@ def _select_chunk(
         scores.scatter_(2, columns, lowest)
     elif self_first:  # a token's own candidate entry, by comparison (no boolean indexing, no sync)
         scores.masked_fill_(ids[:, None] == candidates[None, :], lowest)
-    values, positions = scores.topk(picks, dim=-1)
+    values, positions = topk_last(scores, picks)
     return values, positions, own
+
+
+_reference_products = False
+
+
+@contextlib.contextmanager
+def reference_products() -> Iterator[None]:
+    """Within the block the similarity is the reference's plain matmul, never :func:`_onednn_scores`
+    (which pads the keys to a multiple of 16): ``torch.profiler`` then counts the paper's FLOPs."""
+    global _reference_products
+    saved, _reference_products = _reference_products, True
+    try:
+        yield
+    finally:
+        _reference_products = saved
+
+
+def _onednn_keys(q: Tensor, k: Tensor, kind: str, queries: int) -> Tensor | None:
+    """Keys ``k [B, M, h]`` zero-padded to a multiple of :data:`CONV_BATCH` rows when
+    :func:`_onednn_scores` applies (CPU, float32, cosine or dot, chunks of >= 16 queries, neither
+    traced nor in :func:`reference_products`: profilers count the reference's matmul), else None."""
+    applies = (
+        q.device.type == "cpu"
+        and q.dtype == k.dtype == torch.float32
+        and kind in ("cosine", "dot")
+        and queries >= CONV_BATCH
+        and not _reference_products
+        and not torch.jit.is_tracing()
+        and torch.backends.mkldnn.is_available()
+    )
+    if not applies:
+        return None
+    pad = -k.shape[1] % CONV_BATCH
+    return F.pad(k, (0, 0, 0, pad)) if pad else k.contiguous()
+
+
+def _onednn_scores(q: Tensor, keys: Tensor, kind: str) -> Tensor:
+    """``q [1, c, h] @ keys [1, M', h]^T -> [1, c, M']`` (``/ sqrt(h)`` for dot) as oneDNN's 1x1
+    convolution of the query rows with the keys as its weight: on CPU about 2.4x the throughput of the
+    BLAS matmul on these narrow shapes (``c`` and ``M'`` multiples of :data:`CONV_BATCH`)."""
+    scores = _rows_conv(q[0], keys[0], None).unsqueeze(0)
+    return scores.div_(math.sqrt(q.shape[-1])) if kind == "dot" else scores
 
 
 class SelectedSimilarity(torch.autograd.Function):
@@ -464,7 +561,7 @@ def aggregate_neighbors(v: Tensor, indices: Tensor, values: Tensor, rho: str, co
     Equals ``conv(modulate(gather_neighbors(v, indices), values, rho))`` for a ``conv`` with kernel
     and stride k, but folds the batch into the length (the ``[1, C * k, B * N']`` layout, ``conv``'s
     own weight as the equivalent 1x1 convolution). On CPU in training, with ``rho="ones"`` and a dense
-    ``conv``, :class:`GatherAggregate` computes the same in cache-sized token steps without keeping
+    ``conv``, :func:`gather_aggregate` computes the same in cache-sized token steps without keeping
     the gathered rows. Parameters and the Conv1d op (and so every FLOP counter) are unchanged.
     """
     check_choice("rho", rho, RHOS)
@@ -478,7 +575,7 @@ def aggregate_neighbors(v: Tensor, indices: Tensor, values: Tensor, rho: str, co
     flat = (indices + torch.arange(batch, device=indices.device).view(batch, 1, 1) * m).reshape(-1, k)
     if rho == "ones" and _fused_applies(v_rows, conv):
         weight = conv.weight.permute(0, 2, 1).reshape(conv.out_channels, k * channels)
-        out = GatherAggregate.apply(v_rows, flat, weight, conv.bias)  # [B * N', C']
+        out = gather_aggregate(v_rows, flat, weight, conv.bias)  # [B * N', C']
         return out.view(batch, tokens, -1).transpose(1, 2)
     rows = v_rows.index_select(0, flat.reshape(-1)).view(-1, k, channels)  # [B * N', k, C]
     if rho == "softmax":
@@ -505,9 +602,9 @@ def grouped_matmul(rows: Tensor, weight: Tensor, groups: int) -> Tensor:
 
 
 def _fused_applies(v_rows: Tensor, conv: nn.Conv1d) -> bool:
-    """Whether :class:`GatherAggregate` may stand in for gather + ``F.conv1d``: on CPU (token steps pay
-    only there), a dense (groups 1) aggregation that needs gradients, outside autocast, tracing and
-    compiling (traced and compiled graphs keep the plain ops)."""
+    """Whether :func:`gather_aggregate` may stand in for gather + ``F.conv1d``: on CPU (token steps pay
+    only there), a dense (groups 1) aggregation that needs gradients, outside autocast and tracing (a
+    traced graph keeps the plain ops, whose FLOPs the profiler counts; ``torch.compile`` calls the op)."""
     return (
         v_rows.device.type == "cpu"
         and conv.groups == 1
@@ -516,15 +613,19 @@ def _fused_applies(v_rows: Tensor, conv: nn.Conv1d) -> bool:
         and v_rows.dtype == conv.weight.dtype
         and not torch.is_autocast_enabled(v_rows.device.type)
         and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
     )
 
 
-#: Gathered elements per step of :class:`GatherAggregate` (4 MiB of float32: the step stays in cache).
+#: Gathered elements per step of :func:`gather_aggregate` (4 MiB of float32: the step stays in cache).
 STEP_ELEMENTS = 1 << 20
 
 
-class GatherAggregate(torch.autograd.Function):
+@torch.library.custom_op(
+    "convnn::gather_aggregate",
+    mutates_args=(),
+    schema="(Tensor v_rows, Tensor flat, Tensor weight, Tensor? bias) -> Tensor",
+)
+def gather_aggregate(v_rows: Tensor, flat: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``out[t] = bias + concat_j(v_rows[flat[t, j]]) @ weight`` without the full gathered rows.
 
     ``v_rows [L, C]`` (token-major), ``flat [T, k]`` (token indices), ``weight [C', k * C]`` (column
@@ -534,44 +635,88 @@ class GatherAggregate(torch.autograd.Function):
     rows (:func:`_rows_conv`: oneDNN's kernels, about twice the throughput of a plain GEMM on these
     narrow shapes). Only ``v_rows`` and ``flat`` are saved; the backward walks the same steps,
     re-gathers a step's rows for the weight gradient and adds the rows' gradient into ``v_rows``'
-    gradient with ``index_add_``.
+    gradient with :func:`~convnn.native.index_add_rows` (in order: deterministic). A custom op, so
+    ``torch.compile`` calls these same steps.
     """
+    tokens, size = flat.shape[0], _step(flat, v_rows)
+    out = v_rows.new_empty(tokens, weight.shape[0])
+    buffer = v_rows.new_empty(min(size, tokens) * flat.shape[1], v_rows.shape[1])
+    for start in range(0, tokens, size):
+        step = flat[start : start + size]
+        rows = _gather_rows(v_rows, step.reshape(-1), buffer).view(step.shape[0], -1)
+        out[start : start + step.shape[0]] = _rows_conv(rows, weight, bias)
+    return out
 
-    @staticmethod
-    def forward(v_rows: Tensor, flat: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        tokens, size = flat.shape[0], _step(flat, v_rows)
-        out = v_rows.new_empty(tokens, weight.shape[0])
-        for start in range(0, tokens, size):
-            step = flat[start : start + size]
-            rows = v_rows.index_select(0, step.reshape(-1)).view(step.shape[0], -1)
-            out[start : start + step.shape[0]] = _rows_conv(rows, weight, bias)
-        return out
 
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        v_rows, flat, weight, _ = inputs
-        ctx.save_for_backward(v_rows, flat, weight)
+@gather_aggregate.register_fake
+def _gather_aggregate_fake(v_rows: Tensor, flat: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return v_rows.new_empty(flat.shape[0], weight.shape[0])
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        v_rows, flat, weight = ctx.saved_tensors
-        channels, size = v_rows.shape[1], _step(flat, v_rows)
-        grad_v = torch.zeros_like(v_rows) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[2] else None
-        for start in range(0, flat.shape[0], size):
-            step, step_grad = flat[start : start + size].reshape(-1), grad[start : start + size]
-            rows = v_rows.index_select(0, step).view(step_grad.shape[0], -1)
-            grad_rows, step_grad_w = _rows_conv_backward(rows, weight, step_grad, grad_w is not None)
-            if grad_w is not None:
-                grad_w += step_grad_w
-            if grad_v is not None:
-                grad_v.index_add_(0, step, grad_rows.view(-1, channels))
-        grad_b = grad.sum(0) if ctx.needs_input_grad[3] else None
-        return grad_v, None, grad_w, grad_b
+
+@torch.library.custom_op(
+    "convnn::gather_aggregate_backward",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor v_rows, Tensor flat, Tensor weight, bool rows_grad, bool weight_grad)"
+    " -> (Tensor, Tensor)",
+)
+def _gather_aggregate_backward(
+    grad: Tensor, v_rows: Tensor, flat: Tensor, weight: Tensor, rows_grad: bool, weight_grad: bool
+) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`gather_aggregate` for ``grad [T, C']``: ``(v_rows', weight')``, each an
+    empty tensor where not asked for."""
+    channels, size = v_rows.shape[1], _step(flat, v_rows)
+    grad_v = torch.zeros_like(v_rows) if rows_grad else v_rows.new_empty(0)
+    grad_w = torch.zeros_like(weight) if weight_grad else weight.new_empty(0)
+    buffer = v_rows.new_empty(min(size, flat.shape[0]) * flat.shape[1], channels)
+    for start in range(0, flat.shape[0], size):
+        step, step_grad = flat[start : start + size].reshape(-1), grad[start : start + size]
+        rows = _gather_rows(v_rows, step, buffer).view(step_grad.shape[0], -1)
+        grad_rows, step_grad_w = _rows_conv_backward(rows, weight, step_grad, weight_grad)
+        if weight_grad:
+            grad_w += step_grad_w
+        if rows_grad:
+            index_add_rows(grad_v, step, grad_rows.view(-1, channels))
+    return grad_v, grad_w
+
+
+@_gather_aggregate_backward.register_fake
+def _gather_aggregate_backward_fake(
+    grad: Tensor, v_rows: Tensor, flat: Tensor, weight: Tensor, rows_grad: bool, weight_grad: bool
+) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(v_rows) if rows_grad else v_rows.new_empty(0), (
+        torch.empty_like(weight) if weight_grad else weight.new_empty(0)
+    )
+
+
+def _gather_aggregate_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    v_rows, flat, weight, _ = inputs
+    ctx.save_for_backward(v_rows, flat, weight)
+
+
+def _gather_aggregate_grad(ctx, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, Tensor | None]:
+    v_rows, flat, weight = ctx.saved_tensors
+    rows_grad, _, weight_grad, bias_grad = ctx.needs_input_grad
+    grad = grad.contiguous()
+    grad_v, grad_w = _gather_aggregate_backward(grad, v_rows, flat, weight, rows_grad, weight_grad)
+    return (
+        grad_v if rows_grad else None,
+        None,
+        grad_w if weight_grad else None,
+        grad.sum(0) if bias_grad else None,
+    )
+
+
+gather_aggregate.register_autograd(_gather_aggregate_grad, setup_context=_gather_aggregate_setup)
+
+
+def _gather_rows(v_rows: Tensor, index: Tensor, buffer: Tensor) -> Tensor:
+    """``v_rows[index]`` written into the front of ``buffer`` (reused by every step: a fresh multi-MiB
+    tensor per step costs as much again in page faults as the copy itself)."""
+    return torch.index_select(v_rows, 0, index, out=buffer[: index.shape[0]])
 
 
 def _step(flat: Tensor, v_rows: Tensor) -> int:
-    """Tokens per :class:`GatherAggregate` step: about :data:`STEP_ELEMENTS` gathered values, a
+    """Tokens per :func:`gather_aggregate` step: about :data:`STEP_ELEMENTS` gathered values, a
     multiple of :data:`CONV_BATCH`."""
     tokens = STEP_ELEMENTS // (flat.shape[1] * v_rows.shape[1])
     return max(CONV_BATCH, tokens - tokens % CONV_BATCH)

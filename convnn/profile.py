@@ -25,6 +25,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from convnn import paths
+from convnn.knn import reference_products
 from convnn.models import build_from_config
 
 with warnings.catch_warnings():  # importing fvcore.nn scripts a loss with torch.jit (deprecated)
@@ -124,9 +125,10 @@ def profiler_flops(model: nn.Module, x: torch.Tensor) -> int:
     one exception: a fused ``F.scaled_dot_product_attention`` computes the same function as the
     reference's explicit attention matmuls, so each call that ran a fused kernel (nothing counted
     inside it) adds what the profiler counts for those (:func:`sdpa_explicit_flops`); then the same
-    model gets the paper's figure whichever kernel runs.
+    model gets the paper's figure whichever kernel runs. The k-NN similarity runs as the reference's
+    matmul here (:func:`convnn.knn.reference_products`), not as the CPU's padded oneDNN product.
     """
-    with _native_stderr_silenced():
+    with _native_stderr_silenced(), reference_products():
         with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
             model(x)
         counted = sum(event.flops for event in prof.key_averages())

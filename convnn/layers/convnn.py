@@ -188,7 +188,7 @@ class ConvNN(nn.Module):
             keys = q
         else:
             keys = self.w_k(selection if candidates is None else selection[:, :, candidates]).transpose(1, 2)
-        queries = q if real is None else q[:, real]
+        queries = q if real is None else self._crop(q, height, width)  # = q[:, real], a strided copy
         self_sim = None
         if self.self_first and candidates is not None and separate_keys and self.rho == "softmax":
             own_keys = self.w_k(selection if real is None else selection[:, :, real]).transpose(1, 2)
