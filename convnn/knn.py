@@ -283,14 +283,23 @@ def _knn_fp32(
     batch, n, _ = q.shape
     shared = k is q
     # contiguous first: a row norm over a transposed [B, N, h] view is ~20x slower on CPU
-    q = prepare(_at_least_fp32(q).contiguous(), kind)
-    k = q if shared else prepare(_at_least_fp32(k).contiguous(), kind)
+    q = _at_least_fp32(q).contiguous()
+    k = q if shared else _at_least_fp32(k).contiguous()
+    # compiled: one opaque op runs the eager chunked selection (and, when no gradient needs the
+    # prepared rows, their normalisation: inductor's fused version of it was 3x slower on CPU)
+    opaque = torch.compiler.is_compiling()
+    raw = opaque and not torch.is_grad_enabled()
+    if not raw:
+        q = prepare(q, kind)
+        k = q if shared else prepare(k, kind)
     picks = num_neighbors - 1 if self_first else num_neighbors
     if candidates is not None:
         candidates = candidates.to(q.device)
     with torch.no_grad():
-        if torch.compiler.is_compiling():  # an opaque op: the eager chunked selection, not a dense graph
-            values, positions, own = torch.ops.convnn.select(q, k, ids, picks, kind, candidates, self_first)
+        if opaque:
+            values, positions, own = torch.ops.convnn.select(
+                q, k, ids, picks, kind, candidates, self_first, raw
+            )
             own = own if self_first and candidates is None else None
         else:
             values, positions, own = _select(q, k, ids, picks, kind, candidates, self_first, chunk)
@@ -357,14 +366,25 @@ def _select(
 @torch.library.custom_op(
     "convnn::select",
     mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor ids, int picks, str kind, Tensor? candidates, bool self_first)"
-    " -> (Tensor, Tensor, Tensor)",
+    schema="(Tensor q, Tensor k, Tensor ids, int picks, str kind, Tensor? candidates, bool self_first,"
+    " bool raw) -> (Tensor, Tensor, Tensor)",
 )
 def _select_op(
-    q: Tensor, k: Tensor, ids: Tensor, picks: int, kind: str, candidates: Tensor | None, self_first: bool
+    q: Tensor,
+    k: Tensor,
+    ids: Tensor,
+    picks: int,
+    kind: str,
+    candidates: Tensor | None,
+    self_first: bool,
+    raw: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_select` as one op for ``torch.compile`` (chunks sized for the device as in eager); ``own``
-    is an empty tensor where :func:`_select` returns None."""
+    """:func:`_select` as one op for ``torch.compile`` (chunks sized for the device as in eager), of
+    :func:`prepare`-d rows (``raw``: it prepares them); ``own`` is an empty tensor where
+    :func:`_select` returns None."""
+    if raw:
+        q, k = prepare(q, kind), (None if k is q else prepare(k, kind))
+        k = q if k is None else k
     chunk = _auto_chunk(q.shape[0], q.shape[1], k.shape[1], q.device)
     values, positions, own = _select(q, k, ids, picks, kind, candidates, self_first, chunk)
     return values, positions, q.new_empty(0) if own is None else own
@@ -372,7 +392,14 @@ def _select_op(
 
 @_select_op.register_fake
 def _select_fake(
-    q: Tensor, k: Tensor, ids: Tensor, picks: int, kind: str, candidates: Tensor | None, self_first: bool
+    q: Tensor,
+    k: Tensor,
+    ids: Tensor,
+    picks: int,
+    kind: str,
+    candidates: Tensor | None,
+    self_first: bool,
+    raw: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     batch, n = q.shape[:2]
     own = q.new_empty(batch, n) if self_first and candidates is None else q.new_empty(0)

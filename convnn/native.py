@@ -42,30 +42,35 @@ def available() -> bool:
     or when the build fails, with one warning naming the reason)."""
     if os.environ.get("CONVNN_NATIVE", "1") == "0":
         return False
-    capability = torch.backends.cpu.get_cpu_capability()
     try:
-        cpp_logger = logging.getLogger("torch.utils.cpp_extension")
-        level = cpp_logger.level
-        cpp_logger.setLevel(logging.ERROR)  # its import warns about CUDA_HOME on CPU-only machines
-        try:
-            from torch.utils import cpp_extension
-        finally:
-            cpp_logger.setLevel(level)
-        cpp_extension.load(
-            name=f"convnn_native_{capability.lower()}",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", *ARCH_FLAGS.get(capability, [])],
-            is_python_module=False,
-        )
+        build(torch.backends.cpu.get_cpu_capability())
     except Exception as error:  # no compiler, no ninja, a read-only cache: fall back, loudly once
         warnings.warn(
-            f"convnn's native top-k kernel could not be built ({type(error).__name__}: {error}); "
-            "using torch.topk, which is slower on CPU (set CONVNN_NATIVE=0 to silence this)",
+            f"convnn's native kernels could not be built ({type(error).__name__}: {error}); "
+            "using torch.topk / index_add_, which are slower on CPU (CONVNN_NATIVE=0 silences this)",
             RuntimeWarning,
             stacklevel=2,
         )
         return False
     return True
+
+
+def build(capability: str) -> None:
+    """Build (or find cached) and load the kernels for a CPU ``capability`` ("AVX512", "AVX2", other:
+    no instruction-set flags) into this process as ``torch.ops.convnn_native``. One per process."""
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)  # its import warns about CUDA_HOME on CPU-only machines
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        cpp_logger.setLevel(level)
+    cpp_extension.load(
+        name=f"convnn_native_{capability.lower()}",
+        sources=[str(SOURCE)],
+        extra_cflags=["-O3", *ARCH_FLAGS.get(capability, [])],
+        is_python_module=False,
+    )
 
 
 def _native(x: Tensor) -> bool:

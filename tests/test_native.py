@@ -14,6 +14,14 @@ from convnn import native
 from convnn.knn import knn_select, prepare, prepared_similarity
 from convnn.layers import build_layer
 
+
+def run_python(script: str, **env: str) -> subprocess.CompletedProcess:
+    """``python -c script`` in a fresh process with ``env`` added to this one's environment."""
+    return subprocess.run(
+        [sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
+
+
 needs_kernel = pytest.mark.skipif(
     shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler to build the kernel"
 )
@@ -94,21 +102,19 @@ def test_a_failed_build_warns_once_and_falls_back_to_torch_topk(tmp_path):
             scores = torch.randn(4, 50)
             values, indices = native.topk_last(scores, 3)
         assert torch.equal(indices, scores.topk(3).indices)
-        messages = [str(w.message) for w in caught if "native top-k" in str(w.message)]
+        messages = [str(w.message) for w in caught if "native kernels" in str(w.message)]
         assert len(messages) == 1, messages
         print(messages[0])
         """
     )
-    env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=99)
+    done = run_python(script, CXX=str(tmp_path / "no-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
     assert done.returncode == 0, done.stderr
-    assert "could not be built" in done.stdout and "using torch.topk" in done.stdout
+    assert "could not be built" in done.stdout and "using torch.topk / index_add_" in done.stdout
 
 
 def test_convnn_native_0_turns_the_kernel_off():
     script = "from convnn import native; print(native.available())"
-    env = {**os.environ, "CONVNN_NATIVE": "0"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=99)
+    done = run_python(script, CONVNN_NATIVE="0")
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
 
 
@@ -135,3 +141,31 @@ def test_index_add_rows_equals_index_add_with_repeated_rows(threads):
 def test_index_add_rows_rejects_an_index_out_of_range():
     with pytest.raises(RuntimeError, match=r"index 7 out of range \[0, 7\)"):
         native.index_add_rows(torch.zeros(7, 4), torch.tensor([0, 7]), torch.ones(2, 4))
+
+
+@needs_kernel
+@pytest.mark.parametrize("capability", ["AVX2", "DEFAULT"])
+def test_kernels_built_for_other_instruction_sets_agree(capability, tmp_path):
+    """The AVX2 and plain C++ paths of the kernels (this machine runs the AVX-512 one), built fresh."""
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from convnn import native
+        native.build({capability!r})
+        generator = torch.Generator().manual_seed(0)
+        for m in (20, 64, 65, 100, 1156):
+            scores = torch.randn(300, m + 3, generator=generator)[:, :m]
+            for k in (1, 8, min(m, 32)):
+                values, indices = torch.ops.convnn_native.topk_rows(scores, k)
+                ref = scores.topk(k)
+                assert torch.equal(values, ref.values) and torch.equal(indices, ref.indices), (m, k)
+        index = torch.randint(0, 9, (500,), generator=generator)
+        src = torch.randn(500, 40, generator=generator)
+        out = torch.zeros(9, 40)
+        torch.ops.convnn_native.index_add_rows(out, index, src)
+        torch.testing.assert_close(out, torch.zeros(9, 40).index_add_(0, index, src))
+        print("ok")
+        """
+    )
+    done = run_python(script, TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -5,7 +5,7 @@
 // row is split into kLanes strided groups (entry j in group j % kLanes) whose maxima are elementwise
 // maxima of consecutive kLanes-wide slices (vectorised, no reductions). The k-th largest group
 // maximum is a lower bound ("floor") of the row's k-th largest entry, so only the entries >= floor in
-// groups whose maximum reaches it are ranked, by sorted insertion. Short rows (M <= kRankMax) count
+// groups whose maximum reaches it are ranked (found by a bit mask per slice), by sorted insertion. Short rows (M <= kRankMax) count
 // each entry's rank directly. Ties rank by index (the lower first); NaN ranks above every number, as
 // in torch.topk; rows holding NaN or +-inf take an exact scalar path.
 //
@@ -17,11 +17,16 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 namespace {
 
@@ -77,6 +82,34 @@ void select_by_rank(const T* row, int64_t m, int64_t k, T* v, int64_t* ix) {
   }
 }
 
+// Bit t set where slice[t] >= floor, for t < kLanes (one compare per 16 / 8 floats where the
+// compiler targets AVX-512 / AVX2).
+template <typename T>
+inline uint32_t at_least(const T* slice, T floor) {
+  static_assert(kLanes == 32, "the mask holds 32 lanes");
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 bound = _mm512_set1_ps(floor);
+    const uint32_t low = _mm512_cmp_ps_mask(_mm512_loadu_ps(slice), bound, _CMP_GE_OQ);
+    const uint32_t high = _mm512_cmp_ps_mask(_mm512_loadu_ps(slice + 16), bound, _CMP_GE_OQ);
+    return low | (high << 16);
+  }
+#elif defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 bound = _mm256_set1_ps(floor);
+    uint32_t bits = 0;
+    for (int part = 0; part < 4; ++part) {
+      const __m256 ge = _mm256_cmp_ps(_mm256_loadu_ps(slice + 8 * part), bound, _CMP_GE_OQ);
+      bits |= static_cast<uint32_t>(_mm256_movemask_ps(ge)) << (8 * part);
+    }
+    return bits;
+  }
+#endif
+  uint32_t bits = 0;
+  for (int64_t t = 0; t < kLanes; ++t) bits |= static_cast<uint32_t>(slice[t] >= floor) << t;
+  return bits;
+}
+
 template <typename T>
 void select_row(const T* row, int64_t m, int64_t k, T* v, int64_t* ix) {
   if (m <= kRankMax) {
@@ -120,15 +153,32 @@ void select_row(const T* row, int64_t m, int64_t k, T* v, int64_t* ix) {
     top[pos] = maxima[g];
   }
   const T floor = top[k - 1];
+  // rank the entries >= floor in index order (so a tie never displaces an earlier entry), found by a
+  // bit mask per kLanes-wide slice
   int64_t filled = 0;
-  for (int64_t g = 0; g < kLanes; ++g) {
-    if (maxima[g] < floor) continue;
-    for (int64_t t = g; t < m; t += kLanes) {
-      const T x = row[t];
-      if (x < floor) continue;
-      if (filled == k && !(x > v[k - 1] || (x == v[k - 1] && t < ix[k - 1]))) continue;
-      insert(v, ix, filled, k, x, t);
+  auto consider = [&](T x, int64_t t) {  // finite, later index than every listed entry
+    if (filled == k && !(x > v[k - 1])) return;
+    int64_t pos = filled < k ? filled++ : k - 1;
+    while (pos > 0 && x > v[pos - 1]) {
+      v[pos] = v[pos - 1];
+      ix[pos] = ix[pos - 1];
+      --pos;
     }
+    v[pos] = x;
+    ix[pos] = t;
+  };
+  int64_t start = 0;
+  for (; start + kLanes <= m; start += kLanes) {
+    const T* slice = row + start;
+    uint32_t bits = at_least(slice, floor);
+    while (bits) {
+      const int64_t t = __builtin_ctz(bits);
+      bits &= bits - 1;
+      consider(slice[t], start + t);
+    }
+  }
+  for (int64_t t = start; t < m; ++t) {
+    if (row[t] >= floor) consider(row[t], t);
   }
 }
 

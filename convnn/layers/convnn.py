@@ -126,8 +126,7 @@ class ConvNN(nn.Module):
         height, width = x.shape[-2] + 2 * pad, x.shape[-1] + 2 * pad
         # the padded map's token rows [B, N, C] in one copy: the layout the selection and the gathers
         # read, so neither transposes the map again; ``tokens`` is its [B, C, N] view
-        rows = x.permute(0, 2, 3, 1)
-        rows = F.pad(rows, [0, 0, pad, pad, pad, pad]) if pad else rows
+        rows = padded_rows(x, pad)
         tokens = rows.reshape(x.shape[0], height * width, -1).transpose(1, 2)
         if not isinstance(self.w_v, nn.Identity):  # a 1x1 Conv1d reads [B, C, N] ~6x faster contiguous
             tokens = tokens.contiguous()
@@ -146,7 +145,8 @@ class ConvNN(nn.Module):
             else:
                 if self.select_by == "both":
                     tokens = mix_position(tokens, coords, self.position_weight)
-                sims, idx = self._select_by_features(tokens, candidates, height, width, real_only)
+                unpadded = x if self.select_by == "features" else None
+                sims, idx = self._select_by_features(tokens, candidates, height, width, real_only, unpadded)
         out = self.pointwise(aggregate_neighbors(v, idx, sims, self.rho, self.aggregate))
         return self.shuffle(out.unflatten(2, (height - 2 * pad, width - 2 * pad)))
 
@@ -167,7 +167,13 @@ class ConvNN(nn.Module):
         return grid.flatten(1, 2)
 
     def _select_by_features(
-        self, selection: Tensor, candidates: Tensor | None, height: int, width: int, real_only: bool
+        self,
+        selection: Tensor,
+        candidates: Tensor | None,
+        height: int,
+        width: int,
+        real_only: bool,
+        unpadded: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """k-NN of the unpadded tokens among the candidates of the padded ``height x width`` map
         ``selection [B, C, N]`` through ``w_q`` / ``w_k`` -> ``(values, indices) [B, H * W, k]``.
@@ -175,7 +181,9 @@ class ConvNN(nn.Module):
         ``real_only`` (training: the layer's input needs gradients, whatever ``rho``): only the
         unpadded tokens query. Otherwise (evaluation, FLOP profiling) every padded token queries too
         and its rows are cropped, as in the reference, so the paper's profiler GFLOPs are reproduced;
-        the kept rows are the same.
+        the kept rows are the same. ``unpadded``: the map before padding (``[B, C, H, W]``); under
+        ``torch.compile`` with an identity ``w_q`` its token rows are the queries (a plain transpose
+        for inductor; a crop of the padded rows became a scalar gather, 3x slower than eager).
         """
         pad = self.padding
         real = None
@@ -188,7 +196,12 @@ class ConvNN(nn.Module):
             keys = q
         else:
             keys = self.w_k(selection if candidates is None else selection[:, :, candidates]).transpose(1, 2)
-        queries = q if real is None else self._crop(q, height, width)  # = q[:, real], a strided copy
+        if real is None:
+            queries = q
+        elif unpadded is not None and isinstance(self.w_q, nn.Identity) and torch.compiler.is_compiling():
+            queries = unpadded.flatten(2).transpose(1, 2)  # = q[:, real]
+        else:
+            queries = self._crop(q, height, width)  # = q[:, real], a strided copy
         self_sim = None
         if self.self_first and candidates is not None and separate_keys and self.rho == "softmax":
             own_keys = self.w_k(selection if real is None else selection[:, :, real]).transpose(1, 2)
@@ -216,6 +229,27 @@ class ConvNN(nn.Module):
                 f"convnn k={self.k} exceeds the {available} candidate tokens of the padded "
                 f"{height}x{width} map (sampling={self.sampler.sampling!r}, padding={self.padding})"
             )
+
+
+def padded_rows(x: Tensor, pad: int) -> Tensor:
+    """The token rows of ``x [B, C, H, W]`` zero-padded by ``pad`` -> ``[B, H + 2 pad, W + 2 pad, C]``.
+
+    Eagerly only the border is zeroed and the map copied in (half the time of ``F.pad`` on the
+    permuted map, which fills the whole output first); compiled, ``F.pad`` (inductor fuses it).
+    """
+    rows = x.permute(0, 2, 3, 1)
+    if not pad:
+        return rows
+    if torch.compiler.is_compiling():
+        return F.pad(rows, [0, 0, pad, pad, pad, pad])
+    batch, height, width, channels = rows.shape
+    out = x.new_empty(batch, height + 2 * pad, width + 2 * pad, channels)
+    out[:, :pad].zero_()
+    out[:, height + pad :].zero_()
+    out[:, pad : height + pad, :pad].zero_()
+    out[:, pad : height + pad, width + pad :].zero_()
+    out[:, pad : height + pad, pad : width + pad] = rows
+    return out
 
 
 def _aggregation(
