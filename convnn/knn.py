@@ -338,13 +338,14 @@ def _select(
     ``self_first``), else None. With ``self_first`` the token's own candidate entry is masked out.
     ``chunk = (queries, images)``: peak extra memory is one ``[images, queries, M]`` chunk of scores.
     On CPU in float32 the scores of cosine / dot come from oneDNN (:func:`_onednn_keys`), one image
-    and a multiple of :data:`CONV_BATCH` queries per chunk.
+    and about ``chunk[0]`` queries per chunk (balanced, rounded up to a multiple of :data:`CONV_BATCH`).
     """
     batch, n = q.shape[:2]
     queries, images = chunk
     keys = _onednn_keys(q, k, kind, queries)
-    if keys is not None:
-        queries, images = queries - queries % CONV_BATCH, 1
+    if keys is not None:  # one image and balanced chunks of a multiple of 16 queries per chunk
+        per_chunk = -(-n // -(-n // queries))
+        queries, images = per_chunk + -per_chunk % CONV_BATCH, 1
     if queries >= n and images >= batch:  # one chunk (always under torch.compile): no loop
         return _select_chunk(q, k, ids, picks, kind, candidates, self_first, keys)
     values = q.new_empty(batch, n, picks)
@@ -464,8 +465,13 @@ def _onednn_keys(q: Tensor, k: Tensor, kind: str, queries: int) -> Tensor | None
     )
     if not applies:
         return None
-    pad = -k.shape[1] % CONV_BATCH
-    return F.pad(k, (0, 0, 0, pad)) if pad else k.contiguous()
+    batch, m, h = k.shape
+    if not m % CONV_BATCH:
+        return k.contiguous()
+    keys = k.new_empty(batch, m + -m % CONV_BATCH, h)  # zeroing only the padding: F.pad fills it all
+    keys[:, m:].zero_()
+    keys[:, :m] = k
+    return keys
 
 
 def _onednn_scores(q: Tensor, keys: Tensor, kind: str) -> Tensor:
