@@ -105,7 +105,7 @@ def test_layer_output_under_bf16_autocast_stays_near_fp32(case):
 
 @pytest.mark.parametrize("case", [*MAP_CASES, *TOKEN_CASES])
 def test_training_fast_path_equals_the_conv1d_path(case):
-    # with gradients on, the layers aggregate token-major (GatherAggregate, batched products); without
+    # with gradients on, the layers aggregate token-major (gather_aggregate, batched products); without
     # them they run the gather + Conv1d ops that FLOP counters see: same values in float64
     layer, example = make(case, torch.float64)
     layer.eval()
@@ -204,7 +204,7 @@ def test_cuda_training_step_has_no_host_sync_and_is_deterministic(case):
 
 @pytest.mark.parametrize("tokens", [7, 8])  # 2 x 7 x 8 = 112 rows: 16-row conv steps; 2 x 7 x 7: GEMM tail
 def test_gather_aggregate_in_steps_equals_gather_then_conv(tokens, monkeypatch):
-    # GatherAggregate's 1x1-conv steps (oneDNN) and its GEMM fallback against autograd through
+    # gather_aggregate's 1x1-conv steps (oneDNN) and its GEMM fallback against autograd through
     # gather + Conv1d, in float64, values and all gradients
     monkeypatch.setattr(knn, "STEP_ELEMENTS", 32 * 3 * 5)  # steps of 32 tokens
     gen = torch.Generator().manual_seed(0)

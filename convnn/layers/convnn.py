@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convnn.knn import (
@@ -145,8 +144,7 @@ class ConvNN(nn.Module):
             else:
                 if self.select_by == "both":
                     tokens = mix_position(tokens, coords, self.position_weight)
-                unpadded = x if self.select_by == "features" else None
-                sims, idx = self._select_by_features(tokens, candidates, height, width, real_only, unpadded)
+                sims, idx = self._select_by_features(tokens, candidates, height, width, real_only)
         out = self.pointwise(aggregate_neighbors(v, idx, sims, self.rho, self.aggregate))
         return self.shuffle(out.unflatten(2, (height - 2 * pad, width - 2 * pad)))
 
@@ -167,13 +165,7 @@ class ConvNN(nn.Module):
         return grid.flatten(1, 2)
 
     def _select_by_features(
-        self,
-        selection: Tensor,
-        candidates: Tensor | None,
-        height: int,
-        width: int,
-        real_only: bool,
-        unpadded: Tensor | None = None,
+        self, selection: Tensor, candidates: Tensor | None, height: int, width: int, real_only: bool
     ) -> tuple[Tensor, Tensor]:
         """k-NN of the unpadded tokens among the candidates of the padded ``height x width`` map
         ``selection [B, C, N]`` through ``w_q`` / ``w_k`` -> ``(values, indices) [B, H * W, k]``.
@@ -181,9 +173,7 @@ class ConvNN(nn.Module):
         ``real_only`` (training: the layer's input needs gradients, whatever ``rho``): only the
         unpadded tokens query. Otherwise (evaluation, FLOP profiling) every padded token queries too
         and its rows are cropped, as in the reference, so the paper's profiler GFLOPs are reproduced;
-        the kept rows are the same. ``unpadded``: the map before padding (``[B, C, H, W]``); under
-        ``torch.compile`` with an identity ``w_q`` its token rows are the queries (a plain transpose
-        for inductor; a crop of the padded rows became a scalar gather, 3x slower than eager).
+        the kept rows are the same.
         """
         pad = self.padding
         real = None
@@ -196,12 +186,7 @@ class ConvNN(nn.Module):
             keys = q
         else:
             keys = self.w_k(selection if candidates is None else selection[:, :, candidates]).transpose(1, 2)
-        if real is None:
-            queries = q
-        elif unpadded is not None and isinstance(self.w_q, nn.Identity) and torch.compiler.is_compiling():
-            queries = unpadded.flatten(2).transpose(1, 2)  # = q[:, real]
-        else:
-            queries = self._crop(q, height, width)  # = q[:, real], a strided copy
+        queries = q if real is None else self._crop(q, height, width)  # = q[:, real], a strided copy
         self_sim = None
         if self.self_first and candidates is not None and separate_keys and self.rho == "softmax":
             own_keys = self.w_k(selection if real is None else selection[:, :, real]).transpose(1, 2)
@@ -234,14 +219,16 @@ class ConvNN(nn.Module):
 def padded_rows(x: Tensor, pad: int) -> Tensor:
     """The token rows of ``x [B, C, H, W]`` zero-padded by ``pad`` -> ``[B, H + 2 pad, W + 2 pad, C]``.
 
-    Eagerly only the border is zeroed and the map copied in (half the time of ``F.pad`` on the
-    permuted map, which fills the whole output first); compiled, ``F.pad`` (inductor fuses it).
+    Only the border is zeroed and the map copied in (half the time of ``F.pad`` on the permuted map,
+    which fills the whole output first); a custom op, so ``torch.compile`` runs the same code
+    (inductor's fused pad-and-transpose ran about 2x slower). ``pad = 0``: a channels-last view.
     """
+    return _padded_rows(x, pad) if pad else x.permute(0, 2, 3, 1)
+
+
+@torch.library.custom_op("convnn::padded_rows", mutates_args=(), schema="(Tensor x, int pad) -> Tensor")
+def _padded_rows(x: Tensor, pad: int) -> Tensor:
     rows = x.permute(0, 2, 3, 1)
-    if not pad:
-        return rows
-    if torch.compiler.is_compiling():
-        return F.pad(rows, [0, 0, pad, pad, pad, pad])
     batch, height, width, channels = rows.shape
     out = x.new_empty(batch, height + 2 * pad, width + 2 * pad, channels)
     out[:, :pad].zero_()
@@ -250,6 +237,24 @@ def padded_rows(x: Tensor, pad: int) -> Tensor:
     out[:, pad : height + pad, width + pad :].zero_()
     out[:, pad : height + pad, pad : width + pad] = rows
     return out
+
+
+@_padded_rows.register_fake
+def _padded_rows_fake(x: Tensor, pad: int) -> Tensor:
+    batch, channels, height, width = x.shape
+    return x.new_empty(batch, height + 2 * pad, width + 2 * pad, channels)
+
+
+def _padded_rows_grad(ctx, grad: Tensor) -> tuple[Tensor, None]:
+    pad = ctx.pad
+    return grad[:, pad : grad.shape[1] - pad, pad : grad.shape[2] - pad].permute(0, 3, 1, 2), None
+
+
+def _padded_rows_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    ctx.pad = inputs[1]
+
+
+_padded_rows.register_autograd(_padded_rows_grad, setup_context=_padded_rows_setup)
 
 
 def _aggregation(
