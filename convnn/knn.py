@@ -338,23 +338,28 @@ def _select(
     ``self_first``), else None. With ``self_first`` the token's own candidate entry is masked out.
     ``chunk = (queries, images)``: peak extra memory is one ``[images, queries, M]`` chunk of scores.
     On CPU in float32 the scores of cosine / dot come from oneDNN (:func:`_onednn_keys`), one image
-    and about ``chunk[0]`` queries per chunk (balanced, rounded up to a multiple of :data:`CONV_BATCH`).
+    and about ``chunk[0]`` queries per chunk (balanced, rounded up to a multiple of :data:`CONV_BATCH`;
+    the last ``n % 16`` queries, if any, form a short tail chunk scored by the matmul).
     """
     batch, n = q.shape[:2]
     queries, images = chunk
     keys = _onednn_keys(q, k, kind, queries)
-    if keys is not None:  # one image and balanced chunks of a multiple of 16 queries per chunk
+    starts = list(range(0, n, queries))
+    if keys is not None:  # one image per chunk, balanced chunks of a multiple of 16 queries
         per_chunk = -(-n // -(-n // queries))
-        queries, images = per_chunk + -per_chunk % CONV_BATCH, 1
-    if queries >= n and images >= batch:  # one chunk (always under torch.compile): no loop
+        per_chunk += -per_chunk % CONV_BATCH
+        images, starts = 1, list(range(0, n - n % CONV_BATCH, per_chunk))
+        starts += [n - n % CONV_BATCH] if n % CONV_BATCH and n >= CONV_BATCH else []  # a short tail
+    if len(starts) == 1 and images >= batch:  # one chunk (always under torch.compile): no loop
         return _select_chunk(q, k, ids, picks, kind, candidates, self_first, keys)
     values = q.new_empty(batch, n, picks)
     positions = torch.empty(batch, n, picks, dtype=torch.long, device=q.device)
     own = q.new_empty(batch, n) if self_first and candidates is None else None
+    bounds = list(zip(starts, [*starts[1:], n], strict=True))
     for first in range(0, batch, images):
         image_keys = None if keys is None else keys[first : first + images]
-        for start in range(0, n, queries):
-            part = (slice(first, first + images), slice(start, start + queries))
+        for start, stop in bounds:
+            part = (slice(first, first + images), slice(start, stop))
             top = _select_chunk(
                 q[part], k[part[0]], ids[part[1]], picks, kind, candidates, self_first, image_keys
             )
@@ -380,12 +385,13 @@ def _select_op(
     self_first: bool,
     raw: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_select` as one op for ``torch.compile`` (chunks sized for the device as in eager), of
-    :func:`prepare`-d rows (``raw``: it prepares them); ``own`` is an empty tensor where
-    :func:`_select` returns None."""
+    """:func:`_select` as one op for ``torch.compile``, of :func:`prepare`-d rows (``raw``: it
+    prepares them); chunks are sized for the device as in eager (a ``chunk_size`` given to
+    :func:`knn_select` is not passed on); ``own`` is an empty tensor where :func:`_select` returns None."""
     if raw:
-        q, k = prepare(q, kind), (None if k is q else prepare(k, kind))
-        k = q if k is None else k
+        shared = k is q
+        q = prepare(q, kind)
+        k = q if shared else prepare(k, kind)
     chunk = _auto_chunk(q.shape[0], q.shape[1], k.shape[1], q.device)
     values, positions, own = _select(q, k, ids, picks, kind, candidates, self_first, chunk)
     return values, positions, q.new_empty(0) if own is None else own
