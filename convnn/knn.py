@@ -346,7 +346,7 @@ def _select(
     keys = _onednn_keys(q, k, kind, queries)
     starts = list(range(0, n, queries))
     if keys is not None:  # one image per chunk, balanced chunks of a multiple of 16 queries
-        per_chunk = -(-n // -(-n // queries))
+        per_chunk = math.ceil(n / math.ceil(n / queries))
         per_chunk += -per_chunk % CONV_BATCH
         images, starts = 1, list(range(0, n - n % CONV_BATCH, per_chunk))
         starts += [n - n % CONV_BATCH] if n % CONV_BATCH and n >= CONV_BATCH else []  # a short tail

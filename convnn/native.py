@@ -13,7 +13,7 @@ be built (no C++ compiler: one warning), both are the torch ops.
 The build (about 10 s, once per machine and torch version) is cached in torch's extension directory
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), keyed by the CPU capability torch
 detects, so nodes of a cluster with different instruction sets never share a binary.
-``CONVNN_NATIVE=0`` turns the kernel off.
+``CONVNN_NATIVE=0`` turns the kernels off.
 """
 
 from __future__ import annotations
