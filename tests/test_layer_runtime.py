@@ -74,6 +74,30 @@ def test_compiles_fullgraph_in_train_mode_with_backward_and_a_dynamic_batch(case
         torch.testing.assert_close(x.grad, x_eager.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("case", ["convnn all", "convnn random"])
+def test_compiled_map_layer_calls_the_eager_kernels(case):
+    """Compiled in train mode, the map layer's graph holds the custom ops that run the eager code
+    (chunked selection, gather-aggregate, padded rows), not a dense single-chunk selection."""
+    torch._dynamo.reset()
+    layer, example = make(case)
+    layer.train()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = example(3).requires_grad_()
+    x_eager = x.detach().clone().requires_grad_()
+    torch.manual_seed(1)
+    out = torch.compile(layer, fullgraph=True, dynamic=True, backend=record)(x)
+    targets = {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
+    assert {"convnn.select", "convnn.gather_aggregate.default", "convnn.padded_rows.default"} <= targets
+    assert not any("topk" in target for target in targets), targets
+    torch.manual_seed(1)
+    torch.testing.assert_close(out, layer(x_eager), rtol=1e-5, atol=1e-5)
+
+
 def test_selection_stays_fp32_under_bf16_autocast():
     # many near-ties: in bf16 about a quarter of the rows would swap their 8th and 9th neighbour
     q = torch.randn(4, 300, 16, generator=torch.Generator().manual_seed(0))
