@@ -612,7 +612,7 @@ def aggregate_neighbors(v: Tensor, indices: Tensor, values: Tensor, rho: str, co
     tokens, m = indices.shape[1], v.shape[2]
     v_rows = v.transpose(1, 2).reshape(-1, channels)  # [B * N, C]: token b * N + i is token i of image b
     flat = (indices + torch.arange(batch, device=indices.device).view(batch, 1, 1) * m).reshape(-1, k)
-    if rho == "ones" and _fused_applies(v_rows, conv):
+    if rho == "ones" and conv.groups == 1 and steps_apply(v_rows, conv.weight):  # compiled: a custom op
         weight = conv.weight.permute(0, 2, 1).reshape(conv.out_channels, k * channels)
         out = gather_aggregate(v_rows, flat, weight, conv.bias)  # [B * N', C']
         return out.view(batch, tokens, -1).transpose(1, 2)
@@ -640,17 +640,17 @@ def grouped_matmul(rows: Tensor, weight: Tensor, groups: int) -> Tensor:
     return out.reshape(tokens, out_channels)
 
 
-def _fused_applies(v_rows: Tensor, conv: nn.Conv1d) -> bool:
-    """Whether :func:`gather_aggregate` may stand in for gather + ``F.conv1d``: on CPU (token steps pay
-    only there), a dense (groups 1) aggregation that needs gradients, outside autocast and tracing (a
-    traced graph keeps the plain ops, whose FLOPs the profiler counts; ``torch.compile`` calls the op)."""
+def steps_apply(x: Tensor, weight: Tensor) -> bool:
+    """Whether a step-wise CPU kernel (:func:`gather_aggregate`, :class:`GatherScaledSum`) may stand
+    in for the plain gather and aggregation ops on ``x`` with ``weight``: on CPU (the steps pay only
+    there), when gradients are needed, in matching dtypes, outside autocast and tracing (a traced
+    graph keeps the plain ops, whose FLOPs the profiler counts)."""
     return (
-        v_rows.device.type == "cpu"
-        and conv.groups == 1
+        x.device.type == "cpu"
         and torch.is_grad_enabled()
-        and (v_rows.requires_grad or conv.weight.requires_grad)
-        and v_rows.dtype == conv.weight.dtype
-        and not torch.is_autocast_enabled(v_rows.device.type)
+        and (x.requires_grad or weight.requires_grad)
+        and x.dtype == weight.dtype
+        and not torch.is_autocast_enabled(x.device.type)
         and not torch.jit.is_tracing()
     )
 
@@ -887,3 +887,57 @@ def reset_sampling(model: nn.Module, seed: int) -> int:
     for index, sampler in enumerate(samplers):
         sampler.reseed((seed * 100003 + index) % (1 << 63))
     return len(samplers)
+
+
+class GatherScaledSum(torch.autograd.Function):
+    """``out[t] = sum_j w[t, j] * scale[j] * v_rows[flat[t, j]]`` (a depthwise aggregation of the
+    gathered neighbours, weighted by rho) without the gathered ``[T, k, d]`` rows.
+
+    ``v_rows [L, d]``, ``flat [T, k]`` (row indices), ``w [T, k]``, ``scale [k, d]`` -> ``[T, d]``.
+    Runs in steps of about :data:`STEP_ELEMENTS` gathered values into two reused buffers, forward and
+    backward (which re-gathers a step's rows), so no tensor of the full gathered size is made: on CPU
+    a fresh multi-MiB tensor costs as much again in page faults as the arithmetic on it. The rows'
+    gradient is added with :func:`~convnn.native.index_add_rows` (in order: deterministic).
+    """
+
+    @staticmethod
+    def forward(v_rows: Tensor, flat: Tensor, w: Tensor, scale: Tensor) -> Tensor:
+        tokens, k = flat.shape
+        size = max(1, STEP_ELEMENTS // (k * v_rows.shape[1]))
+        out = v_rows.new_empty(tokens, v_rows.shape[1])
+        gathered = v_rows.new_empty(min(size, tokens) * k, v_rows.shape[1])
+        for start in range(0, tokens, size):
+            step = flat[start : start + size]
+            rows = _gather_rows(v_rows, step.reshape(-1), gathered).view(step.shape[0], k, -1)
+            rows.mul_(scale)
+            torch.bmm(w[start : start + size].unsqueeze(1), rows, out=out[start : start + size].unsqueeze(1))
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        v_rows, flat, w, scale = inputs
+        ctx.save_for_backward(v_rows, flat, w, scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        v_rows, flat, w, scale = ctx.saved_tensors
+        tokens, k = flat.shape
+        size = max(1, STEP_ELEMENTS // (k * v_rows.shape[1]))
+        grad = grad.contiguous()
+        need_v, _, need_w, need_scale = ctx.needs_input_grad
+        grad_v = torch.zeros_like(v_rows) if need_v else None
+        grad_w = torch.empty_like(w) if need_w else None
+        grad_scale = torch.zeros_like(scale) if need_scale else None
+        gathered = v_rows.new_empty(min(size, tokens) * k, v_rows.shape[1])
+        for start in range(0, tokens, size):
+            step = flat[start : start + size]
+            step_grad, step_w = grad[start : start + size], w[start : start + size]
+            rows = _gather_rows(v_rows, step.reshape(-1), gathered).view(step.shape[0], k, -1)
+            if need_scale:  # sum_t w[t, j] g[t] * rows[t, j]
+                grad_scale += torch.einsum("tj,td,tjd->jd", step_w, step_grad, rows)
+            if need_w:  # (scale * rows[t, j]) . g[t]
+                grad_w[start : start + size] = torch.bmm(rows.mul_(scale), step_grad.unsqueeze(2)).squeeze(2)
+            if need_v:  # w[t, j] * scale[j] * g[t] into row flat[t, j]
+                scaled = step_w.unsqueeze(2) * scale * step_grad.unsqueeze(1)
+                index_add_rows(grad_v, step.reshape(-1), scaled.reshape(-1, scaled.shape[-1]))
+        return grad_v, None, grad_w, grad_scale

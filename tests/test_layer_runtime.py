@@ -160,6 +160,12 @@ GRAD_CASES = {
         {"k": 3, "bias": True, "unit_init": False},
         (1, 6, 8),
     ),
+    "attention depthwise ones": (("convnn_attention", 8, 8), {"k": 3, "rho": "ones"}, (2, 6, 8)),
+    "attention separable one head": (
+        ("convnn_attention", 8, 8),
+        {"k": 3, "aggregation": "separable"},
+        (1, 6, 8),
+    ),
     "kvt": (("kvt_attention", 8, 8), {"k": 3}, (1, 6, 8)),
 }
 

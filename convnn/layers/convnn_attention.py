@@ -24,12 +24,14 @@ from convnn.knn import (
     RHOS,
     SIMILARITIES,
     CandidateSampler,
+    GatherScaledSum,
     check_choice,
     gather_neighbors,
     grouped_matmul,
     knn_select,
     nearest_by_place,
     pair_similarity,
+    steps_apply,
     token_rows,
 )
 from convnn.layers.attention import check_dropout, check_heads, check_positive, split_heads
@@ -221,7 +223,7 @@ class ConvNNAttention(nn.Module):
             if isinstance(self.aggregate, NeighborSum) and n <= DENSE_SUM_TOKENS:
                 out = self._dense_sum(v, indices, weights, b)
             else:
-                out = self._aggregate_rows(token_rows(v, indices), weights, b)  # [B, N, D]
+                out = self._aggregate_rows(v, indices, weights, b)  # [B, N, D]
         else:  # the Conv1d ops, as profilers and FLOP counters see them (same values)
             rows = gather_neighbors(v.transpose(1, 2), indices)  # [B*H, d, N*k]
             if weights is not None:
@@ -241,17 +243,26 @@ class ConvNNAttention(nn.Module):
         out = v.new_zeros(bh, n, n).scatter(2, indices, weights) @ v
         return out.view(batch, bh // batch, n, d).transpose(1, 2).reshape(batch, n, -1)
 
-    def _aggregate_rows(self, rows: Tensor, weights: Tensor | None, batch: int) -> Tensor:
-        """``aggregate`` on token-major rows: ``rows [B*H, N, k, d]`` (neighbour j of token i),
+    def _aggregate_rows(self, v: Tensor, indices: Tensor, weights: Tensor | None, batch: int) -> Tensor:
+        """``aggregate`` on token-major rows of ``v [B*H, N, d]`` at ``indices [B*H, N, k]``,
         ``weights [B*H, N, k]`` or None -> ``[B, N, D]``.
 
         Equal to the Conv1d path of :meth:`forward` but without channel-first copies: the depthwise
-        weights scale the rows, one batched ``[1, k] @ [k, d]`` product per token weights and sums
-        them, the separable pointwise conv is a ``linear``; a standard aggregation is one einsum.
+        weights scale the gathered rows, one batched ``[1, k] @ [k, d]`` product per token weights and
+        sums them (on CPU with one head, :class:`GatherScaledSum` in cache-sized steps without the
+        gathered rows), the separable pointwise conv is a ``linear``; a standard aggregation is one
+        einsum.
         """
-        bh, n, k, d = rows.shape
-        heads = bh // batch
         first = self.aggregate[0] if isinstance(self.aggregate, nn.Sequential) else self.aggregate
+        bh, n, d = v.shape
+        heads, k = bh // batch, indices.shape[-1]
+        depthwise = isinstance(first, nn.Conv1d) and first.groups == first.out_channels == d
+        if heads == 1 and depthwise and steps_apply(v, first.weight) and not torch.compiler.is_compiling():
+            flat = (indices + torch.arange(bh, device=v.device).view(bh, 1, 1) * n).reshape(-1, k)
+            w = v.new_ones(flat.shape) if weights is None else weights.reshape(-1, k)
+            out = GatherScaledSum.apply(v.reshape(-1, d), flat, w, first.weight.view(d, k).t().contiguous())
+            return self._aggregate_tail(out.view(batch, n, d), first)
+        rows = token_rows(v, indices)  # [B*H, N, k, d]: neighbour j of token i
         if isinstance(first, nn.Conv1d) and first.groups == 1:  # standard
             if weights is not None:
                 rows = rows * weights.unsqueeze(-1)
@@ -262,7 +273,10 @@ class ConvNNAttention(nn.Module):
             scale = first.weight.view(heads, d, k).transpose(1, 2)[None, :, None]  # [1, H, 1, k, d]
             rows = (rows.view(batch, heads, n, k, d) * scale).view(bh, n, k, d)
         out = rows.sum(2) if weights is None else (weights.unsqueeze(-2) @ rows).squeeze(-2)  # [B*H, N, d]
-        out = out.view(batch, heads, n, d).transpose(1, 2).reshape(batch, n, heads * d)
+        return self._aggregate_tail(out.view(batch, heads, n, d).transpose(1, 2).reshape(batch, n, -1), first)
+
+    def _aggregate_tail(self, out: Tensor, first: nn.Module) -> Tensor:
+        """The depthwise aggregation's bias and the separable pointwise conv on ``out [B, N, D]``."""
         if isinstance(first, nn.Conv1d) and first.bias is not None:
             out = out + first.bias
         if isinstance(self.aggregate, nn.Sequential):  # separable: the 1x1 pointwise conv
