@@ -24,7 +24,8 @@ Design choices the tests pin down:
   (backward: ``index_add_``, deterministic under ``torch.use_deterministic_algorithms``; on CPU the
   native :func:`~convnn.native.index_add_rows`, deterministic always), never from
   an expanded ``[B, C, N, k]`` copy; in training on CPU (``rho="ones"``) not even the gathered rows
-  exist at once: :func:`gather_aggregate` works in cache-sized token steps;
+  exist at once: :func:`gather_aggregate` (and :class:`GatherScaledSum` for the depthwise, rho-weighted
+  sum of ConvNN-attention) works in cache-sized token steps;
 * selection runs without autograd; gradients of the selected similarities (rho softmax) flow through
   the selected pairs only (:class:`SelectedSimilarity`);
 * ``rho="ones"`` does no multiplication at all, and masks use the dtype's finite minimum, so nothing
@@ -933,10 +934,11 @@ class GatherScaledSum(torch.autograd.Function):
             step = flat[start : start + size]
             step_grad, step_w = grad[start : start + size], w[start : start + size]
             rows = _gather_rows(v_rows, step.reshape(-1), gathered).view(step.shape[0], k, -1)
-            if need_scale:  # sum_t w[t, j] g[t] * rows[t, j]
-                grad_scale += torch.einsum("tj,td,tjd->jd", step_w, step_grad, rows)
-            if need_w:  # (scale * rows[t, j]) . g[t]
-                grad_w[start : start + size] = torch.bmm(rows.mul_(scale), step_grad.unsqueeze(2)).squeeze(2)
+            product = rows.mul_(step_grad.unsqueeze(1))  # g[t] * rows[t, j], in the gather buffer
+            if need_scale:  # sum_t w[t, j] g[t] * rows[t, j]: k products [1, S] @ [S, d]
+                grad_scale += torch.bmm(step_w.t().unsqueeze(1), product.transpose(0, 1)).squeeze(1)
+            if need_w:  # scale[j] . (g[t] * rows[t, j])
+                grad_w[start : start + size] = (product * scale).sum(2)
             if need_v:  # w[t, j] * scale[j] * g[t] into row flat[t, j]
                 scaled = step_w.unsqueeze(2) * scale * step_grad.unsqueeze(1)
                 index_add_rows(grad_v, step.reshape(-1), scaled.reshape(-1, scaled.shape[-1]))
