@@ -24,7 +24,7 @@ Design choices the tests pin down:
   (backward: ``index_add_``, deterministic under ``torch.use_deterministic_algorithms``; on CPU the
   native :func:`~convnn.native.index_add_rows`, deterministic always), never from
   an expanded ``[B, C, N, k]`` copy; in training on CPU (``rho="ones"``) not even the gathered rows
-  exist at once: :func:`gather_aggregate` (and :class:`GatherScaledSum` for the depthwise, rho-weighted
+  exist at once: :func:`gather_aggregate` (and :func:`gather_scaled_sum` for the depthwise, rho-weighted
   sum of ConvNN-attention) works in cache-sized token steps;
 * selection runs without autograd; gradients of the selected similarities (rho softmax) flow through
   the selected pairs only (:class:`SelectedSimilarity`);
@@ -642,7 +642,7 @@ def grouped_matmul(rows: Tensor, weight: Tensor, groups: int) -> Tensor:
 
 
 def steps_apply(x: Tensor, weight: Tensor) -> bool:
-    """Whether a step-wise CPU kernel (:func:`gather_aggregate`, :class:`GatherScaledSum`) may stand
+    """Whether a step-wise CPU kernel (:func:`gather_aggregate`, :func:`gather_scaled_sum`) may stand
     in for the plain gather and aggregation ops on ``x`` with ``weight``: on CPU (the steps pay only
     there), when gradients are needed, in matching dtypes, outside autocast and tracing (a traced
     graph keeps the plain ops, whose FLOPs the profiler counts)."""
@@ -890,56 +890,98 @@ def reset_sampling(model: nn.Module, seed: int) -> int:
     return len(samplers)
 
 
-class GatherScaledSum(torch.autograd.Function):
+@torch.library.custom_op(
+    "convnn::gather_scaled_sum",
+    mutates_args=(),
+    schema="(Tensor v_rows, Tensor flat, Tensor w, Tensor scale) -> Tensor",
+)
+def gather_scaled_sum(v_rows: Tensor, flat: Tensor, w: Tensor, scale: Tensor) -> Tensor:
     """``out[t] = sum_j w[t, j] * scale[j] * v_rows[flat[t, j]]`` (a depthwise aggregation of the
     gathered neighbours, weighted by rho) without the gathered ``[T, k, d]`` rows.
 
     ``v_rows [L, d]``, ``flat [T, k]`` (row indices), ``w [T, k]``, ``scale [k, d]`` -> ``[T, d]``.
-    Runs in steps of about :data:`STEP_ELEMENTS` gathered values into two reused buffers, forward and
+    Runs in steps of about :data:`STEP_ELEMENTS` gathered values into a reused buffer, forward and
     backward (which re-gathers a step's rows), so no tensor of the full gathered size is made: on CPU
     a fresh multi-MiB tensor costs as much again in page faults as the arithmetic on it. The rows'
-    gradient is added with :func:`~convnn.native.index_add_rows` (in order: deterministic).
+    gradient is added with :func:`~convnn.native.index_add_rows` (in order: deterministic). A custom
+    op, so ``torch.compile`` calls these same steps.
     """
+    tokens, k = flat.shape
+    size = max(1, STEP_ELEMENTS // (k * v_rows.shape[1]))
+    out = v_rows.new_empty(tokens, v_rows.shape[1])
+    gathered = v_rows.new_empty(min(size, tokens) * k, v_rows.shape[1])
+    for start in range(0, tokens, size):
+        step = flat[start : start + size]
+        rows = _gather_rows(v_rows, step.reshape(-1), gathered).view(step.shape[0], k, -1)
+        rows.mul_(scale)
+        torch.bmm(w[start : start + size].unsqueeze(1), rows, out=out[start : start + size].unsqueeze(1))
+    return out
 
-    @staticmethod
-    def forward(v_rows: Tensor, flat: Tensor, w: Tensor, scale: Tensor) -> Tensor:
-        tokens, k = flat.shape
-        size = max(1, STEP_ELEMENTS // (k * v_rows.shape[1]))
-        out = v_rows.new_empty(tokens, v_rows.shape[1])
-        gathered = v_rows.new_empty(min(size, tokens) * k, v_rows.shape[1])
-        for start in range(0, tokens, size):
-            step = flat[start : start + size]
-            rows = _gather_rows(v_rows, step.reshape(-1), gathered).view(step.shape[0], k, -1)
-            rows.mul_(scale)
-            torch.bmm(w[start : start + size].unsqueeze(1), rows, out=out[start : start + size].unsqueeze(1))
-        return out
 
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        v_rows, flat, w, scale = inputs
-        ctx.save_for_backward(v_rows, flat, w, scale)
+@gather_scaled_sum.register_fake
+def _gather_scaled_sum_fake(v_rows: Tensor, flat: Tensor, w: Tensor, scale: Tensor) -> Tensor:
+    return v_rows.new_empty(flat.shape[0], v_rows.shape[1])
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        v_rows, flat, w, scale = ctx.saved_tensors
-        tokens, k = flat.shape
-        size = max(1, STEP_ELEMENTS // (k * v_rows.shape[1]))
-        grad = grad.contiguous()
-        need_v, _, need_w, need_scale = ctx.needs_input_grad
-        grad_v = torch.zeros_like(v_rows) if need_v else None
-        grad_w = torch.empty_like(w) if need_w else None
-        grad_scale = torch.zeros_like(scale) if need_scale else None
-        gathered = v_rows.new_empty(min(size, tokens) * k, v_rows.shape[1])
-        for start in range(0, tokens, size):
-            step = flat[start : start + size]
-            step_grad, step_w = grad[start : start + size], w[start : start + size]
-            rows = _gather_rows(v_rows, step.reshape(-1), gathered).view(step.shape[0], k, -1)
-            product = rows.mul_(step_grad.unsqueeze(1))  # g[t] * rows[t, j], in the gather buffer
-            if need_scale:  # sum_t w[t, j] g[t] * rows[t, j]: k products [1, S] @ [S, d]
-                grad_scale += torch.bmm(step_w.t().unsqueeze(1), product.transpose(0, 1)).squeeze(1)
-            if need_w:  # scale[j] . (g[t] * rows[t, j])
-                grad_w[start : start + size] = (product * scale).sum(2)
-            if need_v:  # w[t, j] * scale[j] * g[t] into row flat[t, j]
-                scaled = step_w.unsqueeze(2) * scale * step_grad.unsqueeze(1)
-                index_add_rows(grad_v, step.reshape(-1), scaled.reshape(-1, scaled.shape[-1]))
-        return grad_v, None, grad_w, grad_scale
+
+@torch.library.custom_op(
+    "convnn::gather_scaled_sum_backward",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor v_rows, Tensor flat, Tensor w, Tensor scale, bool rows_grad, bool w_grad,"
+    " bool scale_grad) -> (Tensor, Tensor, Tensor)",
+)
+def _gather_scaled_sum_backward(
+    grad: Tensor,
+    v_rows: Tensor,
+    flat: Tensor,
+    w: Tensor,
+    scale: Tensor,
+    rows_grad: bool,
+    w_grad: bool,
+    scale_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`gather_scaled_sum` for ``grad [T, d]``: ``(v_rows', w', scale')``, each an
+    empty tensor where not asked for."""
+    tokens, k = flat.shape
+    size = max(1, STEP_ELEMENTS // (k * v_rows.shape[1]))
+    grad_v = torch.zeros_like(v_rows) if rows_grad else v_rows.new_empty(0)
+    grad_w = torch.empty_like(w) if w_grad else w.new_empty(0)
+    grad_scale = torch.zeros_like(scale) if scale_grad else scale.new_empty(0)
+    gathered = v_rows.new_empty(min(size, tokens) * k, v_rows.shape[1])
+    for start in range(0, tokens, size):
+        step = flat[start : start + size]
+        step_grad, step_w = grad[start : start + size], w[start : start + size]
+        rows = _gather_rows(v_rows, step.reshape(-1), gathered).view(step.shape[0], k, -1)
+        product = rows.mul_(step_grad.unsqueeze(1))  # g[t] * rows[t, j], in the gather buffer
+        if scale_grad:  # sum_t w[t, j] g[t] * rows[t, j]: k products [1, S] @ [S, d]
+            grad_scale += torch.bmm(step_w.t().unsqueeze(1), product.transpose(0, 1)).squeeze(1)
+        if w_grad:  # scale[j] . (g[t] * rows[t, j])
+            grad_w[start : start + size] = (product * scale).sum(2)
+        if rows_grad:  # w[t, j] * scale[j] * g[t] into row flat[t, j]
+            scaled = step_w.unsqueeze(2) * scale * step_grad.unsqueeze(1)
+            index_add_rows(grad_v, step.reshape(-1), scaled.reshape(-1, scaled.shape[-1]))
+    return grad_v, grad_w, grad_scale
+
+
+@_gather_scaled_sum_backward.register_fake
+def _gather_scaled_sum_backward_fake(grad, v_rows, flat, w, scale, rows_grad, w_grad, scale_grad):
+    return tuple(
+        torch.empty_like(x) if wanted else x.new_empty(0)
+        for x, wanted in ((v_rows, rows_grad), (w, w_grad), (scale, scale_grad))
+    )
+
+
+def _gather_scaled_sum_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _gather_scaled_sum_grad(ctx, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, Tensor | None]:
+    v_rows, flat, w, scale = ctx.saved_tensors
+    rows_grad, _, w_grad, scale_grad = ctx.needs_input_grad
+    grads = _gather_scaled_sum_backward(
+        grad.contiguous(), v_rows, flat, w, scale, rows_grad, w_grad, scale_grad
+    )
+    grad_v, grad_w, grad_scale = grads
+    return grad_v if rows_grad else None, None, grad_w if w_grad else None, grad_scale if scale_grad else None
+
+
+gather_scaled_sum.register_autograd(_gather_scaled_sum_grad, setup_context=_gather_scaled_sum_setup)

@@ -24,9 +24,9 @@ from convnn.knn import (
     RHOS,
     SIMILARITIES,
     CandidateSampler,
-    GatherScaledSum,
     check_choice,
     gather_neighbors,
+    gather_scaled_sum,
     grouped_matmul,
     knn_select,
     nearest_by_place,
@@ -249,7 +249,7 @@ class ConvNNAttention(nn.Module):
 
         Equal to the Conv1d path of :meth:`forward` but without channel-first copies: the depthwise
         weights scale the gathered rows, one batched ``[1, k] @ [k, d]`` product per token weights and
-        sums them (on CPU with one head, :class:`GatherScaledSum` in cache-sized steps without the
+        sums them (on CPU with one head, :func:`gather_scaled_sum` in cache-sized steps without the
         gathered rows), the separable pointwise conv is a ``linear``; a standard aggregation is one
         einsum.
         """
@@ -257,10 +257,10 @@ class ConvNNAttention(nn.Module):
         bh, n, d = v.shape
         heads, k = bh // batch, indices.shape[-1]
         depthwise = isinstance(first, nn.Conv1d) and first.groups == first.out_channels == d
-        if heads == 1 and depthwise and steps_apply(v, first.weight) and not torch.compiler.is_compiling():
+        if heads == 1 and depthwise and steps_apply(v, first.weight):
             flat = (indices + torch.arange(bh, device=v.device).view(bh, 1, 1) * n).reshape(-1, k)
             w = v.new_ones(flat.shape) if weights is None else weights.reshape(-1, k)
-            out = GatherScaledSum.apply(v.reshape(-1, d), flat, w, first.weight.view(d, k).t().contiguous())
+            out = gather_scaled_sum(v.reshape(-1, d), flat, w, first.weight.view(d, k).t().contiguous())
             return self._aggregate_tail(out.view(batch, n, d), first)
         rows = token_rows(v, indices)  # [B*H, N, k, d]: neighbour j of token i
         if isinstance(first, nn.Conv1d) and first.groups == 1:  # standard
