@@ -399,16 +399,7 @@ def _select_op(
 
 
 @_select_op.register_fake
-def _select_fake(
-    q: Tensor,
-    k: Tensor,
-    ids: Tensor,
-    picks: int,
-    kind: str,
-    candidates: Tensor | None,
-    self_first: bool,
-    raw: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+def _select_fake(q, k, ids, picks, kind, candidates, self_first, raw):
     batch, n = q.shape[:2]
     own = q.new_empty(batch, n) if self_first and candidates is None else q.new_empty(0)
     return q.new_empty(batch, n, picks), q.new_empty(batch, n, picks, dtype=torch.long), own
@@ -656,7 +647,8 @@ def steps_apply(x: Tensor, weight: Tensor) -> bool:
     )
 
 
-#: Gathered elements per step of :func:`gather_aggregate` (4 MiB of float32: the step stays in cache).
+#: Gathered elements per step of :func:`gather_aggregate` / :func:`gather_scaled_sum` (4 MiB of float32:
+#: the step stays in cache).
 STEP_ELEMENTS = 1 << 20
 
 
@@ -678,13 +670,9 @@ def gather_aggregate(v_rows: Tensor, flat: Tensor, weight: Tensor, bias: Tensor 
     gradient with :func:`~convnn.native.index_add_rows` (in order: deterministic). A custom op, so
     ``torch.compile`` calls these same steps.
     """
-    tokens, size = flat.shape[0], _step(flat, v_rows)
-    out = v_rows.new_empty(tokens, weight.shape[0])
-    buffer = v_rows.new_empty(min(size, tokens) * flat.shape[1], v_rows.shape[1])
-    for start in range(0, tokens, size):
-        step = flat[start : start + size]
-        rows = _gather_rows(v_rows, step.reshape(-1), buffer).view(step.shape[0], -1)
-        out[start : start + step.shape[0]] = _rows_conv(rows, weight, bias)
+    out = v_rows.new_empty(flat.shape[0], weight.shape[0])
+    for start, step, rows in _gathered_steps(v_rows, flat):
+        out[start : start + step.shape[0]] = _rows_conv(rows.flatten(1), weight, bias)
     return out
 
 
@@ -704,28 +692,20 @@ def _gather_aggregate_backward(
 ) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`gather_aggregate` for ``grad [T, C']``: ``(v_rows', weight')``, each an
     empty tensor where not asked for."""
-    channels, size = v_rows.shape[1], _step(flat, v_rows)
-    grad_v = torch.zeros_like(v_rows) if rows_grad else v_rows.new_empty(0)
-    grad_w = torch.zeros_like(weight) if weight_grad else weight.new_empty(0)
-    buffer = v_rows.new_empty(min(size, flat.shape[0]) * flat.shape[1], channels)
-    for start in range(0, flat.shape[0], size):
-        step, step_grad = flat[start : start + size].reshape(-1), grad[start : start + size]
-        rows = _gather_rows(v_rows, step, buffer).view(step_grad.shape[0], -1)
-        grad_rows, step_grad_w = _rows_conv_backward(rows, weight, step_grad, weight_grad)
+    grad_v, grad_w = _like_or_empty((v_rows, rows_grad), (weight, weight_grad), zeros=True)
+    for start, step, rows in _gathered_steps(v_rows, flat):
+        step_grad = grad[start : start + step.shape[0]]
+        grad_rows, step_grad_w = _rows_conv_backward(rows.flatten(1), weight, step_grad, weight_grad)
         if weight_grad:
             grad_w += step_grad_w
         if rows_grad:
-            index_add_rows(grad_v, step, grad_rows.view(-1, channels))
+            index_add_rows(grad_v, step.reshape(-1), grad_rows.view(-1, v_rows.shape[1]))
     return grad_v, grad_w
 
 
 @_gather_aggregate_backward.register_fake
-def _gather_aggregate_backward_fake(
-    grad: Tensor, v_rows: Tensor, flat: Tensor, weight: Tensor, rows_grad: bool, weight_grad: bool
-) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(v_rows) if rows_grad else v_rows.new_empty(0), (
-        torch.empty_like(weight) if weight_grad else weight.new_empty(0)
-    )
+def _gather_aggregate_backward_fake(grad, v_rows, flat, weight, rows_grad, weight_grad):
+    return _like_or_empty((v_rows, rows_grad), (weight, weight_grad))
 
 
 def _gather_aggregate_setup(ctx, inputs: tuple, output: Tensor) -> None:
@@ -749,15 +729,114 @@ def _gather_aggregate_grad(ctx, grad: Tensor) -> tuple[Tensor | None, None, Tens
 gather_aggregate.register_autograd(_gather_aggregate_grad, setup_context=_gather_aggregate_setup)
 
 
-def _gather_rows(v_rows: Tensor, index: Tensor, buffer: Tensor) -> Tensor:
-    """``v_rows[index]`` written into the front of ``buffer`` (reused by every step: a fresh multi-MiB
-    tensor per step costs as much again in page faults as the copy itself)."""
-    return torch.index_select(v_rows, 0, index, out=buffer[: index.shape[0]])
+@torch.library.custom_op(
+    "convnn::gather_scaled_sum",
+    mutates_args=(),
+    schema="(Tensor v_rows, Tensor flat, Tensor w, Tensor scale) -> Tensor",
+)
+def gather_scaled_sum(v_rows: Tensor, flat: Tensor, w: Tensor, scale: Tensor) -> Tensor:
+    """``out[t] = sum_j w[t, j] * scale[j] * v_rows[flat[t, j]]`` (a depthwise aggregation of the
+    gathered neighbours, weighted by rho) without the gathered ``[T, k, d]`` rows.
+
+    ``v_rows [L, d]``, ``flat [T, k]`` (row indices), ``w [T, k]``, ``scale [k, d]`` -> ``[T, d]``.
+    Runs in steps of about :data:`STEP_ELEMENTS` gathered values into a reused buffer, forward and
+    backward (which re-gathers a step's rows), so no tensor of the full gathered size is made: on CPU
+    a fresh multi-MiB tensor costs as much again in page faults as the arithmetic on it. The rows'
+    gradient is added with :func:`~convnn.native.index_add_rows` (in order: deterministic). A custom
+    op, so ``torch.compile`` calls these same steps.
+    """
+    out = v_rows.new_empty(flat.shape[0], v_rows.shape[1])
+    for start, step, rows in _gathered_steps(v_rows, flat):
+        stop = start + step.shape[0]
+        torch.bmm(w[start:stop].unsqueeze(1), rows.mul_(scale), out=out[start:stop].unsqueeze(1))
+    return out
+
+
+@gather_scaled_sum.register_fake
+def _gather_scaled_sum_fake(v_rows: Tensor, flat: Tensor, w: Tensor, scale: Tensor) -> Tensor:
+    return v_rows.new_empty(flat.shape[0], v_rows.shape[1])
+
+
+@torch.library.custom_op(
+    "convnn::gather_scaled_sum_backward",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor v_rows, Tensor flat, Tensor w, Tensor scale, bool rows_grad, bool w_grad,"
+    " bool scale_grad) -> (Tensor, Tensor, Tensor)",
+)
+def _gather_scaled_sum_backward(
+    grad: Tensor,
+    v_rows: Tensor,
+    flat: Tensor,
+    w: Tensor,
+    scale: Tensor,
+    rows_grad: bool,
+    w_grad: bool,
+    scale_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`gather_scaled_sum` for ``grad [T, d]``: ``(v_rows', w', scale')``, each an
+    empty tensor where not asked for."""
+    wanted = (v_rows, rows_grad), (w, w_grad), (scale, scale_grad)
+    grad_v, grad_w, grad_scale = _like_or_empty(*wanted, zeros=True)
+    for start, step, rows in _gathered_steps(v_rows, flat):
+        stop = start + step.shape[0]
+        step_grad, step_w = grad[start:stop], w[start:stop]
+        product = rows.mul_(step_grad.unsqueeze(1))  # g[t] * rows[t, j], in the gather buffer
+        if scale_grad:  # sum_t w[t, j] g[t] * rows[t, j]: k products [1, S] @ [S, d]
+            grad_scale += torch.bmm(step_w.t().unsqueeze(1), product.transpose(0, 1)).squeeze(1)
+        if w_grad:  # scale[j] . (g[t] * rows[t, j])
+            grad_w[start:stop] = (product * scale).sum(2)
+        if rows_grad:  # w[t, j] * scale[j] * g[t] into row flat[t, j]
+            scaled = step_w.unsqueeze(2) * scale * step_grad.unsqueeze(1)
+            index_add_rows(grad_v, step.reshape(-1), scaled.reshape(-1, scaled.shape[-1]))
+    return grad_v, grad_w, grad_scale
+
+
+@_gather_scaled_sum_backward.register_fake
+def _gather_scaled_sum_backward_fake(grad, v_rows, flat, w, scale, rows_grad, w_grad, scale_grad):
+    return _like_or_empty((v_rows, rows_grad), (w, w_grad), (scale, scale_grad))
+
+
+def _gather_scaled_sum_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _gather_scaled_sum_grad(ctx, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, Tensor | None]:
+    v_rows, flat, w, scale = ctx.saved_tensors
+    rows_grad, _, w_grad, scale_grad = ctx.needs_input_grad
+    grads = _gather_scaled_sum_backward(
+        grad.contiguous(), v_rows, flat, w, scale, rows_grad, w_grad, scale_grad
+    )
+    grad_v, grad_w, grad_scale = grads
+    return grad_v if rows_grad else None, None, grad_w if w_grad else None, grad_scale if scale_grad else None
+
+
+gather_scaled_sum.register_autograd(_gather_scaled_sum_grad, setup_context=_gather_scaled_sum_setup)
+
+
+def _gathered_steps(v_rows: Tensor, flat: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """``(start, step, rows)`` per step of :func:`_step` tokens: the step's indices ``flat[start:
+    start + S]`` and their rows ``v_rows[step]`` as ``[S, k, C]``, gathered into one buffer reused by
+    every step (a fresh multi-MiB tensor per step costs as much again in page faults as the copy
+    itself), so a step's rows are valid until the next step."""
+    tokens, k = flat.shape
+    size = _step(flat, v_rows)
+    buffer = v_rows.new_empty(min(size, tokens) * k, v_rows.shape[1])
+    for start in range(0, tokens, size):
+        step = flat[start : start + size]
+        rows = torch.index_select(v_rows, 0, step.reshape(-1), out=buffer[: step.numel()])
+        yield start, step, rows.view(step.shape[0], k, -1)
+
+
+def _like_or_empty(*pairs: tuple[Tensor, bool], zeros: bool = False) -> tuple[Tensor, ...]:
+    """``empty_like(x)`` (``zeros``: ``zeros_like(x)``) for each ``(x, wanted)`` that is wanted, else an
+    empty tensor: a custom op's "no gradient" (ops return tensors, not None)."""
+    like = torch.zeros_like if zeros else torch.empty_like
+    return tuple(like(x) if wanted else x.new_empty(0) for x, wanted in pairs)
 
 
 def _step(flat: Tensor, v_rows: Tensor) -> int:
-    """Tokens per :func:`gather_aggregate` step: about :data:`STEP_ELEMENTS` gathered values, a
-    multiple of :data:`CONV_BATCH`."""
+    """Tokens per step of :func:`gather_aggregate` / :func:`gather_scaled_sum`: about
+    :data:`STEP_ELEMENTS` gathered values, a multiple of :data:`CONV_BATCH`."""
     tokens = STEP_ELEMENTS // (flat.shape[1] * v_rows.shape[1])
     return max(CONV_BATCH, tokens - tokens % CONV_BATCH)
 
@@ -888,100 +967,3 @@ def reset_sampling(model: nn.Module, seed: int) -> int:
     for index, sampler in enumerate(samplers):
         sampler.reseed((seed * 100003 + index) % (1 << 63))
     return len(samplers)
-
-
-@torch.library.custom_op(
-    "convnn::gather_scaled_sum",
-    mutates_args=(),
-    schema="(Tensor v_rows, Tensor flat, Tensor w, Tensor scale) -> Tensor",
-)
-def gather_scaled_sum(v_rows: Tensor, flat: Tensor, w: Tensor, scale: Tensor) -> Tensor:
-    """``out[t] = sum_j w[t, j] * scale[j] * v_rows[flat[t, j]]`` (a depthwise aggregation of the
-    gathered neighbours, weighted by rho) without the gathered ``[T, k, d]`` rows.
-
-    ``v_rows [L, d]``, ``flat [T, k]`` (row indices), ``w [T, k]``, ``scale [k, d]`` -> ``[T, d]``.
-    Runs in steps of about :data:`STEP_ELEMENTS` gathered values into a reused buffer, forward and
-    backward (which re-gathers a step's rows), so no tensor of the full gathered size is made: on CPU
-    a fresh multi-MiB tensor costs as much again in page faults as the arithmetic on it. The rows'
-    gradient is added with :func:`~convnn.native.index_add_rows` (in order: deterministic). A custom
-    op, so ``torch.compile`` calls these same steps.
-    """
-    tokens, k = flat.shape
-    size = max(1, STEP_ELEMENTS // (k * v_rows.shape[1]))
-    out = v_rows.new_empty(tokens, v_rows.shape[1])
-    gathered = v_rows.new_empty(min(size, tokens) * k, v_rows.shape[1])
-    for start in range(0, tokens, size):
-        step = flat[start : start + size]
-        rows = _gather_rows(v_rows, step.reshape(-1), gathered).view(step.shape[0], k, -1)
-        rows.mul_(scale)
-        torch.bmm(w[start : start + size].unsqueeze(1), rows, out=out[start : start + size].unsqueeze(1))
-    return out
-
-
-@gather_scaled_sum.register_fake
-def _gather_scaled_sum_fake(v_rows: Tensor, flat: Tensor, w: Tensor, scale: Tensor) -> Tensor:
-    return v_rows.new_empty(flat.shape[0], v_rows.shape[1])
-
-
-@torch.library.custom_op(
-    "convnn::gather_scaled_sum_backward",
-    mutates_args=(),
-    schema="(Tensor grad, Tensor v_rows, Tensor flat, Tensor w, Tensor scale, bool rows_grad, bool w_grad,"
-    " bool scale_grad) -> (Tensor, Tensor, Tensor)",
-)
-def _gather_scaled_sum_backward(
-    grad: Tensor,
-    v_rows: Tensor,
-    flat: Tensor,
-    w: Tensor,
-    scale: Tensor,
-    rows_grad: bool,
-    w_grad: bool,
-    scale_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of :func:`gather_scaled_sum` for ``grad [T, d]``: ``(v_rows', w', scale')``, each an
-    empty tensor where not asked for."""
-    tokens, k = flat.shape
-    size = max(1, STEP_ELEMENTS // (k * v_rows.shape[1]))
-    grad_v = torch.zeros_like(v_rows) if rows_grad else v_rows.new_empty(0)
-    grad_w = torch.empty_like(w) if w_grad else w.new_empty(0)
-    grad_scale = torch.zeros_like(scale) if scale_grad else scale.new_empty(0)
-    gathered = v_rows.new_empty(min(size, tokens) * k, v_rows.shape[1])
-    for start in range(0, tokens, size):
-        step = flat[start : start + size]
-        step_grad, step_w = grad[start : start + size], w[start : start + size]
-        rows = _gather_rows(v_rows, step.reshape(-1), gathered).view(step.shape[0], k, -1)
-        product = rows.mul_(step_grad.unsqueeze(1))  # g[t] * rows[t, j], in the gather buffer
-        if scale_grad:  # sum_t w[t, j] g[t] * rows[t, j]: k products [1, S] @ [S, d]
-            grad_scale += torch.bmm(step_w.t().unsqueeze(1), product.transpose(0, 1)).squeeze(1)
-        if w_grad:  # scale[j] . (g[t] * rows[t, j])
-            grad_w[start : start + size] = (product * scale).sum(2)
-        if rows_grad:  # w[t, j] * scale[j] * g[t] into row flat[t, j]
-            scaled = step_w.unsqueeze(2) * scale * step_grad.unsqueeze(1)
-            index_add_rows(grad_v, step.reshape(-1), scaled.reshape(-1, scaled.shape[-1]))
-    return grad_v, grad_w, grad_scale
-
-
-@_gather_scaled_sum_backward.register_fake
-def _gather_scaled_sum_backward_fake(grad, v_rows, flat, w, scale, rows_grad, w_grad, scale_grad):
-    return tuple(
-        torch.empty_like(x) if wanted else x.new_empty(0)
-        for x, wanted in ((v_rows, rows_grad), (w, w_grad), (scale, scale_grad))
-    )
-
-
-def _gather_scaled_sum_setup(ctx, inputs: tuple, output: Tensor) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _gather_scaled_sum_grad(ctx, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, Tensor | None]:
-    v_rows, flat, w, scale = ctx.saved_tensors
-    rows_grad, _, w_grad, scale_grad = ctx.needs_input_grad
-    grads = _gather_scaled_sum_backward(
-        grad.contiguous(), v_rows, flat, w, scale, rows_grad, w_grad, scale_grad
-    )
-    grad_v, grad_w, grad_scale = grads
-    return grad_v if rows_grad else None, None, grad_w if w_grad else None, grad_scale if scale_grad else None
-
-
-gather_scaled_sum.register_autograd(_gather_scaled_sum_grad, setup_context=_gather_scaled_sum_setup)

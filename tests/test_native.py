@@ -1,4 +1,4 @@
-"""The native top-k kernel (convnn/csrc/topk_rows.cpp) against torch.topk and hand-made cases, its
+"""The native kernels (convnn/csrc/kernels.cpp) against torch.topk / index_add_ and hand-made cases, its
 oneDNN-scored selection against the matmul, and the fallback when no kernel can be built."""
 
 import os
