@@ -217,7 +217,10 @@ def knn_select(
     """The ``num_neighbors`` most similar keys of every query, computed in query chunks.
 
     Args:
-        q: queries ``[B, N, h]`` of all N tokens in order, or of the tokens ``queries``.
+        q: queries ``[B, N, h]`` of all N tokens in order, or of the tokens ``queries``; or, when it
+            is ``k`` itself (all tokens are candidates), the rows of all the keys' tokens, of which
+            the tokens ``queries`` query: the rows are then prepared (normalised) once and the query
+            rows taken from them.
         k: keys ``[B, M, h]``: of all N tokens in order when ``candidates`` is None, else of the
             candidate tokens ``candidates`` (``M = len(candidates)``).
         num_neighbors: k, the neighbours per token (the token itself included when ``self_first``).
@@ -233,7 +236,7 @@ def knn_select(
         chunk_size: queries per chunk; None sizes it for the device (:func:`_auto_chunk`). Peak
             extra memory is O(B * chunk * M + B * N * k).
         queries: None (``q`` holds every token's query) or LongTensor ``[N]``: the token index of
-            each query row, e.g. only the unpadded tokens of a padded map.
+            each query row, e.g. only the unpadded tokens of a padded map (N of them when ``q is k``).
 
     Returns:
         ``(values [B, N, k], indices [B, N, k])``: similarities and token indices (into the N
@@ -247,6 +250,8 @@ def knn_select(
     """
     batch, n, _ = q.shape
     m = k.shape[1]
+    if queries is not None and k is q and candidates is None:  # the queries' rows are taken from k
+        n = queries.numel()
     if queries is not None and queries.shape != (n,):
         raise ValueError(f"queries must be a LongTensor [{n}] (1 per query row), got {tuple(queries.shape)}")
     if candidates is None and queries is None and m != n:
@@ -280,35 +285,39 @@ def _knn_fp32(
     ids: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """:func:`knn_select` on rows promoted to at least float32 (its arguments, checked; ``chunk`` =
-    ``(queries, images)`` per chunk; ``ids [N]`` the token index of each query row)."""
-    batch, n, _ = q.shape
+    ``(queries, images)`` per chunk; ``ids [N]`` the token index of each query row; when ``k is q``
+    holds more rows than ``ids``, the query rows are ``q[:, ids]`` after preparing)."""
+    batch, n = q.shape[0], ids.shape[0]
     shared = k is q
     # contiguous first: a row norm over a transposed [B, N, h] view is ~20x slower on CPU
     q = _at_least_fp32(q).contiguous()
     k = q if shared else _at_least_fp32(k).contiguous()
-    # compiled: one opaque op runs the eager chunked selection (and, when no gradient needs the
-    # prepared rows, their normalisation: inductor's fused version of it was 3x slower on CPU)
-    opaque = torch.compiler.is_compiling()
-    raw = opaque and not torch.is_grad_enabled()
+    # raw: no gradient needs the prepared rows, so the selection prepares them itself (the keys
+    # straight into their scoring layout; inductor's fused normalisation was 3x slower on CPU);
+    # never in a jit trace, whose graph must not depend on the grad mode
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    raw = not needs_grad and not torch.jit.is_tracing()
     if not raw:
         q = prepare(q, kind)
         k = q if shared else prepare(k, kind)
+        q = _query_rows(q, ids)
     picks = num_neighbors - 1 if self_first else num_neighbors
     if candidates is not None:
         candidates = candidates.to(q.device)
     with torch.no_grad():
-        if opaque:
+        if torch.compiler.is_compiling():  # one opaque op runs the eager chunked selection
             values, positions, own = torch.ops.convnn.select(
                 q, k, ids, picks, kind, candidates, self_first, raw
             )
             own = own if self_first and candidates is None else None
         else:
-            values, positions, own = _select(q, k, ids, picks, kind, candidates, self_first, chunk)
+            values, positions, own = _select(q, k, ids, picks, kind, candidates, self_first, chunk, raw)
     self_ids = ids.expand(batch, n).unsqueeze(-1)
     if own is not None and self_sim is None:  # all candidates: the self value is a similarity entry too
         positions = torch.cat([self_ids, positions], dim=-1)
         values = torch.cat([own.unsqueeze(-1), values], dim=-1)
-    values = SelectedSimilarity.apply(q, k, positions, values, kind, chunk[0])
+    if not raw:
+        values = SelectedSimilarity.apply(q, k, positions, values, kind, chunk[0])
     indices = positions if candidates is None else candidates[positions]
     if not self_first or (own is not None and self_sim is None):
         return values, indices
@@ -316,6 +325,13 @@ def _knn_fp32(
         self_sim = self_similarity(q, kind)
     values = torch.cat([self_sim.unsqueeze(-1).to(values.dtype), values], dim=-1)
     return values, torch.cat([self_ids, indices], dim=-1)
+
+
+def _query_rows(q: Tensor, ids: Tensor) -> Tensor:
+    """The rows ``q[:, ids]`` when ``q [B, M, h]`` holds every token's row (``M != len(ids)``), else
+    ``q``: one copy of the query rows from rows prepared once (``index_select``, ~3x faster on CPU
+    than advanced indexing)."""
+    return q if q.shape[1] == ids.shape[0] else q.index_select(1, ids)
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -332,8 +348,10 @@ def _select(
     candidates: Tensor | None,
     self_first: bool,
     chunk: tuple[int, int],
+    raw: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Chunked top-``picks`` of prepared rows -> ``(values, positions into k [B, N, picks], own)``.
+    """Chunked top-``picks`` of prepared rows (``raw``: of rows it prepares itself, see
+    :func:`_prepared_rows`) -> ``(values, positions into k [B, N, picks], own)``.
 
     ``own`` is the similarity of each token with itself ``[B, N]`` (all candidates with
     ``self_first``), else None. With ``self_first`` the token's own candidate entry is masked out.
@@ -342,9 +360,12 @@ def _select(
     and about ``chunk[0]`` queries per chunk (balanced, rounded up to a multiple of :data:`CONV_BATCH`;
     the last ``n % 16`` queries, if any, form a short tail chunk scored by the matmul).
     """
-    batch, n = q.shape[:2]
     queries, images = chunk
-    keys = _onednn_keys(q, k, kind, queries)
+    if raw:
+        q, k, keys = _prepared_rows(q, k, ids, kind, queries)
+    else:
+        keys = _onednn_keys(q, k, kind, queries)
+    batch, n = q.shape[:2]
     starts = list(range(0, n, queries))
     if keys is not None:  # one image per chunk, balanced chunks of a multiple of 16 queries
         per_chunk = math.ceil(n / math.ceil(n / queries))
@@ -389,18 +410,16 @@ def _select_op(
     """:func:`_select` as one op for ``torch.compile``, of :func:`prepare`-d rows (``raw``: it
     prepares them); chunks are sized for the device as in eager (a ``chunk_size`` given to
     :func:`knn_select` is not passed on); ``own`` is an empty tensor where :func:`_select` returns None."""
-    if raw:
-        shared = k is q
-        q = prepare(q, kind)
-        k = q if shared else prepare(k, kind)
-    chunk = _auto_chunk(q.shape[0], q.shape[1], k.shape[1], q.device)
-    values, positions, own = _select(q, k, ids, picks, kind, candidates, self_first, chunk)
+    if raw and q is not k and _same_rows(q, k):  # the compiled graph passes one tensor as two views
+        k = q
+    chunk = _auto_chunk(q.shape[0], ids.shape[0], k.shape[1], q.device)
+    values, positions, own = _select(q, k, ids, picks, kind, candidates, self_first, chunk, raw)
     return values, positions, q.new_empty(0) if own is None else own
 
 
 @_select_op.register_fake
 def _select_fake(q, k, ids, picks, kind, candidates, self_first, raw):
-    batch, n = q.shape[:2]
+    batch, n = q.shape[0], ids.shape[0]
     own = q.new_empty(batch, n) if self_first and candidates is None else q.new_empty(0)
     return q.new_empty(batch, n, picks), q.new_empty(batch, n, picks, dtype=torch.long), own
 
@@ -448,11 +467,37 @@ def reference_products() -> Iterator[None]:
         _reference_products = saved
 
 
-def _onednn_keys(q: Tensor, k: Tensor, kind: str, queries: int) -> Tensor | None:
-    """Keys ``k [B, M, h]`` zero-padded to a multiple of :data:`CONV_BATCH` rows when
-    :func:`_onednn_scores` applies (CPU, float32, cosine or dot, chunks of >= 16 queries, neither
-    traced nor in :func:`reference_products`: profilers count the reference's matmul), else None."""
-    applies = (
+def _same_rows(q: Tensor, k: Tensor) -> bool:
+    """Whether ``q`` and ``k`` view the same memory the same way."""
+    return q.data_ptr() == k.data_ptr() and q.shape == k.shape and q.stride() == k.stride()
+
+
+def _prepared_rows(q: Tensor, k: Tensor, ids: Tensor, kind: str, queries: int) -> tuple[Tensor, ...]:
+    """:func:`prepare` of raw rows for :func:`_select` -> ``(query rows, keys, padded keys or None)``.
+
+    The keys are normalised straight into :func:`_onednn_keys`' padded buffer when that applies
+    (one pass and one buffer instead of two). The query rows are ``q[:, ids]`` when ``q`` has more
+    rows than ``ids``; when ``k is q`` they are taken from the prepared keys (one normalisation).
+    """
+    shared, keys = k is q, None
+    if kind == "cosine" and _onednn_applies(q, k, kind, queries):
+        keys = _padded_keys(k)
+        rows = keys[:, : k.shape[1]]
+        k = torch.div(k, k.norm(2, -1, keepdim=True).clamp_min(NORMALIZE_EPS), out=rows)  # as F.normalize
+    else:
+        k = prepare(k, kind)
+    q = _query_rows(k, ids) if shared else prepare(_query_rows(q, ids), kind)
+    return q, k, _onednn_keys(q, k, kind, queries) if keys is None else keys
+
+
+#: The norm clamp of :func:`prepare` (``F.normalize``'s default ``eps``).
+NORMALIZE_EPS = 1e-12
+
+
+def _onednn_applies(q: Tensor, k: Tensor, kind: str, queries: int) -> bool:
+    """Whether :func:`_onednn_scores` scores these rows: CPU, float32, cosine or dot, chunks of >= 16
+    queries, neither traced nor in :func:`reference_products` (profilers count the reference's matmul)."""
+    return (
         q.device.type == "cpu"
         and q.dtype == k.dtype == torch.float32
         and kind in ("cosine", "dot")
@@ -461,14 +506,26 @@ def _onednn_keys(q: Tensor, k: Tensor, kind: str, queries: int) -> Tensor | None
         and not torch.jit.is_tracing()
         and torch.backends.mkldnn.is_available()
     )
-    if not applies:
+
+
+def _onednn_keys(q: Tensor, k: Tensor, kind: str, queries: int) -> Tensor | None:
+    """Keys ``k [B, M, h]`` zero-padded to a multiple of :data:`CONV_BATCH` rows when
+    :func:`_onednn_scores` applies (:func:`_onednn_applies`), else None."""
+    if not _onednn_applies(q, k, kind, queries):
         return None
-    batch, m, h = k.shape
-    if not m % CONV_BATCH:
+    if not k.shape[1] % CONV_BATCH:
         return k.contiguous()
-    keys = k.new_empty(batch, m + -m % CONV_BATCH, h)  # zeroing only the padding: F.pad fills it all
+    keys = _padded_keys(k)
+    keys[:, : k.shape[1]] = k
+    return keys
+
+
+def _padded_keys(k: Tensor) -> Tensor:
+    """An uninitialised ``[B, M', h]`` buffer for ``k [B, M, h]``, M' the next multiple of
+    :data:`CONV_BATCH`, with the padding rows zeroed (only them: ``F.pad`` fills it all)."""
+    batch, m, h = k.shape
+    keys = k.new_empty(batch, m + -m % CONV_BATCH, h)
     keys[:, m:].zero_()
-    keys[:, :m] = k
     return keys
 
 

@@ -192,13 +192,15 @@ def timed(fn: Callable, module: nn.Module, x: Tensor) -> float:
 def interleaved_ms(
     cases: dict[str, tuple[Callable, nn.Module, Tensor]], repeats: int
 ) -> dict[str, list[float]]:
-    """Every case's fwd+bwd milliseconds, ``repeats`` rounds over all cases after one warm-up each."""
+    """Every case's fwd+bwd milliseconds, ``repeats`` rounds over all cases after one warm-up each;
+    every other round runs the cases in reverse order, so no case always follows the same one."""
     for fn, module, x in cases.values():
         step(fn, module, x)
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, case in cases.items():
-            times[name].append(1e3 * timed(*case))
+    names = list(cases)
+    for round_ in range(repeats):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            times[name].append(1e3 * timed(*cases[name]))
     return times
 
 
@@ -337,7 +339,7 @@ def measure_group(
 
 #: The compile section's repeats per ``--repeats``: its ratios sit near 1.0, where 5 repeats scatter by
 #: about as much as the difference they measure.
-COMPILE_REPEAT_FACTOR = 3
+COMPILE_REPEAT_FACTOR = 5
 
 
 def compiled_vs_eager(batch: int, repeats: int, device) -> list[dict]:
@@ -352,9 +354,15 @@ def compiled_vs_eager(batch: int, repeats: int, device) -> list[dict]:
         step(compiled, module, x)
         compile_s = time.perf_counter() - begin
         times = interleaved_ms({"eager": (fn, module, x), "compiled": (compiled, module, x)}, repeats)
-        eager, comp = statistics.median(times["eager"]), statistics.median(times["compiled"])
+        ratios = [c / e for e, c in zip(times["eager"], times["compiled"], strict=True)]
         rows.append(
-            {"layer": f"{group} {name}", "eager_ms": eager, "compiled_ms": comp, "compile_s": compile_s}
+            {
+                "layer": f"{group} {name}",
+                "eager_ms": statistics.median(times["eager"]),
+                "compiled_ms": statistics.median(times["compiled"]),
+                "ratio_quartiles": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3,
+                "compile_s": compile_s,
+            }
         )
     return rows
 
@@ -479,15 +487,19 @@ def markdown(report: dict) -> str:
         "",
         "## torch.compile (fullgraph, dynamic shapes, train mode) against eager",
         "",
-        f"Medians of {COMPILE_REPEAT_FACTOR}x as many interleaved repeats as above.",
+        f"Medians of {COMPILE_REPEAT_FACTOR}x as many interleaved repeats as above. **compiled / eager** is "
+        "the median of the rounds' ratios (each round times both back to back, in alternating order), "
+        "**quartiles** their lower and upper quartile: a range around 1.00x is parity within the "
+        "machine's scatter.",
         "",
-        "| case | eager ms | compiled ms | compiled / eager | compile s |",
-        "|---|---:|---:|---:|---:|",
+        "| case | eager ms | compiled ms | compiled / eager | quartiles | compile s |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in report["compile"]:
+        low, mid, high = r["ratio_quartiles"]
         lines.append(
-            f"| {r['layer']} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | "
-            f"{r['compiled_ms'] / r['eager_ms']:.2f}x | {r['compile_s']:.0f} |"
+            f"| {r['layer']} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | {mid:.2f}x | "
+            f"{low:.2f}x–{high:.2f}x | {r['compile_s']:.0f} |"
         )
     lines += [
         "",

@@ -246,6 +246,24 @@ def test_recomputed_values_match_selection_and_have_exact_gradients(kind, sample
     assert torch.autograd.gradcheck(values, (q, k))
 
 
+@pytest.mark.parametrize("kind", ["cosine", "dot", "euclidean"])
+def test_queries_taken_from_shared_rows_equal_their_copy(kind):
+    """``q is k`` with ``queries``: the query rows are taken from the rows prepared once; selection,
+    values and gradients equal passing the copied query rows."""
+    x = rand(2, 30, 5).requires_grad_()
+    ids = torch.tensor([4, 5, 6, 10, 11, 12, 16, 17, 29, 0])
+
+    def select(x, shared):
+        return knn_select(x if shared else x[:, ids], x, 4, kind=kind, queries=ids, chunk_size=3)
+
+    values, idx = select(x, True)
+    ref_values, ref_idx = select(x, False)
+    assert idx.shape == (2, 10, 4) and torch.equal(idx, ref_idx)
+    assert torch.equal(idx[..., 0], ids.expand(2, -1))
+    torch.testing.assert_close(values, ref_values)
+    assert torch.autograd.gradcheck(lambda x: select(x, True)[0], (x,))
+
+
 def test_one_self_first_neighbour_among_samples_backpropagates():
     q = rand(2, 6, 3).requires_grad_()
     cand = torch.tensor([1, 4])

@@ -79,6 +79,28 @@ def test_selection_scored_by_onednn_matches_the_matmul_reference():
         torch.testing.assert_close(values[..., 1:], ref_values.float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["cosine", "dot", "euclidean"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_rows_prepared_inside_the_selection_equal_rows_prepared_before(kind, shared):
+    """Without a gradient the selection normalises the rows itself (keys straight into the padded
+    scoring buffer; queries taken from them when ``q is k``): neighbours and values are bitwise those
+    of rows prepared outside it, as when a gradient needs them."""
+    generator = torch.Generator().manual_seed(5)
+    x, y = torch.randn(2, 1156, 16, generator=generator), torch.randn(2, 1156, 16, generator=generator)
+    queries = torch.arange(35, 1121, dtype=torch.long)
+
+    def select(x):
+        q = x if shared else y[:, queries]
+        return knn_select(q, x, 9, kind=kind, queries=queries)
+
+    with torch.no_grad():
+        values, idx = select(x)
+    grad_values, grad_idx = select(x.clone().requires_grad_())
+    assert grad_values.requires_grad and not values.requires_grad
+    assert torch.equal(idx, grad_idx)
+    assert torch.equal(values, grad_values.detach())
+
+
 def test_layer_output_is_the_same_without_the_kernel(monkeypatch):
     layer = build_layer("convnn", 8, 8, k=9, sampling="random", num_candidates=40)
     x = torch.randn(2, 8, 12, 12, generator=torch.Generator().manual_seed(1))

@@ -186,7 +186,8 @@ class ConvNN(nn.Module):
             keys = q
         else:
             keys = self.w_k(selection if candidates is None else selection[:, :, candidates]).transpose(1, 2)
-        queries = q if real is None else self._crop(q, height, width)  # = q[:, real], a strided copy
+        # = q[:, real], a strided copy; identity keys: knn_select takes it from the rows it normalised
+        queries = q if real is None or keys is q else self._crop(q, height, width)
         self_sim = None
         if self.self_first and candidates is not None and separate_keys and self.rho == "softmax":
             own_keys = self.w_k(selection if real is None else selection[:, :, real]).transpose(1, 2)
