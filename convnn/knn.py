@@ -268,7 +268,7 @@ def knn_select(
     with torch.autocast(q.device.type, enabled=False):
         ids = torch.arange(n, device=q.device) if queries is None else queries.to(q.device)
         values, indices = _knn_fp32(
-            q, k, num_neighbors, kind, candidates, self_first, self_sim, (chunk, images), ids
+            q, k, num_neighbors, kind, candidates, self_first, self_sim, (chunk, images), ids, chunk_size
         )
     return values.to(out_dtype), indices
 
@@ -283,9 +283,11 @@ def _knn_fp32(
     self_sim: Tensor | None,
     chunk: tuple[int, int],
     ids: Tensor,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`knn_select` on rows promoted to at least float32 (its arguments, checked; ``chunk`` =
-    ``(queries, images)`` per chunk; ``ids [N]`` the token index of each query row; when ``k is q``
+    ``(queries, images)`` per chunk, ``chunk_size`` the caller's part of it, passed on to the compiled
+    graph's selection op; ``ids [N]`` the token index of each query row; when ``k is q``
     holds more rows than ``ids``, the query rows are ``q[:, ids]`` after preparing)."""
     batch, n = q.shape[0], ids.shape[0]
     shared = k is q
@@ -307,7 +309,7 @@ def _knn_fp32(
     with torch.no_grad():
         if torch.compiler.is_compiling():  # one opaque op runs the eager chunked selection
             values, positions, own = torch.ops.convnn.select(
-                q, k, ids, picks, kind, candidates, self_first, raw
+                q, k, ids, picks, kind, candidates, self_first, raw, chunk_size
             )
             own = own if self_first and candidates is None else None
         else:
@@ -395,7 +397,7 @@ def _select(
     "convnn::select",
     mutates_args=(),
     schema="(Tensor q, Tensor k, Tensor ids, int picks, str kind, Tensor? candidates, bool self_first,"
-    " bool raw) -> (Tensor, Tensor, Tensor)",
+    " bool raw, int? chunk_size) -> (Tensor, Tensor, Tensor)",
 )
 def _select_op(
     q: Tensor,
@@ -406,19 +408,21 @@ def _select_op(
     candidates: Tensor | None,
     self_first: bool,
     raw: bool,
+    chunk_size: int | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`_select` as one op for ``torch.compile``, of :func:`prepare`-d rows (``raw``: it
-    prepares them); chunks are sized for the device as in eager (a ``chunk_size`` given to
-    :func:`knn_select` is not passed on); ``own`` is an empty tensor where :func:`_select` returns None."""
+    prepares them); chunks as in eager: ``chunk_size`` queries, or sized for the device when None;
+    ``own`` is an empty tensor where :func:`_select` returns None."""
     if raw and q is not k and _same_rows(q, k):  # the compiled graph passes one tensor as two views
         k = q
-    chunk = _auto_chunk(q.shape[0], ids.shape[0], k.shape[1], q.device)
+    queries, images = _auto_chunk(q.shape[0], ids.shape[0], k.shape[1], q.device)
+    chunk = (chunk_size or queries, images)
     values, positions, own = _select(q, k, ids, picks, kind, candidates, self_first, chunk, raw)
     return values, positions, q.new_empty(0) if own is None else own
 
 
 @_select_op.register_fake
-def _select_fake(q, k, ids, picks, kind, candidates, self_first, raw):
+def _select_fake(q, k, ids, picks, kind, candidates, self_first, raw, chunk_size):
     batch, n = q.shape[0], ids.shape[0]
     own = q.new_empty(batch, n) if self_first and candidates is None else q.new_empty(0)
     return q.new_empty(batch, n, picks), q.new_empty(batch, n, picks, dtype=torch.long), own

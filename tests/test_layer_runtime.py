@@ -98,6 +98,27 @@ def test_compiled_map_layer_calls_the_eager_kernels(case):
     torch.testing.assert_close(out, layer(x_eager), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 8])
+def test_compiled_selection_honours_chunk_size(chunk_size, monkeypatch):
+    """The compiled graph's selection op runs the query chunks eager runs (40 queries of 2 images:
+    ``chunk_size`` 8, 5 chunks of both images; None: sized for the CPU, per image 32 queries and a
+    tail of 8), with eager's result."""
+    torch._dynamo.reset()
+    calls = []
+    chunk_fn = knn._select_chunk
+    monkeypatch.setattr(knn, "_select_chunk", lambda *args: calls.append(1) or chunk_fn(*args))
+    q = torch.randn(2, 40, 8, generator=torch.Generator().manual_seed(0))
+
+    def select(q):
+        return knn_select(q, q, 5, chunk_size=chunk_size)
+
+    compiled = torch.compile(select, fullgraph=True, backend=lambda gm, _: gm.forward)(q)
+    compiled_calls = len(calls)
+    eager = select(q)
+    assert compiled_calls == len(calls) - compiled_calls == (5 if chunk_size else 4)
+    assert torch.equal(compiled[1], eager[1]) and torch.equal(compiled[0], eager[0])
+
+
 def test_selection_stays_fp32_under_bf16_autocast():
     # many near-ties: in bf16 about a quarter of the rows would swap their 8th and 9th neighbour
     q = torch.randn(4, 300, 16, generator=torch.Generator().manual_seed(0))
