@@ -28,6 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from convnn import paths
+from convnn.allocator import keep_freed_memory
 from convnn.config import ConfigError, TrainConfig, validate_config
 from convnn.identity import effective_budget, run_identity
 from convnn.quiet import filter_known_warnings
@@ -547,9 +548,12 @@ def print_summary(record: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def _hydra_app(cfg: DictConfig) -> float | None:
-    """One job: a ``RunError`` prints one line, then exits (single run) or fails the job (sweep)."""
+    """One job: a ``RunError`` prints one line, then exits (single run) or fails the job (sweep).
+    Each job process (local or a SLURM task) first keeps freed memory for reuse
+    (:func:`~convnn.allocator.keep_freed_memory`)."""
     from hydra.types import RunMode
 
+    keep_freed_memory()
     try:
         return run(cfg)
     except RunError as e:
