@@ -652,8 +652,8 @@ def aggregate_neighbors(v: Tensor, indices: Tensor, values: Tensor, rho: str, co
 
     Equals ``conv(modulate(gather_neighbors(v, indices), values, rho))`` for a ``conv`` with kernel
     and stride k, but folds the batch into the length (the ``[1, C * k, B * N']`` layout, ``conv``'s
-    own weight as the equivalent 1x1 convolution). On CPU in training, with ``rho="ones"`` and a dense
-    ``conv``, :func:`gather_aggregate` computes the same in cache-sized token steps without keeping
+    own weight as the equivalent 1x1 convolution). On CPU in training, with a dense ``conv``,
+    :func:`gather_aggregate` computes the same (ρ included) in cache-sized token steps without keeping
     the gathered rows. Parameters and the Conv1d op (and so every FLOP counter) are unchanged.
     """
     check_choice("rho", rho, RHOS)
@@ -665,13 +665,14 @@ def aggregate_neighbors(v: Tensor, indices: Tensor, values: Tensor, rho: str, co
     tokens, m = indices.shape[1], v.shape[2]
     v_rows = v.transpose(1, 2).reshape(-1, channels)  # [B * N, C]: token b * N + i is token i of image b
     flat = (indices + torch.arange(batch, device=indices.device).view(batch, 1, 1) * m).reshape(-1, k)
-    if rho == "ones" and conv.groups == 1 and steps_apply(v_rows, conv.weight):  # compiled: a custom op
+    scale = values.softmax(dim=-1).to(v.dtype).reshape(-1, k) if rho == "softmax" else None  # [B * N', k]
+    if conv.groups == 1 and steps_apply(v_rows, conv.weight):  # compiled: a custom op
         weight = conv.weight.permute(0, 2, 1).reshape(conv.out_channels, k * channels)
-        out = gather_aggregate(v_rows, flat, weight, conv.bias)  # [B * N', C']
+        out = gather_aggregate(v_rows, flat, weight, conv.bias, scale)  # [B * N', C']
         return out.view(batch, tokens, -1).transpose(1, 2)
     rows = v_rows.index_select(0, flat.reshape(-1)).view(-1, k, channels)  # [B * N', k, C]
-    if rho == "softmax":
-        rows = rows * values.softmax(dim=-1).to(rows.dtype).reshape(-1, k, 1)
+    if scale is not None:
+        rows = rows * scale.unsqueeze(-1)
     if torch.compiler.is_compiling():  # inductor's conv backward would specialise the batch size
         out = grouped_matmul(rows, conv.weight, conv.groups)
         out = out if conv.bias is None else out + conv.bias
@@ -716,13 +717,17 @@ STEP_ELEMENTS = 1 << 20
 @torch.library.custom_op(
     "convnn::gather_aggregate",
     mutates_args=(),
-    schema="(Tensor v_rows, Tensor flat, Tensor weight, Tensor? bias) -> Tensor",
+    schema="(Tensor v_rows, Tensor flat, Tensor weight, Tensor? bias, Tensor? scale) -> Tensor",
 )
-def gather_aggregate(v_rows: Tensor, flat: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``out[t] = bias + concat_j(v_rows[flat[t, j]]) @ weight`` without the full gathered rows.
+def gather_aggregate(
+    v_rows: Tensor, flat: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor | None
+) -> Tensor:
+    """``out[t] = bias + concat_j(scale[t, j] * v_rows[flat[t, j]]) @ weight`` without the full
+    gathered rows.
 
     ``v_rows [L, C]`` (token-major), ``flat [T, k]`` (token indices), ``weight [C', k * C]`` (column
-    ``j * C + c`` is ``conv.weight[:, c, j]``) -> ``[T, C']``. Runs over the T tokens in steps of about
+    ``j * C + c`` is ``conv.weight[:, c, j]``), ``scale [T, k]`` (ρ's weights; None: ones) ->
+    ``[T, C']``. Runs over the T tokens in steps of about
     :data:`STEP_ELEMENTS` gathered values: each step gathers whole token rows with ``index_select``
     (contiguous copies) and applies the weight as a 1x1 convolution over a channels-last view of the
     rows (:func:`_rows_conv`: oneDNN's kernels, about twice the throughput of a plain GEMM on these
@@ -733,57 +738,85 @@ def gather_aggregate(v_rows: Tensor, flat: Tensor, weight: Tensor, bias: Tensor 
     """
     out = v_rows.new_empty(flat.shape[0], weight.shape[0])
     for start, step, rows in _gathered_steps(v_rows, flat):
+        if scale is not None:  # the step's own buffer, scaled in place
+            rows.mul_(scale[start : start + step.shape[0]].unsqueeze(-1))
         out[start : start + step.shape[0]] = _rows_conv(rows.flatten(1), weight, bias)
     return out
 
 
 @gather_aggregate.register_fake
-def _gather_aggregate_fake(v_rows: Tensor, flat: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def _gather_aggregate_fake(v_rows, flat, weight, bias, scale):
     return v_rows.new_empty(flat.shape[0], weight.shape[0])
 
 
 @torch.library.custom_op(
     "convnn::gather_aggregate_backward",
     mutates_args=(),
-    schema="(Tensor grad, Tensor v_rows, Tensor flat, Tensor weight, bool rows_grad, bool weight_grad)"
-    " -> (Tensor, Tensor)",
+    schema="(Tensor grad, Tensor v_rows, Tensor flat, Tensor weight, Tensor? scale, bool rows_grad,"
+    " bool weight_grad, bool scale_grad) -> (Tensor, Tensor, Tensor)",
 )
 def _gather_aggregate_backward(
-    grad: Tensor, v_rows: Tensor, flat: Tensor, weight: Tensor, rows_grad: bool, weight_grad: bool
-) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`gather_aggregate` for ``grad [T, C']``: ``(v_rows', weight')``, each an
-    empty tensor where not asked for."""
+    grad: Tensor,
+    v_rows: Tensor,
+    flat: Tensor,
+    weight: Tensor,
+    scale: Tensor | None,
+    rows_grad: bool,
+    weight_grad: bool,
+    scale_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`gather_aggregate` for ``grad [T, C']``: ``(v_rows', weight', scale')``, each
+    an empty tensor where not asked for (``scale'`` also when ``scale`` is None)."""
+    scale_grad = scale_grad and scale is not None
     grad_v, grad_w = _like_or_empty((v_rows, rows_grad), (weight, weight_grad), zeros=True)
+    grad_s = v_rows.new_empty(flat.shape if scale_grad else (0,))
+    scaled = (
+        None
+        if scale is None
+        else v_rows.new_empty(min(_step(flat, v_rows), flat.shape[0]), *flat.shape[1:], v_rows.shape[1])
+    )
     for start, step, rows in _gathered_steps(v_rows, flat):
-        step_grad = grad[start : start + step.shape[0]]
-        grad_rows, step_grad_w = _rows_conv_backward(rows.flatten(1), weight, step_grad, weight_grad)
+        stop = start + step.shape[0]
+        step_grad, conv_rows = grad[start:stop], rows
+        if scale is not None:  # the conv saw the scaled rows; the rows stay for the scale's gradient
+            conv_rows = torch.mul(rows, scale[start:stop].unsqueeze(-1), out=scaled[: step.shape[0]])
+        grad_rows, step_grad_w = _rows_conv_backward(conv_rows.flatten(1), weight, step_grad, weight_grad)
         if weight_grad:
             grad_w += step_grad_w
+        grad_rows = grad_rows.view(rows.shape)
+        if scale_grad:
+            torch.sum(torch.mul(grad_rows, rows, out=conv_rows), -1, out=grad_s[start:stop])
         if rows_grad:
+            if scale is not None:
+                grad_rows.mul_(scale[start:stop].unsqueeze(-1))
             index_add_rows(grad_v, step.reshape(-1), grad_rows.view(-1, v_rows.shape[1]))
-    return grad_v, grad_w
+    return grad_v, grad_w, grad_s
 
 
 @_gather_aggregate_backward.register_fake
-def _gather_aggregate_backward_fake(grad, v_rows, flat, weight, rows_grad, weight_grad):
-    return _like_or_empty((v_rows, rows_grad), (weight, weight_grad))
+def _gather_aggregate_backward_fake(grad, v_rows, flat, weight, scale, rows_grad, weight_grad, scale_grad):
+    grad_s = v_rows.new_empty(flat.shape if scale_grad and scale is not None else (0,))
+    return (*_like_or_empty((v_rows, rows_grad), (weight, weight_grad)), grad_s)
 
 
 def _gather_aggregate_setup(ctx, inputs: tuple, output: Tensor) -> None:
-    v_rows, flat, weight, _ = inputs
-    ctx.save_for_backward(v_rows, flat, weight)
+    v_rows, flat, weight, _, scale = inputs
+    ctx.save_for_backward(v_rows, flat, weight, scale)
 
 
-def _gather_aggregate_grad(ctx, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, Tensor | None]:
-    v_rows, flat, weight = ctx.saved_tensors
-    rows_grad, _, weight_grad, bias_grad = ctx.needs_input_grad
+def _gather_aggregate_grad(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    v_rows, flat, weight, scale = ctx.saved_tensors
+    rows_grad, _, weight_grad, bias_grad, scale_grad = ctx.needs_input_grad
     grad = grad.contiguous()
-    grad_v, grad_w = _gather_aggregate_backward(grad, v_rows, flat, weight, rows_grad, weight_grad)
+    grad_v, grad_w, grad_s = _gather_aggregate_backward(
+        grad, v_rows, flat, weight, scale, rows_grad, weight_grad, scale_grad
+    )
     return (
         grad_v if rows_grad else None,
         None,
         grad_w if weight_grad else None,
         grad.sum(0) if bias_grad else None,
+        grad_s if scale_grad else None,
     )
 
 

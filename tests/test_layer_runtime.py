@@ -253,19 +253,24 @@ def test_cuda_training_step_has_no_host_sync_and_is_deterministic(case):
     assert torch.equal(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("rho", ["ones", "softmax"])
 @pytest.mark.parametrize("tokens", [7, 8])  # 2 x 7 x 8 = 112 rows: 16-row conv steps; 2 x 7 x 7: GEMM tail
-def test_gather_aggregate_in_steps_equals_gather_then_conv(tokens, monkeypatch):
+def test_gather_aggregate_in_steps_equals_gather_then_conv(tokens, rho, monkeypatch):
     # gather_aggregate's 1x1-conv steps (oneDNN) and its GEMM fallback against autograd through
-    # gather + Conv1d, in float64, values and all gradients
+    # gather + modulate + Conv1d, in float64, values and all gradients (rho's values' too)
     monkeypatch.setattr(knn, "STEP_ELEMENTS", 32 * 3 * 5)  # steps of 32 tokens
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(2, 5, 30, dtype=torch.float64, generator=gen, requires_grad=True)
     idx = torch.randint(0, 30, (2, 7 * tokens, 3), generator=gen)
+    values = torch.randn(2, 7 * tokens, 3, dtype=torch.float64, generator=gen, requires_grad=True)
     conv = torch.nn.Conv1d(5, 4, 3, stride=3).double()
-    out = knn.aggregate_neighbors(v, idx, None, "ones", conv)
-    grads = torch.autograd.grad(out.square().sum(), (v, conv.weight, conv.bias))
-    ref = conv(knn.gather_neighbors(v, idx))
-    ref_grads = torch.autograd.grad(ref.square().sum(), (v, conv.weight, conv.bias))
+    inputs = (v, conv.weight, conv.bias, values)
+    out = knn.aggregate_neighbors(v, idx, values, rho, conv)
+    grads = torch.autograd.grad(out.square().sum(), inputs, allow_unused=True)
+    ref = conv(knn.modulate(knn.gather_neighbors(v, idx), values, rho))
+    ref_grads = torch.autograd.grad(ref.square().sum(), inputs, allow_unused=True)
+    assert (grads[-1] is None) == (ref_grads[-1] is None) == (rho == "ones")
+    grads, ref_grads = grads[: 3 if rho == "ones" else 4], ref_grads[: 3 if rho == "ones" else 4]
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
