@@ -546,11 +546,12 @@ class SelectedSimilarity(torch.autograd.Function):
 
     Forward returns ``values [B, N, p]`` (already computed by the selection, without autograd) for the
     pairs ``(i, positions[b, i, j])`` of prepared rows ``q [B, N, h]``, ``k [B, M, h]``; nothing is
-    stored beyond ``q``, ``k`` and the positions. Backward rebuilds the gradient in the selection's
-    query chunks (``chunk``) as a ``[B, chunk, M]`` matrix that is zero outside the selected pairs
-    and applies it with two batched matmuls (on CPU far faster than scattering ``N * p`` rows of ``h``
-    values). A row's positions are distinct, so the matrix is filled by a plain ``scatter_``: no
-    atomics, deterministic on every device.
+    stored beyond ``q``, ``k`` and the positions. Backward on CPU: the selected pairs only
+    (:func:`_selected_pairs_grad`, O(N * p * h), compiled or not). Elsewhere it rebuilds the gradient in the
+    selection's query chunks (``chunk``) as a ``[B, chunk, M]`` matrix that is zero outside the
+    selected pairs and applies it with two batched matmuls, O(N * M * h) but two large GEMMs (a GPU's
+    strength) with no atomics: a row's positions are distinct, so a plain ``scatter_`` fills the
+    matrix, deterministic on every device.
     """
 
     @staticmethod
@@ -566,23 +567,74 @@ class SelectedSimilarity(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         q, k, positions = ctx.saved_tensors
-        batch, n, _ = positions.shape
-        m, h = k.shape[1:]
+        h = k.shape[-1]
         grad = grad.to(q.dtype) / math.sqrt(h) if ctx.kind == "dot" else grad.to(q.dtype)
-        grad_q, grad_k = torch.empty_like(q), torch.zeros_like(k)
-        for start in range(0, n, ctx.chunk):
-            stop = min(start + ctx.chunk, n)
-            # the chunk's gradient as a [B, c, M] matrix, nonzero at the selected pairs only
-            g = q.new_zeros(batch, stop - start, m).scatter_(2, positions[:, start:stop], grad[:, start:stop])
-            q_rows = q[:, start:stop]
-            grad_q[:, start:stop] = g @ k
-            grad_k += g.transpose(1, 2) @ q_rows
-            if ctx.kind == "euclidean":  # -|q - k|^2 = 2 q.k - |q|^2 - |k|^2
-                grad_q[:, start:stop] = 2 * grad_q[:, start:stop] - 2 * q_rows * g.sum(-1, keepdim=True)
-                grad_k -= k * g.sum(1).unsqueeze(-1)
-        if ctx.kind == "euclidean":
-            grad_k *= 2
+        if q.device.type == "cpu":  # a custom op, so compiled graphs run the same steps
+            grad_q, grad_k = _selected_pairs_grad(q, k, positions, grad.contiguous(), ctx.kind)
+        else:
+            grad_q, grad_k = _dense_pairs_grad(q, k, positions, grad, ctx.kind, ctx.chunk)
         return grad_q, grad_k, None, None, None, None
+
+
+def _dense_pairs_grad(
+    q: Tensor, k: Tensor, positions: Tensor, grad: Tensor, kind: str, chunk: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`_selected_pairs_grad` through a dense ``[B, chunk, M]`` gradient matrix per query chunk,
+    zero outside the selected pairs, applied by two batched matmuls."""
+    batch, n, _ = positions.shape
+    m = k.shape[1]
+    grad_q, grad_k = torch.empty_like(q), torch.zeros_like(k)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        g = q.new_zeros(batch, stop - start, m).scatter_(2, positions[:, start:stop], grad[:, start:stop])
+        q_rows = q[:, start:stop]
+        grad_q[:, start:stop] = g @ k
+        grad_k += g.transpose(1, 2) @ q_rows
+        if kind == "euclidean":  # -|q - k|^2 = 2 q.k - |q|^2 - |k|^2
+            grad_q[:, start:stop] = 2 * grad_q[:, start:stop] - 2 * q_rows * g.sum(-1, keepdim=True)
+            grad_k -= k * g.sum(1).unsqueeze(-1)
+    if kind == "euclidean":
+        grad_k *= 2
+    return grad_q, grad_k
+
+
+@torch.library.custom_op(
+    "convnn::selected_pairs_grad",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor positions, Tensor grad, str kind) -> (Tensor, Tensor)",
+)
+def _selected_pairs_grad(
+    q: Tensor, k: Tensor, positions: Tensor, grad: Tensor, kind: str
+) -> tuple[Tensor, Tensor]:
+    """Gradients of the similarities of the pairs ``(i, positions[b, i, j])`` for ``grad [B, N, p]``
+    (already divided by ``sqrt(h)`` for dot) -> ``(q' [B, N, h], k' [B, M, h])``, in query steps of
+    about :data:`STEP_ELEMENTS` gathered values: ``q'_i = sum_j g_ij k_j`` from the step's gathered
+    key rows, ``k'`` by adding the rows ``g_ij q_i`` in order (:func:`~convnn.native.index_add_rows`:
+    deterministic). Euclidean adds ``-2 q_i sum_j g_ij`` and ``-2 k_j sum_i g_ij`` and doubles."""
+    batch, n, p = positions.shape
+    m, h = k.shape[1:]
+    flat = positions + torch.arange(batch, device=k.device).view(batch, 1, 1) * m  # rows of k [B * M, h]
+    key_rows, grad_k = k.reshape(batch * m, h), k.new_zeros(batch * m, h)
+    grad_q = torch.empty_like(q)
+    size = max(1, STEP_ELEMENTS // max(1, batch * p * h))
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        step, g = flat[:, start:stop].reshape(-1), grad[:, start:stop].unsqueeze(-1)  # g [B, c, p, 1]
+        rows = key_rows.index_select(0, step).view(batch, stop - start, p, h)
+        grad_q[:, start:stop] = rows.mul_(g).sum(2)
+        pair_rows = torch.mul(q[:, start:stop].unsqueeze(2), g, out=rows)  # g_ij q_i, in the same buffer
+        index_add_rows(grad_k, step, pair_rows.view(-1, h))
+    grad_k = grad_k.view_as(k)
+    if kind == "euclidean":  # -|q - k|^2 = 2 q.k - |q|^2 - |k|^2
+        per_key = k.new_zeros(batch * m).index_add_(0, flat.reshape(-1), grad.reshape(-1)).view(batch, m, 1)
+        grad_q = 2 * (grad_q - q * grad.sum(-1, keepdim=True))
+        grad_k = 2 * (grad_k - k * per_key)
+    return grad_q, grad_k
+
+
+@_selected_pairs_grad.register_fake
+def _selected_pairs_grad_fake(q, k, positions, grad, kind):
+    return torch.empty_like(q), torch.empty_like(k)
 
 
 def nearest_by_place(

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from convnn import knn
 from convnn.knn import (
     CandidateSampler,
     aggregate_neighbors,
@@ -262,6 +263,28 @@ def test_queries_taken_from_shared_rows_equal_their_copy(kind):
     assert torch.equal(idx[..., 0], ids.expand(2, -1))
     torch.testing.assert_close(values, ref_values)
     assert torch.autograd.gradcheck(lambda x: select(x, True)[0], (x,))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "dot", "euclidean"])
+def test_selected_pairs_gradient_equals_the_dense_chunk_gradient(kind, monkeypatch):
+    """The values' backward on CPU walks only the selected pairs (in query steps; keys shared by many
+    queries added in order); it equals the dense ``[B, chunk, M]`` backward other devices run, and
+    a float64 reference by autograd through the dense similarity."""
+    q, k = rand(2, 40, 6).requires_grad_(), rand(2, 40, 6, seed=7).requires_grad_()
+    positions = torch.stack(
+        [torch.randperm(40, generator=torch.Generator().manual_seed(i))[:4] for i in range(80)]
+    )
+    positions = positions.view(2, 40, 4)
+    grad = rand(2, 40, 4, seed=8)
+    monkeypatch.setattr(knn, "STEP_ELEMENTS", 2 * 4 * 6 * 3)  # steps of 3 queries
+    sparse = knn._selected_pairs_grad(q, k, positions, grad, kind)
+    dense = knn._dense_pairs_grad(q, k, positions, grad, kind, 16)
+    pairs = knn.prepared_similarity(q, k, kind).gather(2, positions)
+    scale = math.sqrt(6) if kind == "dot" else 1.0  # dot's gradient reaches them already divided by it
+    reference = torch.autograd.grad(pairs, (q, k), grad * scale)
+    for got, want, ref in zip(sparse, dense, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
 def test_one_self_first_neighbour_among_samples_backpropagates():
