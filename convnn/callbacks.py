@@ -39,18 +39,31 @@ class RecordCallback(Callback):
     After every test epoch it appends the module's ``epoch_metrics`` (numbered from 1) to
     ``history``, writes the record, prints one line (``verbose``) and raises :class:`Diverged` on a
     non-finite loss, before that epoch's checkpoint is written. ``history`` is this callback's
-    checkpoint state, so a resumed run continues it.
+    checkpoint state, so a resumed run continues it; :meth:`rewind` makes the record show only the
+    epochs the last checkpoint holds.
     """
 
     def __init__(self, record: RunRecord, verbose: bool = True) -> None:
         self.record, self.verbose = record, verbose
         self.history: list[dict[str, Any]] = []
+        self.checkpointed: int | None = None  # epochs of the last checkpoint written; None: none yet
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.checkpointed = len(self.history)
+
+    def rewind(self) -> None:
+        """An interrupted run's record keeps only the epochs its last checkpoint holds (a signal between
+        an epoch's record and its checkpoint would otherwise list an epoch the resume trains again);
+        without any checkpoint it keeps them all."""
+        if self.checkpointed is not None and self.checkpointed < len(self.history):
+            self.record.update(self.history[: self.checkpointed])
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
+        self.checkpointed = len(self.history)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.history:

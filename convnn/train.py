@@ -461,12 +461,14 @@ def _fit(
         raise RunError(f"diverged: {e}; lower optim.lr (overwrite=true reruns it)", EXIT_FAILED) from None
     except BaseException as e:
         if requeued_by_submitit(e):  # before the SIGINT check: Lightning marks any exit "interrupted"
+            recorder.rewind()
             record.interrupt("SIGUSR2 (time limit or pre-emption: requeued by submitit, resumes)")
             close_logger(logger, record.data)
             raise
         sigint = isinstance(e, KeyboardInterrupt) or (type(e) is SystemExit and trainer.interrupted)
         if isinstance(e, SIGTERMException) or sigint:
             name, code = ("SIGINT", EXIT_SIGINT) if sigint else ("SIGTERM", EXIT_SIGTERM)
+            recorder.rewind()
             record.interrupt(name)
             close_logger(logger, record.data)
             raise RunError(f"interrupted by {name}; continue it with resume=true", code) from None

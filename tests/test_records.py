@@ -7,6 +7,7 @@ import warnings
 import pytest
 
 from convnn import records
+from convnn.callbacks import RecordCallback
 from convnn.records import (
     RecordError,
     RunRecord,
@@ -128,3 +129,25 @@ def test_run_record_lifecycle(tmp_path):
 def test_a_disabled_record_never_writes(tmp_path):
     RunRecord.create(tmp_path / "results.json", {}, enabled=False).finish()
     assert not (tmp_path / "results.json").exists()
+
+
+def test_an_interrupted_record_keeps_only_the_checkpointed_epochs(tmp_path):
+    """A signal after an epoch's record row but before its checkpoint: the interrupted record lists
+    the checkpoint's epochs (the resume trains the last one again); with no checkpoint, all of them."""
+    rows = [
+        {"epoch": i, "train_loss": 1.0 / i, "test_loss": 1.0 / i, "test_acc1": 10.0 * i} for i in (1, 2, 3)
+    ]
+    for checkpointed, kept in ((2, [1, 2]), (None, [1, 2, 3])):
+        path = tmp_path / f"{checkpointed}" / "results.json"
+        path.parent.mkdir()
+        record = RunRecord(path, {"status": "running", "epochs": []})
+        recorder = RecordCallback(record, verbose=False)
+        if checkpointed:
+            recorder.history = rows[:checkpointed]
+            recorder.on_save_checkpoint(None, None, {})
+        recorder.history = rows
+        record.update(rows)
+        recorder.rewind()
+        record.interrupt("SIGINT")
+        saved = read_record(path)
+        assert saved["status"] == "interrupted" and [r["epoch"] for r in saved["epochs"]] == kept
