@@ -31,13 +31,19 @@ MMAP_THRESHOLD_CAP = 32 << 20
 TRIM_THRESHOLD = 1 << 30
 
 
+def tuning_wanted() -> bool:
+    """``CONVNN_MALLOC_TUNING``: "1" (the default) or "0"; any other value raises ``ValueError``."""
+    value = os.environ.get("CONVNN_MALLOC_TUNING", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"CONVNN_MALLOC_TUNING must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def keep_freed_memory() -> bool:
     """Set glibc's mmap and trim thresholds (:data:`MMAP_THRESHOLD`, :data:`TRIM_THRESHOLD`) for this
     process. Returns whether they were set: False when turned off (``CONVNN_MALLOC_TUNING=0``), when
     ``GLIBC_TUNABLES`` sets malloc itself, or when the C library has no ``mallopt`` (not glibc)."""
-    if os.environ.get("CONVNN_MALLOC_TUNING", "1") == "0" or "glibc.malloc." in os.environ.get(
-        "GLIBC_TUNABLES", ""
-    ):
+    if not tuning_wanted() or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt

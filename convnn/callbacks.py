@@ -39,7 +39,7 @@ class RecordCallback(Callback):
     After every test epoch it appends the module's ``epoch_metrics`` (numbered from 1) to
     ``history``, writes the record, prints one line (``verbose``) and raises :class:`Diverged` on a
     non-finite loss, before that epoch's checkpoint is written. ``history`` is this callback's
-    checkpoint state, so a resumed run continues it; :meth:`rewind` makes the record show only the
+    checkpoint state, so a resumed run continues it; :meth:`interrupt` closes the record with the
     epochs the last checkpoint holds.
     """
 
@@ -51,12 +51,13 @@ class RecordCallback(Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self.checkpointed = len(self.history)
 
-    def rewind(self) -> None:
-        """An interrupted run's record keeps only the epochs its last checkpoint holds (a signal between
-        an epoch's record and its checkpoint would otherwise list an epoch the resume trains again);
-        without any checkpoint it keeps them all."""
+    def interrupt(self, signal_name: str) -> None:
+        """Close the record as interrupted by ``signal_name``, keeping only the epochs the last
+        checkpoint holds (a signal between an epoch's record and its checkpoint would otherwise list an
+        epoch the resume trains again); without any checkpoint it keeps them all."""
         if self.checkpointed is not None and self.checkpointed < len(self.history):
             self.record.update(self.history[: self.checkpointed])
+        self.record.interrupt(signal_name)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}

@@ -613,7 +613,7 @@ def _selected_pairs_grad(
     deterministic). Euclidean adds ``-2 q_i sum_j g_ij`` and ``-2 k_j sum_i g_ij`` and doubles."""
     batch, n, p = positions.shape
     m, h = k.shape[1:]
-    flat = positions + torch.arange(batch, device=k.device).view(batch, 1, 1) * m  # rows of k [B * M, h]
+    flat = flat_indices(positions, m)  # rows of k [B * M, h]
     key_rows, grad_k = k.reshape(batch * m, h), k.new_zeros(batch * m, h)
     grad_q = torch.empty_like(q)
     size = max(1, STEP_ELEMENTS // max(1, batch * p * h))
@@ -678,11 +678,17 @@ def gather_neighbors(v: Tensor, indices: Tensor) -> Tensor:
     return rows.view(batch, -1, channels).transpose(1, 2)
 
 
+def flat_indices(indices: Tensor, n: int) -> Tensor:
+    """Token indices ``[B, N', k]`` of each image's ``n`` rows as indices into the ``B * n`` rows of
+    all images (``indices[b] + b * n``), same shape."""
+    batch = indices.shape[0]
+    return indices + torch.arange(batch, device=indices.device).view(batch, 1, 1) * n
+
+
 def token_rows(tokens: Tensor, indices: Tensor) -> Tensor:
     """The rows ``tokens [B, N, C]`` at ``indices [B, N', k]`` -> ``[B, N', k, C]`` (one ``index_select``)."""
     batch, n, channels = tokens.shape
-    flat = indices + torch.arange(batch, device=indices.device).view(batch, 1, 1) * n
-    picked = tokens.reshape(batch * n, channels).index_select(0, flat.reshape(-1))
+    picked = tokens.reshape(batch * n, channels).index_select(0, flat_indices(indices, n).reshape(-1))
     return picked.view(*indices.shape, channels)
 
 
@@ -716,7 +722,7 @@ def aggregate_neighbors(v: Tensor, indices: Tensor, values: Tensor, rho: str, co
         raise ValueError(f"conv needs kernel_size = stride = k = {k}, got {got}")
     tokens, m = indices.shape[1], v.shape[2]
     v_rows = v.transpose(1, 2).reshape(-1, channels)  # [B * N, C]: token b * N + i is token i of image b
-    flat = (indices + torch.arange(batch, device=indices.device).view(batch, 1, 1) * m).reshape(-1, k)
+    flat = flat_indices(indices, m).reshape(-1, k)
     scale = values.softmax(dim=-1).to(v.dtype).reshape(-1, k) if rho == "softmax" else None  # [B * N', k]
     if conv.groups == 1 and steps_apply(v_rows, conv.weight):  # compiled: a custom op
         weight = conv.weight.permute(0, 2, 1).reshape(conv.out_channels, k * channels)
@@ -822,15 +828,12 @@ def _gather_aggregate_backward(
     scale_grad = scale_grad and scale is not None
     grad_v, grad_w = _like_or_empty((v_rows, rows_grad), (weight, weight_grad), zeros=True)
     grad_s = v_rows.new_empty(flat.shape if scale_grad else (0,))
-    scaled = (
-        None
-        if scale is None
-        else v_rows.new_empty(min(_step(flat, v_rows), flat.shape[0]), *flat.shape[1:], v_rows.shape[1])
-    )
+    scaled = None  # the scaled rows of a step, beside the gathered ones (sized by the first, largest step)
     for start, step, rows in _gathered_steps(v_rows, flat):
         stop = start + step.shape[0]
         step_grad, conv_rows = grad[start:stop], rows
         if scale is not None:  # the conv saw the scaled rows; the rows stay for the scale's gradient
+            scaled = torch.empty_like(rows) if scaled is None else scaled
             conv_rows = torch.mul(rows, scale[start:stop].unsqueeze(-1), out=scaled[: step.shape[0]])
         grad_rows, step_grad_w = _rows_conv_backward(conv_rows.flatten(1), weight, step_grad, weight_grad)
         if weight_grad:

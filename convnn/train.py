@@ -28,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from convnn import paths
-from convnn.allocator import keep_freed_memory
+from convnn.allocator import keep_freed_memory, tuning_wanted
 from convnn.config import ConfigError, TrainConfig, validate_config
 from convnn.identity import effective_budget, run_identity
 from convnn.quiet import filter_known_warnings
@@ -461,15 +461,13 @@ def _fit(
         raise RunError(f"diverged: {e}; lower optim.lr (overwrite=true reruns it)", EXIT_FAILED) from None
     except BaseException as e:
         if requeued_by_submitit(e):  # before the SIGINT check: Lightning marks any exit "interrupted"
-            recorder.rewind()
-            record.interrupt("SIGUSR2 (time limit or pre-emption: requeued by submitit, resumes)")
+            recorder.interrupt("SIGUSR2 (time limit or pre-emption: requeued by submitit, resumes)")
             close_logger(logger, record.data)
             raise
         sigint = isinstance(e, KeyboardInterrupt) or (type(e) is SystemExit and trainer.interrupted)
         if isinstance(e, SIGTERMException) or sigint:
             name, code = ("SIGINT", EXIT_SIGINT) if sigint else ("SIGTERM", EXIT_SIGTERM)
-            recorder.rewind()
-            record.interrupt(name)
+            recorder.interrupt(name)
             close_logger(logger, record.data)
             raise RunError(f"interrupted by {name}; continue it with resume=true", code) from None
         record.fail(" ".join(f"{type(e).__name__}: {e}".split()))
@@ -567,6 +565,10 @@ def _hydra_app(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Console entry point ``convnn-train``."""
+    try:
+        tuning_wanted()
+    except ValueError as e:
+        raise _fail(str(e)) from None
     preflight(sys.argv[1:])
     _hydra_app()
 

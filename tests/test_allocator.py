@@ -72,3 +72,12 @@ def test_every_training_job_applies_it(tmp_path, monkeypatch):
             tmp_path, *TINY_DATA, *TINY_VGG, *QUIET, "layer=convnn", "layer.k=40", monkeypatch=monkeypatch
         )
     assert calls == [1]
+
+
+def test_a_bad_setting_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("CONVNN_MALLOC_TUNING", "off")
+    monkeypatch.setattr(sys, "argv", ["convnn-train"])
+    with pytest.raises(SystemExit) as e:
+        train.main()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == "convnn-train: error: CONVNN_MALLOC_TUNING must be 0 or 1, got 'off'"

@@ -147,7 +147,6 @@ def test_an_interrupted_record_keeps_only_the_checkpointed_epochs(tmp_path):
             recorder.on_save_checkpoint(None, None, {})
         recorder.history = rows
         record.update(rows)
-        recorder.rewind()
-        record.interrupt("SIGINT")
+        recorder.interrupt("SIGINT")
         saved = read_record(path)
         assert saved["status"] == "interrupted" and [r["epoch"] for r in saved["epochs"]] == kept

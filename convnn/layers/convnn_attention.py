@@ -25,6 +25,7 @@ from convnn.knn import (
     SIMILARITIES,
     CandidateSampler,
     check_choice,
+    flat_indices,
     gather_neighbors,
     gather_scaled_sum,
     grouped_matmul,
@@ -258,7 +259,7 @@ class ConvNNAttention(nn.Module):
         heads, k = bh // batch, indices.shape[-1]
         depthwise = isinstance(first, nn.Conv1d) and first.groups == first.out_channels == d
         if heads == 1 and depthwise and steps_apply(v, first.weight):
-            flat = (indices + torch.arange(bh, device=v.device).view(bh, 1, 1) * n).reshape(-1, k)
+            flat = flat_indices(indices, n).reshape(-1, k)
             w = v.new_ones(flat.shape) if weights is None else weights.reshape(-1, k)
             out = gather_scaled_sum(v.reshape(-1, d), flat, w, first.weight.view(d, k).t().contiguous())
             return self._aggregate_tail(out.view(batch, n, d), first)
