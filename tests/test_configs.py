@@ -93,6 +93,16 @@ def test_smoke_budget_is_small():
     assert (typed.data.subset.train, typed.data.subset.test) == (512, 256)
 
 
+def test_early_budget_is_the_paper_recipe_cut_short():
+    """budget=early differs from the paper's (budget=full) only in its label and epochs."""
+    args = ("experiment=paper/table1", "layer.ratio=0.5")
+    full = OmegaConf.to_container(compose_train(*args)[0], resolve=True)
+    early = OmegaConf.to_container(compose_train(*args, "budget=early")[0], resolve=True)
+    assert (early["budget"], early["epochs"], full["epochs"]) == ("early", 2, 150)
+    assert {**early, "budget": "full", "epochs": 150} == full
+    assert compose_train(*args, "budget=early", "epochs=5")[0].epochs == 5
+
+
 def test_experiment_group_is_the_top_level_experiments_folder():
     assert not (CONFIG_DIR / "experiment").exists()  # reached through a search path, not a symlink
     assert EXPERIMENTS == paths.EXPERIMENTS_DIR and (EXPERIMENTS / "paper" / "table1.yaml").is_file()
