@@ -2,7 +2,7 @@
 
 Forward + backward at VGG-11's ConvNN shapes and ViT-Tiny's (197 tokens x 192): every map layer
 against ``nn.Conv2d(C, C, 3, padding=1)``, every token layer against SDPA ``attention`` (and KVT
-against a dense masked-softmax KVT), all against the paper's Algorithm 1 (``convnn/reference_algorithm1.py``)
+against a dense masked-softmax KVT), all against the paper's Algorithm 1 (``convnn/knn/reference.py``)
 and against the FLOP floor (the case's multiply-adds over the reference's: the time ratio if both ran
 at the same FLOP rate). Every case of a shape is timed in the same loop, interleaved, and the median
 is taken, so ratios are measured side by side on a shared machine. Per case also: peak tensor memory
@@ -39,10 +39,10 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's convnn, installed or not
 
+from convnn.knn.reference import Algorithm1ConvNN, algorithm1_on_map  # noqa: E402
 from convnn.layers import build_layer  # noqa: E402
 from convnn.models import build_model  # noqa: E402
-from convnn.profile import _native_stderr_silenced  # noqa: E402
-from convnn.reference_algorithm1 import Algorithm1ConvNN, algorithm1_on_map  # noqa: E402
+from convnn.models.accounting import _native_stderr_silenced  # noqa: E402
 
 K, R = 9, 32
 VGG_SHAPES = [(64, 32), (128, 16), (256, 8), (512, 4)]

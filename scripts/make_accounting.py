@@ -3,9 +3,10 @@
     python scripts/make_accounting.py [--out results/paper/accounting.md] [--tables table1 table4 ...]
 
 The paper's numbers and the Hydra overrides that build each row come from results/paper/*.csv; each row
-is built from the same configs as training (``convnn.profile.compose_config``) and measured with
-``convnn.profile.profile_model``: parameters, the paper's GFLOPs method (torch.profiler) and fvcore's
-multiply-adds. Nothing is trained. Rows whose composed configuration is identical are profiled once.
+is built from the same configs as training (``convnn.train.profile.compose_config``) and measured
+with ``convnn.models.accounting.profile_model``: parameters, the paper's GFLOPs method (torch.profiler)
+and fvcore's multiply-adds. Nothing is trained. Rows whose composed configuration is identical are
+profiled once.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from convnn.models import build_from_config
+from convnn.models.accounting import profile_model
 from convnn.paths import PAPER_DIR
-from convnn.profile import compose_config, profile_model
+from convnn.train.profile import compose_config
 
 GFLOPS_TOLERANCE = 0.005
 

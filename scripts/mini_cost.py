@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 
 from convnn.models import build_from_config
 from convnn.paths import CONFIG_DIR, EXPERIMENTS_DIR
-from convnn.sweep import expand_jobs
+from convnn.runs.sweep import expand_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = ("table1", "table2")

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from convnn import train
+from convnn.train import app as train
 from tests.test_train import QUIET, TINY_DATA, TINY_VGG, convnn_train
 
 
@@ -26,7 +26,7 @@ needs_glibc = pytest.mark.skipif(not glibc(), reason="needs glibc malloc")
 CHURN = textwrap.dedent(
     """
     import resource, torch
-    from convnn.allocator import keep_freed_memory
+    from convnn.train.allocator import keep_freed_memory
     print(keep_freed_memory())
     for _ in range(40):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from convnn import profile, train
-from convnn.records import read_record
+from convnn.runs.records import read_record
+from convnn.train import app as train
+from convnn.train import profile
 from tests.faults import read_only
 from tests.test_train import QUIET, TINY_DATA, TINY_VGG, convnn_train
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from convnn.claims import (
+from convnn.report.claims import (
     CONTRADICTED,
     INCONCLUSIVE,
     MINI,
@@ -19,8 +19,9 @@ from convnn.claims import (
     make_claims,
     spread,
 )
-from convnn.records import write_record
-from convnn.tables import compose_config, main, read_paper
+from convnn.report.cli import main
+from convnn.report.tables import compose_config, read_paper
+from convnn.runs.records import write_record
 
 PAPER = {r["row"]: r for table in MINI.tables for r in read_paper(table)}
 
@@ -174,7 +175,7 @@ def test_cli_claims_and_its_errors(source: Path, tmp_path: Path, capsys: pytest.
 
 
 def test_table_rows_are_selected_by_id(tmp_path: Path) -> None:
-    from convnn.tables import make_table
+    from convnn.report.tables import make_table
 
     (md, _, _) = make_table("table2", None, tmp_path, row_ids=["t2.c10.kvt9"])
     assert "t2.c10.kvt9" in md.read_text() and "t2.c10.attention" not in md.read_text()

@@ -5,9 +5,10 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf, open_dict
 
 from convnn import paths
-from convnn.config import ConfigError, check_layer_options, validate_config
 from convnn.layers import available_layers, layer_entry
-from convnn.train import CONFIG_DIR, preflight, run_subdir
+from convnn.runs.rundir import run_subdir
+from convnn.train.app import CONFIG_DIR, preflight
+from convnn.train.config import ConfigError, check_layer_options, validate_config
 
 EXPERIMENTS = CONFIG_DIR.parent / "experiments"
 

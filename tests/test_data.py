@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-from convnn.config import DataConfig, SubsetConfig
-from convnn.data import (
+from convnn.train.config import DataConfig, SubsetConfig
+from convnn.train.data import (
     EpochShuffleSampler,
     ImageDataModule,
     SyntheticImages,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from convnn.sweep import expand_jobs, override_key
+from convnn.runs.sweep import expand_jobs, override_key
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ROOT / "experiments" / "paper"
@@ -160,7 +160,7 @@ def test_every_configuration_of_every_experiment_builds_and_runs(name: str) -> N
     import torch
 
     from convnn.models import build_model, input_size
-    from convnn.tables import compose_config
+    from convnn.report.tables import compose_config
 
     _, jobs = experiment_jobs(name)
     seen = set()

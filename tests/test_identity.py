@@ -1,4 +1,4 @@
-from convnn.identity import effective_budget, identity_diff, identity_key, run_identity
+from convnn.runs.identity import effective_budget, identity_diff, identity_key, run_identity
 
 BASE = {
     "name": "paper/table1",

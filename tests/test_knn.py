@@ -276,9 +276,9 @@ def test_selected_pairs_gradient_equals_the_dense_chunk_gradient(kind, monkeypat
     )
     positions = positions.view(2, 40, 4)
     grad = rand(2, 40, 4, seed=8)
-    monkeypatch.setattr(knn, "STEP_ELEMENTS", 2 * 4 * 6 * 3)  # steps of 3 queries
-    sparse = knn._selected_pairs_grad(q, k, positions, grad, kind)
-    dense = knn._dense_pairs_grad(q, k, positions, grad, kind, 16)
+    monkeypatch.setattr(knn.ops, "STEP_ELEMENTS", 2 * 4 * 6 * 3)  # steps of 3 queries
+    sparse = knn.ops._selected_pairs_grad(q, k, positions, grad, kind)
+    dense = knn.ops._dense_pairs_grad(q, k, positions, grad, kind, 16)
     pairs = knn.prepared_similarity(q, k, kind).gather(2, positions)
     scale = math.sqrt(6) if kind == "dot" else 1.0  # dot's gradient reaches them already divided by it
     reference = torch.autograd.grad(pairs, (q, k), grad * scale)

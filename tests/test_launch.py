@@ -8,8 +8,8 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from convnn.records import read_record, write_record
-from convnn.sweep import JobOutcome, expand_jobs, format_jobs, format_summary, run_state
+from convnn.runs.records import read_record, write_record
+from convnn.runs.sweep import JobOutcome, expand_jobs, format_jobs, format_summary, run_state
 from hydra_plugins.convnn_sweeper.paper_sweeper import default_local_parallelism
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -6,11 +6,12 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils.data import DataLoader, TensorDataset
 
-from convnn import knn, train
-from convnn.config import validate_config
+from convnn import knn
 from convnn.knn import knn_select, reset_sampling
 from convnn.layers import build_layer
-from convnn.module import ImageClassifier
+from convnn.train import app as train
+from convnn.train.config import validate_config
+from convnn.train.module import ImageClassifier
 from tests.test_configs import compose_train
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -105,8 +106,8 @@ def test_compiled_selection_honours_chunk_size(chunk_size, monkeypatch):
     tail of 8), with eager's result."""
     torch._dynamo.reset()
     calls = []
-    chunk_fn = knn._select_chunk
-    monkeypatch.setattr(knn, "_select_chunk", lambda *args: calls.append(1) or chunk_fn(*args))
+    chunk_fn = knn.selection._select_chunk
+    monkeypatch.setattr(knn.selection, "_select_chunk", lambda *args: calls.append(1) or chunk_fn(*args))
     q = torch.randn(2, 40, 8, generator=torch.Generator().manual_seed(0))
 
     def select(q):
@@ -258,7 +259,7 @@ def test_cuda_training_step_has_no_host_sync_and_is_deterministic(case):
 def test_gather_aggregate_in_steps_equals_gather_then_conv(tokens, rho, monkeypatch):
     # gather_aggregate's 1x1-conv steps (oneDNN) and its GEMM fallback against autograd through
     # gather + modulate + Conv1d, in float64, values and all gradients (rho's values' too)
-    monkeypatch.setattr(knn, "STEP_ELEMENTS", 32 * 3 * 5)  # steps of 32 tokens
+    monkeypatch.setattr(knn.ops, "STEP_ELEMENTS", 32 * 3 * 5)  # steps of 32 tokens
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(2, 5, 30, dtype=torch.float64, generator=gen, requires_grad=True)
     idx = torch.randint(0, 30, (2, 7 * tokens, 3), generator=gen)

@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from convnn.knn.reference import Algorithm1ConvNN, algorithm1_on_map
 from convnn.layers import build_layer, layer_entry, reset_sampling
 from convnn.layers.convnn import ConvNN
-from convnn.reference_algorithm1 import Algorithm1ConvNN, algorithm1_on_map
 
 
 def rand(*shape, seed=0, dtype=torch.float64):

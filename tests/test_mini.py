@@ -10,12 +10,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from convnn import train
-from convnn.claims import MINI, make_claims
 from convnn.models import build_model
-from convnn.records import read_record
-from convnn.sweep import expand_jobs
-from convnn.tables import compose_config, match_key, read_paper
+from convnn.report.claims import MINI, make_claims
+from convnn.report.tables import compose_config, match_key, read_paper
+from convnn.runs.records import read_record
+from convnn.runs.sweep import expand_jobs
+from convnn.train import app as train
 
 ROOT = Path(__file__).resolve().parent.parent
 CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"

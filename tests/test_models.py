@@ -12,8 +12,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from convnn.layers import available_layers
-from convnn.models import available_models, build_model, input_size, model_entry
-from convnn.profile import build_from_config, compose_config, fvcore_macs
+from convnn.models import available_models, build_from_config, build_model, input_size, model_entry
+from convnn.models.accounting import fvcore_macs
+from convnn.train.profile import compose_config
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
 VGG11_SLOTS = [(3, 64), (64, 128), (128, 256), (256, 256), (256, 512), (512, 512), (512, 512), (512, 512)]

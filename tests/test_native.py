@@ -1,4 +1,4 @@
-"""The native kernels (convnn/csrc/kernels.cpp) against torch.topk / index_add_ and hand-made cases, its
+"""The native kernels (convnn/knn/csrc/kernels.cpp) against torch.topk / index_add_ and hand-made cases, its
 oneDNN-scored selection against the matmul, and the fallback when no kernel can be built."""
 
 import os
@@ -10,8 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from convnn import native
-from convnn.knn import knn_select, prepare, prepared_similarity
+from convnn.knn import knn_select, native, prepare, prepared_similarity
 from convnn.layers import build_layer
 
 
@@ -117,7 +116,7 @@ def test_a_failed_build_warns_once_and_falls_back_to_torch_topk(tmp_path):
         """
         import warnings
         import torch
-        from convnn import native
+        from convnn.knn import native
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             assert not native.available() and not native.available()
@@ -135,7 +134,7 @@ def test_a_failed_build_warns_once_and_falls_back_to_torch_topk(tmp_path):
 
 
 def test_convnn_native_0_turns_the_kernel_off():
-    script = "from convnn import native; print(native.available())"
+    script = "from convnn.knn import native; print(native.available())"
     done = run_python(script, CONVNN_NATIVE="0")
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
 
@@ -172,7 +171,7 @@ def test_kernels_built_for_other_instruction_sets_agree(capability, tmp_path):
     script = textwrap.dedent(
         f"""
         import torch
-        from convnn import native
+        from convnn.knn import native
         native.build({capability!r})
         generator = torch.Generator().manual_seed(0)
         for m in (20, 64, 65, 100, 1156):

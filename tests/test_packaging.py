@@ -41,7 +41,8 @@ def test_a_non_editable_install_runs_from_anywhere(tmp_path):
         "python", "-c", "import convnn.paths as p; print(p.CONFIG_DIR, p.EXPERIMENTS_DIR, p.PAPER_DIR)"
     )
     assert where.count(str(site / "convnn" / "_data")) == 3
-    kernel = run("python", "-c", "from convnn import native as n; print(n.SOURCE.is_file(), n.available())")
+    script = "from convnn.knn import native as n; print(n.SOURCE.is_file(), n.available())"
+    kernel = run("python", "-c", script)
     assert kernel.split() == ["True", "True"]  # the C++ source ships and builds from the installed copy
     assert "name: branching" in run("convnn-train", "--cfg", "job", "experiment=quickstart")
     assert run("convnn-train", "-m", "experiment=paper/table2", "hydra.sweeper.dry_run=true").startswith(

@@ -17,7 +17,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from convnn.sweep import expand_jobs, override_key
+from convnn.runs.sweep import expand_jobs, override_key
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

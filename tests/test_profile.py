@@ -12,8 +12,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from convnn.layers import available_layers
-from convnn.models import available_models, model_entry
-from convnn.profile import build_from_config, compose_config, fvcore_macs, profile_model
+from convnn.models import available_models, build_from_config, model_entry
+from convnn.models.accounting import fvcore_macs, profile_model
+from convnn.train.profile import compose_config
 from tests.test_models import VGG11_SLOTS, paper_rows
 
 VGG11_SIDES = [32, 16, 8, 8, 4, 4, 2, 2]  # map side at each VGG-11 slot for 32x32 inputs

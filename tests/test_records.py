@@ -6,9 +6,8 @@ import warnings
 
 import pytest
 
-from convnn import records
-from convnn.callbacks import RecordCallback
-from convnn.records import (
+from convnn.runs import records
+from convnn.runs.records import (
     RecordError,
     RunRecord,
     collect_records,
@@ -16,6 +15,7 @@ from convnn.records import (
     summarize_epochs,
     write_record,
 )
+from convnn.train.callbacks import RecordCallback
 from tests.faults import fill, small_fs
 
 

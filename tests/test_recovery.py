@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from convnn import train
-from convnn.checkpoints import AtomicCheckpointIO, CheckpointError, checkpoint_epochs
-from convnn.module import ImageClassifier
-from convnn.records import read_record
+from convnn.runs import rundir
+from convnn.runs.checkpoints import AtomicCheckpointIO, CheckpointError, checkpoint_epochs
+from convnn.runs.errors import EXIT_BUSY
+from convnn.runs.records import read_record
+from convnn.train import app as train
+from convnn.train.module import ImageClassifier
 from tests.faults import fill, small_fs
 from tests.test_runlock import hold_lock
 from tests.test_train import QUIET, TINY_DATA, TINY_VGG, convnn_train
@@ -24,7 +26,7 @@ TINY = [*TINY_DATA, *TINY_VGG, "layer=conv2d", *QUIET]
 
 
 def run_dir_of(out: Path, *overrides: str) -> Path:
-    return out / "default" / train.run_subdir(list(overrides))
+    return out / "default" / rundir.run_subdir(list(overrides))
 
 
 def fails(out: Path, *overrides: str, monkeypatch, capsys) -> tuple[int, str]:
@@ -56,7 +58,7 @@ def test_a_second_process_on_a_run_dir_is_refused_naming_the_holder(tmp_path, mo
     holder = hold_lock(run_dir)
     try:
         code, err = fails(tmp_path, *TINY, "epochs=1", monkeypatch=monkeypatch, capsys=capsys)
-        assert code == train.EXIT_BUSY and f"is in use by pid {holder.pid} on " in err
+        assert code == EXIT_BUSY and f"is in use by pid {holder.pid} on " in err
         assert err.count("\n") == 1 and not (run_dir / "results.json").exists()
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -197,7 +199,7 @@ def test_a_huge_learning_rate_diverges_and_is_recorded_as_such(tmp_path, monkeyp
 
 
 def _train_process(out: Path, *overrides: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "convnn.train", f"out_dir={out}", *overrides]
+    cmd = [sys.executable, "-m", "convnn.train.app", f"out_dir={out}", *overrides]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -218,7 +220,7 @@ def test_a_signal_records_interrupted_and_exits_128_plus_it(tmp_path, sig, code)
     assert f"interrupted by {sig.name}; continue it with resume=true" in err
     assert (record["status"], record["error"]) == ("interrupted", f"interrupted by {sig.name}")
     assert "Traceback" not in err and not (path.parent / "run.lock").exists()
-    for harmless in ("srun", "LeafSpec", "litlogger"):  # filtered once, in convnn.quiet
+    for harmless in ("srun", "LeafSpec", "litlogger"):  # filtered once, in convnn.train.quiet
         assert harmless not in err + out, harmless
 
 

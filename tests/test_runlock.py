@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from convnn.runlock import LOCK_NAME, RunLock, RunLockedError, lock_holder
+from convnn.runs.lock import LOCK_NAME, RunLock, RunLockedError, lock_holder
 
 HOLD = (
-    "import sys, time; from convnn.runlock import RunLock\n"
+    "import sys, time; from convnn.runs.lock import RunLock\n"
     "with RunLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)\n"
 )
 
@@ -65,7 +65,7 @@ def test_release_lets_the_next_holder_in_and_nobody_holds_a_fresh_dir(tmp_path):
 
 def test_many_processes_racing_for_one_dir_admit_exactly_one(tmp_path):
     script = (
-        "import sys, time; from convnn.runlock import RunLock, RunLockedError\n"
+        "import sys, time; from convnn.runs.lock import RunLock, RunLockedError\n"
         "try:\n    with RunLock(sys.argv[1]):\n        time.sleep(1.0); print('won')\n"
         "except RunLockedError:\n    print('refused')\n"
     )

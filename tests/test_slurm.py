@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from convnn.records import read_record
+from convnn.runs.records import read_record
 from tests.test_launch import sweep_command
 
 pytestmark = pytest.mark.slurm

@@ -10,20 +10,19 @@ from types import SimpleNamespace
 
 import pytest
 
-from convnn.figures import FIGURES, draw_figure, make_figure, smooth, sweep_points
-from convnn.records import write_record
-from convnn.tables import (
+from convnn.report.cli import main, parse_args
+from convnn.report.figures import FIGURES, draw_figure, make_figure, smooth, sweep_points
+from convnn.report.tables import (
     TABLES,
     build_table,
     compose_config,
-    main,
     make_table,
     match_records,
-    parse_args,
     read_paper,
     records_from_wandb,
     select_budget,
 )
+from convnn.runs.records import write_record
 
 ROWS = {r["row"]: r for r in read_paper("table4")}
 
@@ -279,7 +278,7 @@ def test_unknown_table_and_figure_are_rejected(tmp_path: Path) -> None:
 
 
 def test_params_and_gflops_regenerate_without_training(tmp_path: Path) -> None:
-    from convnn.tables import profile_rows
+    from convnn.report.tables import profile_rows
 
     row = {r["row"]: r for r in read_paper("table1")}["t1.c10.features.conv2d"]
     (stats,) = profile_rows([row]).values()

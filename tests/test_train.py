@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convnn import train
-from convnn.config import LoggerConfig, OptimConfig, SchedulerConfig
-from convnn.loggers import build_logger, wandb_mode
-from convnn.module import ImageClassifier
-from convnn.records import EPOCH_FIELDS, RECORD_FIELDS, read_record, write_record
+from convnn.runs import rundir
+from convnn.runs.records import EPOCH_FIELDS, RECORD_FIELDS, read_record, write_record
+from convnn.train import app as train
+from convnn.train.config import LoggerConfig, OptimConfig, SchedulerConfig
+from convnn.train.loggers import build_logger, wandb_mode
+from convnn.train.module import ImageClassifier
 
 SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"  # ../shared
 CIFAR10 = Path(os.environ.get("CONVNN_CIFAR10", SHARED_CIFAR10))
@@ -61,7 +62,7 @@ def test_synthetic_data_trains_each_backbone_and_writes_the_record(backbone, tmp
     overrides = [*TINY_DATA, *BACKBONES[backbone], "epochs=1", "trainer.progress_bar=none"]
     run_dir = convnn_train(tmp_path, *overrides, monkeypatch=monkeypatch)
     record = read_record(run_dir)
-    assert run_dir == tmp_path / "default" / train.run_subdir(overrides)
+    assert run_dir == tmp_path / "default" / rundir.run_subdir(overrides)
     assert set(RECORD_FIELDS) <= set(record)
     assert (record["status"], record["error"], record["experiment"], record["budget"]) == (
         "finished", None, "default", "full",
@@ -92,7 +93,7 @@ def test_sweep_jobs_and_single_runs_share_run_directories(tmp_path, monkeypatch,
     monkeypatch.setattr(sys, "argv", ["convnn-train", "-m", f"out_dir={tmp_path}", *overrides, "seed=0,1"])
     train.main()
     dirs = sorted(p.parent for p in tmp_path.rglob("results.json"))
-    assert dirs == [tmp_path / "default" / train.run_subdir([*overrides, f"seed={s}"]) for s in (0, 1)]
+    assert dirs == [tmp_path / "default" / rundir.run_subdir([*overrides, f"seed={s}"]) for s in (0, 1)]
     capsys.readouterr()
     run_dir = convnn_train(tmp_path, *overrides, "seed=1", "resume=true", monkeypatch=monkeypatch)
     assert "already finished; nothing to do" in capsys.readouterr().out
@@ -160,7 +161,7 @@ def test_resume_after_sigkill_of_the_process_matches_an_uninterrupted_run(tmp_pa
     data = ["data=synthetic", "data.train_size=512", "data.test_size=64", "batch_size=32"]
     overrides = [*data, *BACKBONES["vgg11"], "epochs=2", *QUIET]
     straight = read_record(convnn_train(tmp_path / "a", *overrides, monkeypatch=monkeypatch))
-    cmd = [sys.executable, "-m", "convnn.train", f"out_dir={tmp_path / 'b'}", *overrides]
+    cmd = [sys.executable, "-m", "convnn.train.app", f"out_dir={tmp_path / 'b'}", *overrides]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -281,8 +282,8 @@ def test_real_cifar10_is_learned_well_above_chance(tmp_path, monkeypatch):
 
 
 def test_learning_rate_schedules():
-    from convnn.config import SchedulerConfig
-    from convnn.module import lr_factor
+    from convnn.train.config import SchedulerConfig
+    from convnn.train.module import lr_factor
 
     none = SchedulerConfig()
     assert [lr_factor(e, 10, none, 1e-3) for e in (0, 9)] == [1.0, 1.0]
@@ -299,7 +300,7 @@ def test_learning_rate_schedules():
 def test_optimiser_is_the_papers_adamw_without_a_scheduler_by_default():
     import torch
 
-    from convnn.config import OptimConfig, SchedulerConfig
+    from convnn.train.config import OptimConfig, SchedulerConfig
 
     module = ImageClassifier(torch.nn.Linear(4, 3), 3, 150, OptimConfig(), SchedulerConfig())
     opt = module.configure_optimizers()

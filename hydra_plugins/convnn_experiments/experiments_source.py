@@ -15,7 +15,7 @@ from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSou
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import OmegaConf
 
-import convnn.config  # noqa: F401 - registers train_schema, the base of configs/train.yaml
+import convnn.train.config  # noqa: F401 - registers train_schema, the base of configs/train.yaml
 
 GROUP = "experiment"
 SCHEME = "convnn-experiments"

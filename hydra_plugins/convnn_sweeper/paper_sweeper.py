@@ -2,7 +2,7 @@
 ``skip_finished`` (re-launching skips finished runs; ``convnn-train`` resumes died ones), ``dry_run``
 (list and check the jobs, launch nothing), a concurrency cap for local processes and a final summary
 (finished / skipped / failed, with reasons; the sweep exits 1 when a job failed). Job expansion,
-run states and the listings live in :mod:`convnn.sweep`."""
+run states and the listings live in :mod:`convnn.runs.sweep`."""
 
 import logging
 import os
@@ -19,9 +19,9 @@ from hydra.core.override_parser.types import Override
 from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf
 
-from convnn.slurm import queued_jobs
-from convnn.sweep import JobOutcome, expand_jobs, format_jobs, format_summary, run_state
-from convnn.train import EXIT_BUSY, unwritable
+from convnn.runs.errors import EXIT_BUSY, unwritable
+from convnn.runs.slurm import queued_jobs
+from convnn.runs.sweep import JobOutcome, expand_jobs, format_jobs, format_summary, run_state
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,8 @@ def _check_job(cfg: Any) -> str | None:
     constructor (built on the meta device, no memory); the one-line error, or ``None``."""
     import torch
 
-    from convnn.config import ConfigError, check_layer_options, validate_config
     from convnn.models import build_model
+    from convnn.train.config import ConfigError, check_layer_options, validate_config
 
     try:
         typed = validate_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
@@ -88,7 +88,7 @@ def _check_job(cfg: Any) -> str | None:
 
 
 class PaperSweeper(BasicSweeper):
-    """Launches ``rows x params`` (see :func:`convnn.sweep.expand_jobs`) in batches."""
+    """Launches ``rows x params`` (see :func:`convnn.runs.sweep.expand_jobs`) in batches."""
 
     def __init__(
         self,
@@ -158,7 +158,7 @@ class PaperSweeper(BasicSweeper):
 
     def _queued_run_dirs(self) -> dict[Path, str]:
         """Run directory -> SLURM job id, for each job submitit submitted into this sweep's
-        ``submitit_folder`` that SLURM still holds (see :func:`convnn.slurm.queued_jobs`)."""
+        ``submitit_folder`` that SLURM still holds (see :func:`convnn.runs.slurm.queued_jobs`)."""
         folder = OmegaConf.select(self.config, "hydra.launcher.submitit_folder", default=None)
         if not folder:
             return {}

@@ -26,7 +26,7 @@ from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
-from convnn.slurm import queued_job_ids
+from convnn.runs.slurm import queued_job_ids
 
 log = logging.getLogger(__name__)
 

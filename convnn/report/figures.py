@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen first
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from convnn.identity import select as lookup  # noqa: E402 - config["a"]["b"] for "a.b", None if missing
+from convnn.runs.identity import select as lookup  # noqa: E402 - config["a"]["b"] for "a.b", None if missing
 
 Record = dict[str, Any]
 SMOOTH_WINDOW = 10  # the paper's moving average for loss curves

@@ -17,9 +17,9 @@ from typing import Any
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from convnn.identity import identity_diff, run_identity
-from convnn.records import RECORD_NAME, RecordError, read_record
-from convnn.runlock import lock_holder
+from convnn.runs.identity import identity_diff, run_identity
+from convnn.runs.lock import lock_holder
+from convnn.runs.records import RECORD_NAME, RecordError, read_record
 
 
 def override_key(override: str) -> str:
@@ -107,7 +107,7 @@ class RunState:
 
 def run_state(run_dir: str | Path, config: Mapping[str, Any], check_lock: bool = False) -> RunState:
     """The :class:`RunState` of ``run_dir`` for a run with resolved ``config`` (same identity and
-    seed as its record, see :func:`convnn.identity.run_identity`). ``check_lock`` also reports a
+    seed as its record, see :func:`convnn.runs.identity.run_identity`). ``check_lock`` also reports a
     directory held by a live process as ``running`` (the sweeper's view; the run itself holds it)."""
     if check_lock and (holder := lock_holder(run_dir)):
         return RunState("running", f"in use by pid {holder.get('pid')} on {holder.get('host')}")

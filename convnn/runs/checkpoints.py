@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from convnn.records import atomic_write
+from convnn.runs.records import atomic_write
 
 LAST_CHECKPOINT = "last"  # checkpoints/last.ckpt, replaced after every epoch
 

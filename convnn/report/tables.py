@@ -1,6 +1,7 @@
-"""``convnn-tables``: regenerate a paper table from run records, side by side with the paper.
+"""Regenerate a paper table from run records, side by side with the paper (``convnn-tables``, see
+:mod:`convnn.report.cli`).
 
-Records (``results.json``, see :mod:`convnn.records`) come from a local directory or a wandb
+Records (``results.json``, see :mod:`convnn.runs.records`) come from a local directory or a wandb
 project. Each paper row (``results/paper/<table>.csv``) is matched to the records whose resolved
 ``model``, ``layer``, ``data.name`` and ``optim.lr`` equal those Hydra composes from the row's
 overrides; matched runs are averaged over seeds. Missing cells stay missing. Nothing here trains.
@@ -28,9 +29,9 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from convnn.identity import identity_diff, row_identity, select, setup_identity
 from convnn.paths import CONFIG_DIR, PAPER_DIR
-from convnn.records import collect_records
+from convnn.runs.identity import identity_diff, row_identity, select, setup_identity
+from convnn.runs.records import collect_records
 
 OUT_DIR = Path("results") / "reproduced"  # relative: the working directory's, never the package's
 TABLES = ("table1", "table2", "table3", "table4", "table5", "resnet50")
@@ -61,7 +62,7 @@ def compose_config(overrides: tuple[str, ...]) -> dict[str, Any]:
 
 
 def match_key(config: Mapping[str, Any]) -> str:
-    """What identifies a paper row in a resolved config (:func:`convnn.identity.row_identity`)."""
+    """What identifies a paper row in a resolved config (:func:`convnn.runs.identity.row_identity`)."""
     return json.dumps(row_identity(config), sort_keys=True, default=str)
 
 
@@ -357,7 +358,7 @@ def load_records(source: str) -> list[Record]:
 
 
 def setup_key(record: Record) -> str:
-    """A short key of a record's training setup (:func:`convnn.identity.setup_identity`)."""
+    """A short key of a record's training setup (:func:`convnn.runs.identity.setup_identity`)."""
     text = json.dumps(setup_identity(record.get("config") or {}), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
@@ -406,7 +407,7 @@ def select_budget(records: Sequence[Record], budget: str | None, setup: str | No
 def profile_rows(rows: Sequence[Mapping[str, str]]) -> dict[str, dict[str, Any]]:
     """Params and GFLOPs (both methods) of every row's network, built from its config, no training."""
     from convnn.models import build_from_config
-    from convnn.profile import profile_model
+    from convnn.models.accounting import profile_model
 
     out = {}
     for row in rows:
@@ -475,63 +476,3 @@ def make_table(
         + "; 'profiler' is the paper's torch.profiler method, 'fvcore' counts multiply-adds.",
     ]
     return render(table if dataset is None else f"{table}-{dataset}", lines, header, out_dir)
-
-
-def parse_args(argv: Sequence[str]) -> dict[str, str]:
-    """``key=value`` arguments; unknown keys raise a ``ValueError`` listing the known ones."""
-    known = ("table", "figure", "claims", "source", "out", "budget", "setup", "profile", "dataset", "note")
-    args = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in known:
-            raise ValueError(f"bad argument {arg!r}; expected key=value with key in {list(known)}")
-        args[key] = value
-    if sum(k in args for k in ("table", "figure", "claims")) != 1:
-        raise ValueError("give exactly one of table=<name>, figure=<name> or claims=<reproduction>")
-    if args.get("profile", "false") not in ("true", "false"):
-        raise ValueError(f"profile={args['profile']!r}; allowed: true, false")
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``convnn-tables``; a bad argument or source exits with a one-line error (status 2)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(__doc__)
-        return
-    try:
-        for path in run(argv):
-            print(path)
-    except ValueError as e:
-        print(f"convnn-tables: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def run(argv: Sequence[str]) -> list[Path]:
-    """Make the table or figure ``argv`` asks for; the written paths."""
-    args = parse_args(argv)
-    if "claims" in args:
-        from convnn.claims import make_claims
-
-        if "source" not in args:
-            raise ValueError("claims need source=<run dir or wandb:entity/project>")
-        out = args.get("out")
-        return make_claims(args["claims"], args["source"], Path(out) if out else None, args.get("note"))
-    out_dir = Path(args.get("out", OUT_DIR))
-    if "figure" in args:
-        from convnn.figures import make_figure
-
-        if "source" not in args:
-            raise ValueError("figures need source=<run dir or wandb:entity/project>")
-        records = select_budget(load_records(args["source"]), args.get("budget"), args.get("setup"))
-        return [make_figure(args["figure"], records, out_dir, args["source"], args.get("note"))]
-    return make_table(
-        args["table"],
-        args.get("source"),
-        out_dir,
-        budget=args.get("budget"),
-        profile=args.get("profile") == "true",
-        dataset=args.get("dataset"),
-        note=args.get("note"),
-        setup=args.get("setup"),
-    )

@@ -3,7 +3,7 @@
 Each epoch it measures train loss / top-1 / top-5 (running over the epoch's batches), then test
 loss / top-1 / top-5 on the test split (Lightning's validation loop), the training time and
 throughput, logs them (epochs numbered from 1) and leaves them in ``epoch_metrics`` (accuracies in
-percent) for the record callback, which owns the epoch history (:mod:`convnn.callbacks`). Test loss
+percent) for the record callback, which owns the epoch history (:mod:`convnn.train.callbacks`). Test loss
 and top-1 are measured twice: per image (``test_loss``, ``test_acc1``: every image weighs the same)
 and as the mean of per-batch means (``test_loss_batchmean``, ``test_acc1_batchmean``: every batch
 weighs the same, a short last batch included), which is how the paper's reference averaged them.
@@ -22,8 +22,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from convnn.config import OptimConfig, SchedulerConfig
 from convnn.layers import reset_sampling
+from convnn.train.config import OptimConfig, SchedulerConfig
 
 SPLITS = ("train", "test")
 BATCHMEAN = ("test_loss_batchmean", "test_acc1_batchmean")

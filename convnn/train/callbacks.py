@@ -10,9 +10,9 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 
-from convnn.checkpoints import LAST_CHECKPOINT
-from convnn.config import TrainConfig
-from convnn.records import RunRecord
+from convnn.runs.checkpoints import LAST_CHECKPOINT
+from convnn.runs.records import RunRecord
+from convnn.train.config import TrainConfig
 
 
 class Diverged(RuntimeError):
@@ -34,7 +34,7 @@ def format_epoch(row: dict[str, Any], epochs: int) -> str:
 
 
 class RecordCallback(Callback):
-    """Owns the run's epoch history and keeps ``record`` (:class:`convnn.records.RunRecord`) current.
+    """Owns the run's epoch history and keeps ``record`` (:class:`convnn.runs.records.RunRecord`) current.
 
     After every test epoch it appends the module's ``epoch_metrics`` (numbered from 1) to
     ``history``, writes the record, prints one line (``verbose``) and raises :class:`Diverged` on a

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from convnn.config import DataConfig
+from convnn.train.config import DataConfig
 
 TORCHVISION_CIFAR = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
 

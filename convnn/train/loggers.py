@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
-from convnn.config import LoggerConfig
+from convnn.train.config import LoggerConfig
 
 
 def _has_wandb_key(host: str) -> bool:

@@ -1,7 +1,7 @@
 """The paper's qualitative claims from Tables 1 and 2, judged on runs (``convnn-tables claims=mini``).
 
 A :class:`Claim` compares two paper rows (``results/paper/<table>.csv`` ids) on the final test top-1
-(or test loss). Both sides come from :func:`convnn.tables.build_table` lines (mean ± sample std over
+(or test loss). Both sides come from :func:`convnn.report.tables.build_table` lines (mean ± sample std over
 seeds); nothing is typed in. With ``d`` the difference in the claim's direction minus its margin and
 ``s = sqrt(std_a² + std_b²)`` the spread of a one-seed difference, the verdict is *supported* when
 ``d > s``, *contradicted* when ``d < -s`` and *inconclusive* in between (or with fewer than 2 seeds on
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from convnn.figures import make_figure
-from convnn.tables import OUT_DIR, build_table, load_records, make_table, match_records, read_paper
+from convnn.report.figures import make_figure
+from convnn.report.tables import OUT_DIR, build_table, load_records, make_table, match_records, read_paper
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 

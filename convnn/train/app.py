@@ -6,14 +6,12 @@
 
 Order of work: validate the config, build the model (so bad options stop with a one-line message
 before any data is read), profile it, then train with Lightning and keep ``results.json`` (see
-``convnn.records``) up to date in the run directory ``<out_dir>/<experiment>/<overrides>``.
+``convnn.runs.records``) up to date in the run directory ``<out_dir>/<experiment>/<overrides>``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import platform
 import re
 import shutil
@@ -28,93 +26,30 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from convnn import paths
-from convnn.allocator import keep_freed_memory, tuning_wanted
-from convnn.config import ConfigError, TrainConfig, validate_config
-from convnn.identity import effective_budget, run_identity
-from convnn.quiet import filter_known_warnings
-from convnn.records import RECORD_NAME, RunRecord
-from convnn.runlock import RunLock, RunLockedError
-from convnn.slurm import job_info, lightning_plugins, remove_hpc_checkpoints, requeued_by_submitit
-from convnn.sweep import RunState, run_state
+from convnn.runs import rundir  # noqa: F401 - registers the resolvers configs/train.yaml uses
+from convnn.runs.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_BUSY,
+    EXIT_FAILED,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    RunError,
+    unwritable,
+)
+from convnn.runs.identity import effective_budget, run_identity
+from convnn.runs.lock import RunLock, RunLockedError
+from convnn.runs.records import RECORD_NAME, RunRecord
+from convnn.runs.slurm import job_info, lightning_plugins, remove_hpc_checkpoints, requeued_by_submitit
+from convnn.runs.sweep import RunState, run_state
+from convnn.train.allocator import keep_freed_memory, tuning_wanted
+from convnn.train.config import ConfigError, TrainConfig, validate_config
+from convnn.train.quiet import filter_known_warnings
 
 if TYPE_CHECKING:
     from torch import nn
 
 CONFIG_DIR = paths.CONFIG_DIR
 PROG = "convnn-train"
-
-RUN_DIR_EXCLUDED = {
-    "experiment",
-    "resume",
-    "overwrite",
-    "name",
-    "out_dir",
-    "data.root",
-    "data.download",
-    "data.num_workers",
-    "data.pin_memory",
-    "logger",
-    "trainer",
-    "trainer.accelerator",
-    "trainer.devices",
-    "trainer.num_nodes",
-    "trainer.strategy",
-    "trainer.compile",
-    "trainer.progress_bar",
-}
-RUN_DIR_EXCLUDED_PREFIXES = ("hydra.", "hydra/", "logger.", "checkpoint.")
-MAX_SUBDIR = 200
-
-
-def run_subdir(overrides: list[str]) -> str:
-    """The run's directory name from its overrides: sorted ``key=value`` joined by ``,`` (``/`` -> ``-``).
-
-    Overrides that do not change what is computed (data location, logger, device, ``resume``, the
-    experiment itself, which names the parent directory) are left out, so a re-launch or
-    ``resume=true`` finds the same directory. No overrides gives ``default``; names longer than 200
-    characters are shortened and suffixed with a hash of the full name.
-    """
-    kept = []
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key in RUN_DIR_EXCLUDED or key.startswith(RUN_DIR_EXCLUDED_PREFIXES):
-            continue
-        kept.append(override.lstrip("+~").replace("/", "-"))
-    name = ",".join(sorted(kept)) or "default"
-    if len(name) > MAX_SUBDIR:
-        digest = hashlib.sha1(name.encode()).hexdigest()[:12]
-        name = f"{name[: MAX_SUBDIR - 13]}-{digest}"
-    return name
-
-
-def experiment_name(choice: str | None) -> str:
-    """The experiment's name (``paper/table1``) for the run directory; ``default`` without one."""
-    return choice or "default"
-
-
-OmegaConf.register_new_resolver("convnn_run_subdir", run_subdir, replace=True)
-OmegaConf.register_new_resolver("convnn_experiment", experiment_name, replace=True)
-
-
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BUSY, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 75, 130, 143
-
-
-class RunError(Exception):
-    """A run that stops with a one-line message and an exit code (``EXIT_*``).
-
-    A single run prints the message and exits with ``code``; in a sweep the job fails with it and
-    the sweeper lists it in its summary. Picklable (submitit sends it back from the job process).
-    """
-
-    def __init__(self, message: str, code: int = EXIT_BAD_INPUT) -> None:
-        super().__init__(" ".join(message.split()), code)
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-    @property
-    def code(self) -> int:
-        return self.args[1]
 
 
 def _fail(message: str) -> SystemExit:
@@ -150,18 +85,6 @@ def preflight(args: list[str]) -> None:
     problem = unwritable(Path(str(cfg.out_dir)))
     if problem:
         raise _fail(f"out_dir={str(cfg.out_dir)!r} is not writable ({problem})")
-
-
-def unwritable(path: Path) -> str | None:
-    """Why runs cannot be written under ``path`` (its nearest existing ancestor is a file, read-only
-    or not writable), or ``None`` when they can."""
-    path = path.absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        return f"{existing} is not a directory"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is read-only or not writable by this user"
-    return None
 
 
 def _composition_message(error: Exception, args: list[str], compose: Any) -> str:
@@ -268,7 +191,7 @@ def _is_rank_zero() -> bool:
 def run(cfg: DictConfig) -> float | None:
     """Train one run described by the composed Hydra ``cfg``; returns the final test top-1 (%).
 
-    Rank 0 holds the run directory's lock (:class:`convnn.runlock.RunLock`) for the whole run. A
+    Rank 0 holds the run directory's lock (:class:`convnn.runs.lock.RunLock`) for the whole run. A
     ``RunError`` raised before the record exists removes the run directory Hydra made for it.
     """
     filter_known_warnings()
@@ -344,7 +267,7 @@ def _run_locked(cfg: DictConfig, typed: TrainConfig, run_dir: Path) -> float | N
 
     import lightning as L
 
-    from convnn.data import ImageDataModule
+    from convnn.train.data import ImageDataModule
 
     L.seed_everything(typed.seed, workers=True, verbose=False)
     model, image_size = build_model_or_fail(cfg)
@@ -355,7 +278,7 @@ def _run_locked(cfg: DictConfig, typed: TrainConfig, run_dir: Path) -> float | N
         data.setup("fit")
     except (OSError, ValueError) as e:
         raise RunError(str(e)) from None
-    from convnn.checkpoints import LAST_CHECKPOINT
+    from convnn.runs.checkpoints import LAST_CHECKPOINT
 
     ckpt = run_dir / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
     resume_epoch = None
@@ -390,7 +313,7 @@ def _run_locked(cfg: DictConfig, typed: TrainConfig, run_dir: Path) -> float | N
 def _checked_checkpoint(ckpt: Path, record: dict[str, Any]) -> int | None:
     """The epochs a readable ``ckpt`` holds (``None`` without one: the run starts afresh). An
     unreadable one marks the record failed (not resumable, its epoch history kept) and stops."""
-    from convnn.checkpoints import CheckpointError, checkpoint_epochs
+    from convnn.runs.checkpoints import CheckpointError, checkpoint_epochs
 
     if not ckpt.is_file():
         print(f"{PROG}: no checkpoint to resume from in {ckpt.parent.parent}; starting it afresh")
@@ -414,7 +337,7 @@ def _clear_outputs(run_dir: Path) -> None:
 
 
 def _profile(model: nn.Module, cfg: TrainConfig, image_size: int) -> dict[str, Any]:
-    from convnn.profile import profile_model
+    from convnn.models.accounting import profile_model
 
     stats = profile_model(model, (1, cfg.data.in_channels, image_size, image_size))
     return {
@@ -436,9 +359,9 @@ def _fit(
     top-1 (%). Divergence, signals and errors close the record and raise ``RunError``."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from convnn.callbacks import Diverged, RecordCallback, build_callbacks
-    from convnn.loggers import build_logger, close_logger, log_accounting
-    from convnn.module import ImageClassifier
+    from convnn.train.callbacks import Diverged, RecordCallback, build_callbacks
+    from convnn.train.loggers import build_logger, close_logger, log_accounting
+    from convnn.train.module import ImageClassifier
 
     logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints its own; no duplicates
     run_dir = record.path.parent
@@ -492,7 +415,7 @@ def _build_trainer(cfg: TrainConfig, run_dir: Path, logger: Any, callbacks: list
     checkpoints written atomically."""
     import lightning as L
 
-    from convnn.checkpoints import AtomicCheckpointIO
+    from convnn.runs.checkpoints import AtomicCheckpointIO
 
     t = cfg.trainer
     return L.Trainer(
@@ -550,7 +473,7 @@ def print_summary(record: dict[str, Any]) -> None:
 def _hydra_app(cfg: DictConfig) -> float | None:
     """One job: a ``RunError`` prints one line, then exits (single run) or fails the job (sweep).
     Each job process (local or a SLURM task) first keeps freed memory for reuse
-    (:func:`~convnn.allocator.keep_freed_memory`)."""
+    (:func:`~convnn.train.allocator.keep_freed_memory`)."""
     from hydra.types import RunMode
 
     keep_freed_memory()
