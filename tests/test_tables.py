@@ -78,7 +78,7 @@ def test_paper_csvs_have_one_schema_and_unique_rows() -> None:
         rows = read_paper(table)
         assert rows and set(rows[0]) == {
             "row", "table", "block", "dataset", "layer_type", "overrides",
-            "test_loss", "test_acc1", "gflops", "params_m", "note",
+            "test_loss", "test_acc1", "gflops", "params_m", "authors_run", "note",
         }  # fmt: skip
         ids += [r["row"] for r in rows]
         assert all(float(r["test_acc1"]) > 0 and r["overrides"] for r in rows)
