@@ -179,7 +179,7 @@ def _record(row_id: str, seed: int, accs: list[float], batchmean: bool = False) 
 
 
 def test_table_cells_at_the_matched_epoch() -> None:
-    rows = list(T4.values())
+    rows = [T4[r] for r in ("t4.c10.branching.p1", "t4.c10.conv2d.p1", "t4.c10.convnn.p2")]
     records = [_record("t4.c10.branching.p1", s, [40.0, 50.0 + s], batchmean=True) for s in range(3)]
     records.append(_record("t4.c10.conv2d.p1", 0, [45.0, 55.0, 60.0]))
     lines = {line["row"]: line for line in build_table(rows, match_records(rows, records)[0])}
@@ -299,3 +299,15 @@ def test_sweep_figures_put_the_authors_points_at_our_x(tmp_path: Path) -> None:
     ax = draw_figure("fig5", records, "synthetic").axes[0]
     dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
     assert [list(line.get_xdata()) for line in dashed] == [[4.0, 8.0]]
+
+
+def test_when_the_authors_runs_show_the_claims_issue_18_names() -> None:
+    t1 = {r["row"]: {"authors_run": r["authors_run"], "epoch": 3} for r in read_paper("table1")}
+    t2 = {r["row"]: {"authors_run": r["authors_run"], "epoch": 2} for r in read_paper("table2")}
+    ahead = Claim("λ = 0.5 ahead of Conv2D", "t1.c10.features.r0.500", "t1.c10.features.conv2d")
+    matched = claims.judge_matched(ahead, t1[ahead.better], t1[ahead.worse], None, None)
+    assert (matched["first_run"], matched["to_end"]) == (29, 82)  # "after epoch 29", "from epoch 82"
+    assert matched["authors_diff"] == pytest.approx(61.6992 - 70.8203)  # epoch 3: λ = 0.5 61.7, Conv2D 70.8
+    random = Claim("random ahead of attention", "t2.c10.convnn_random", "t2.c10.attention")
+    matched = claims.judge_matched(random, t2[random.better], t2[random.worse], None, None)
+    assert matched["to_end"] == 81 and matched["authors_diff"] < -8  # "trails by 8 points at epoch 2"
