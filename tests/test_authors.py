@@ -3,6 +3,7 @@ of tables, figures and claims (hand-made records; the authors' numbers read from
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import re
@@ -160,7 +161,7 @@ T4 = {r["row"]: r for r in read_paper("table4")}
 
 def _record(row_id: str, seed: int, accs: list[float], batchmean: bool = False) -> dict:
     """A finished record of Table 4 row ``row_id`` with top-1 ``accs`` per epoch (loss 2 - acc / 100)."""
-    cfg = compose_config((*shlex.split(T4[row_id]["overrides"]), "budget=smoke"))
+    cfg = copy.deepcopy(compose_config((*shlex.split(T4[row_id]["overrides"]), "budget=smoke")))
     epochs = []
     for e, acc in enumerate(accs, 1):
         row = {"epoch": e, "train_loss": 2.5 - acc / 100, "test_loss": 2.0 - acc / 100, "test_acc1": acc}
@@ -233,6 +234,10 @@ def test_matched_verdicts_on_hand_made_curves(monkeypatch: pytest.MonkeyPatch) -
     assert at(12, -0.5, 1.0)["matched"] == INCONCLUSIVE
     assert at(12, 2.0, None)["matched"] == INCONCLUSIVE  # one seed: no spread
     assert at(30, 2.0, 1.0)["matched_why"] == "epoch 30 is past the authors' log"
+    uneven = claims.judge_matched(
+        claim, {"authors_run": "a", "epoch": 3}, {"authors_run": "b", "epoch": 2}, 1, 1
+    )
+    assert uneven["matched_why"] == "our rows end at different epochs (3, 2)"
     ties = Claim("a matches or beats b", "a", "b", ties=True)
     matched = claims.judge_matched(
         ties, {"authors_run": "a", "epoch": 12}, {"authors_run": "b", "epoch": 12}, -0.5, 1.0

@@ -205,9 +205,14 @@ def judge_matched(
     diffs, noises = authors_curves(claim, run_a, run_b)
     holds = [d > (-n if claim.ties else 0.0) for d, n in zip(diffs, noises, strict=True)]
     out["first_run"], out["to_end"] = held_from(holds)
-    if epoch is None or epoch != b.get("epoch") or epoch > len(diffs):
-        why = "no finished runs" if epoch is None else f"our rows end at epochs {epoch}, {b.get('epoch')}"
-        why = why if epoch is None or epoch <= len(diffs) else f"epoch {epoch} is past the authors' log"
+    why = None
+    if epoch is None or b.get("epoch") is None:
+        why = "a row has no finished runs"
+    elif epoch != b.get("epoch"):
+        why = f"our rows end at different epochs ({epoch}, {b.get('epoch')})"
+    elif epoch > len(diffs):
+        why = f"epoch {epoch} is past the authors' log"
+    if why is not None:
         return out | {"matched": INCONCLUSIVE, "matched_why": why}
     d_auth, n_auth = diffs[epoch - 1], noises[epoch - 1]
     theirs, ours = _direction(d_auth, n_auth), _direction(diff, s)
