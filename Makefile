@@ -35,11 +35,13 @@ test-all: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/convnn-train experiment=quickstart
 
-# The mini reproduction (README "The mini reproduction"): 33 runs, then its tables, figures and claims.
+# The mini reproduction (README "The mini reproduction"): 33 runs, then its records (copied without
+# machine paths into results/reproduced/mini/records/) and the tables, figures and claims made from them.
 # The two tables' sweeps run side by side, one torch thread each (they take about as long as each other).
 mini: $(STAMP)
 	$(MAKE) -j2 mini-table1 mini-table2
-	$(BIN)/convnn-tables claims=mini source=$${CONVNN_RUNS_DIR:-runs}/mini
+	$(BIN)/convnn-tables export=$${CONVNN_RUNS_DIR:-runs}/mini out=results/reproduced/mini/records
+	$(BIN)/convnn-tables claims=mini source=results/reproduced/mini/records
 
 mini-table1 mini-table2: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/convnn-train -m experiment=mini/$(@:mini-%=%)

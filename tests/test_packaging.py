@@ -10,7 +10,13 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SKIP = shutil.ignore_patterns(".venv", ".git", "runs", "build", "*.egg-info", "__pycache__", "results")
+ANYWHERE = shutil.ignore_patterns("*.egg-info", "__pycache__")
+
+
+def SKIP(directory: str, names: list[str]) -> set[str]:
+    """What the source copy leaves out: build and run outputs at the top only (convnn/runs/ is code)."""
+    top = {".venv", ".git", "runs", "build", "results"} if Path(directory) == ROOT else set()
+    return set(ANYWHERE(directory, names)) | (top & set(names))
 
 
 @pytest.mark.slow
@@ -41,6 +47,8 @@ def test_a_non_editable_install_runs_from_anywhere(tmp_path):
         "python", "-c", "import convnn.paths as p; print(p.CONFIG_DIR, p.EXPERIMENTS_DIR, p.PAPER_DIR)"
     )
     assert where.count(str(site / "convnn" / "_data")) == 3
+    logs = "from convnn.report.authors import read_runs, AUTHORS_DIR; print(len(read_runs()), AUTHORS_DIR)"
+    assert run("python", "-c", logs).split() == ["444", str(site / "convnn" / "_data" / "paper" / "authors")]
     script = "from convnn.knn import native as n; print(n.SOURCE.is_file(), n.available())"
     kernel = run("python", "-c", script)
     assert kernel.split() == ["True", "True"]  # the C++ source ships and builds from the installed copy

@@ -8,6 +8,8 @@ overrides; matched runs are averaged over seeds. Missing cells stay missing. Not
     convnn-tables table=table1 source=runs/paper/table1            # -> results/reproduced/table1.{md,csv,tex}
     convnn-tables table=table2 profile=true                        # params / GFLOPs columns, no training
     convnn-tables figure=fig4 source=runs/paper/fig4               # -> results/reproduced/fig4.png
+    convnn-tables claims=mini source=runs/mini                     # -> results/reproduced/mini/ (+ claims.md)
+    convnn-tables export=runs/mini                                 # -> results/reproduced/mini/records/
 """
 
 from __future__ import annotations
@@ -17,21 +19,28 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from convnn.report.claims import make_claims
+from convnn.report.export import export_records
 from convnn.report.figures import make_figure
 from convnn.report.tables import OUT_DIR, load_records, make_table, select_budget
+
+ARGUMENTS = (
+    *("table", "figure", "claims", "export"),  # what to make: exactly one
+    *("source", "out", "budget", "setup", "profile", "dataset", "note"),
+)
 
 
 def parse_args(argv: Sequence[str]) -> dict[str, str]:
     """``key=value`` arguments; unknown keys raise a ``ValueError`` listing the known ones."""
-    known = ("table", "figure", "claims", "source", "out", "budget", "setup", "profile", "dataset", "note")
     args = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if not sep or key not in known:
-            raise ValueError(f"bad argument {arg!r}; expected key=value with key in {list(known)}")
+        if not sep or key not in ARGUMENTS:
+            raise ValueError(f"bad argument {arg!r}; expected key=value with key in {list(ARGUMENTS)}")
         args[key] = value
-    if sum(k in args for k in ("table", "figure", "claims")) != 1:
-        raise ValueError("give exactly one of table=<name>, figure=<name> or claims=<reproduction>")
+    if sum(k in args for k in ("table", "figure", "claims", "export")) != 1:
+        raise ValueError(
+            "give exactly one of table=<name>, figure=<name>, claims=<reproduction> or export=<runs dir>"
+        )
     if args.get("profile", "false") not in ("true", "false"):
         raise ValueError(f"profile={args['profile']!r}; allowed: true, false")
     return args
@@ -54,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run(argv: Sequence[str]) -> list[Path]:
     """Make the table or figure ``argv`` asks for; the written paths."""
     args = parse_args(argv)
+    if "export" in args:
+        default = OUT_DIR / Path(args["export"]).resolve().name / "records"
+        return export_records(args["export"], Path(args.get("out", default)))
     if "claims" in args:
         if "source" not in args:
             raise ValueError("claims need source=<run dir or wandb:entity/project>")

@@ -17,6 +17,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import shlex
 import statistics
 import sys
@@ -30,6 +31,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from convnn.paths import CONFIG_DIR, PAPER_DIR
+from convnn.report.authors import compare_at
 from convnn.runs.identity import identity_diff, row_identity, select, setup_identity
 from convnn.runs.records import collect_records
 
@@ -121,14 +123,23 @@ def summarize(records: Sequence[Record]) -> dict[str, Any]:
     for name in ("params", "gflops", "gflops_profiler"):
         values = [r[name] for r in done if r.get(name) is not None]
         out[name] = values[0] if values else None
+    last = [r["epochs"][-1].get("epoch") for r in done if r.get("epochs")]
+    out["epoch"] = max((e for e in last if e is not None), default=None)  # E: the runs' final epoch
     return out
+
+
+def comparable(stats: Mapping[str, Any], metric: str) -> tuple[float | None, float | None]:
+    """Mean and std over seeds of ``metric`` (``test_loss``, ``test_acc1``) as the paper's reference
+    averaged it: the mean of per-batch means when the runs recorded it, else the per-image mean."""
+    if stats.get(f"{metric}_batchmean_mean") is None:
+        return stats[f"{metric}_mean"], stats[f"{metric}_std"]
+    return stats[f"{metric}_batchmean_mean"], stats[f"{metric}_batchmean_std"]
 
 
 def comparable_acc1(stats: Mapping[str, Any]) -> float | None:
     """The top-1 to compare with the paper: the mean of per-batch means (the reference's averaging)
     when the runs recorded it, else the per-image mean."""
-    batchmean = stats["test_acc1_batchmean_mean"]
-    return stats["test_acc1_mean"] if batchmean is None else batchmean
+    return comparable(stats, "test_acc1")[0]
 
 
 def _paper_float(text: str) -> float | None:
@@ -170,9 +181,21 @@ def build_table(
                 "paper_params_m": _paper_float(row["params_m"]),
                 "paper_gflops": _paper_float(row["gflops"]),
                 "paper_note": row["note"],
+                **at_matched_epoch(row.get("authors_run") or None, stats),
             }
         )
     return lines
+
+
+def at_matched_epoch(run: str | None, stats: Mapping[str, Any]) -> dict[str, Any]:
+    """The authors' run ``run`` at our runs' final epoch E (``stats["epoch"]``) beside ours, for the test
+    loss and top-1 (:func:`convnn.report.authors.compare_at`; ours as :func:`comparable`)."""
+    out: dict[str, Any] = {"authors_run": run}
+    for metric in ("test_loss", "test_acc1"):
+        mean, std = comparable(stats, metric)
+        cell = compare_at(run, stats["epoch"], metric, mean, std)
+        out.update({f"{key}_{metric}": value for key, value in cell.items()})
+    return out
 
 
 def _fmt(mean: float | None, std: float | None = None, digits: int = 2) -> str:
@@ -186,6 +209,23 @@ def _seeds(line: Mapping[str, Any]) -> str:
     """``"2 of 3"`` finished runs of the row, ``"0 of 2, 1 diverged"``; ``"0"`` without runs."""
     text = f"{line['n']} of {line['runs']}" if line["runs"] else "0"
     return text + (f", {line['diverged']} diverged" if line["diverged"] else "")
+
+
+def _authors(line: Mapping[str, Any], metric: str, digits: int) -> str:
+    """The authors' value at E ± its epoch noise; ``"no log"`` for a row without an authors' run."""
+    if line["authors_run"] is None:
+        return "no log"
+    return _fmt(line[f"authors_{metric}"], line[f"authors_noise_{metric}"], digits)
+
+
+def _gap(line: Mapping[str, Any], metric: str, digits: int) -> str:
+    """``"-2.31 (u 1.80)"``: ours − authors at E and its uncertainty, flagged beyond ``2u``."""
+    gap, u = line[f"gap_{metric}"], line[f"gap_u_{metric}"]
+    if gap is None:
+        return MISSING
+    if u is None:
+        return f"{gap:+.{digits}f}"
+    return f"{gap:+.{digits}f} (u {u:.{digits}f}{', > 2u' if abs(gap) > 2 * u else ''})"
 
 
 DISPLAY_COLUMNS: tuple[tuple[str, Callable[[Mapping[str, Any]], str]], ...] = (
@@ -204,6 +244,11 @@ DISPLAY_COLUMNS: tuple[tuple[str, Callable[[Mapping[str, Any]], str]], ...] = (
     ("Paper loss", lambda r: _fmt(r["paper_test_loss"], digits=3)),
     ("Paper acc %", lambda r: _fmt(r["paper_test_acc1"])),
     ("Δ acc", lambda r: MISSING if r["diff_test_acc1"] is None else f"{r['diff_test_acc1']:+.2f}"),
+    ("Epoch E", lambda r: MISSING if r["epoch"] is None else str(r["epoch"])),
+    ("Authors loss @E", lambda r: _authors(r, "test_loss", 3)),
+    ("Δ loss @E", lambda r: _gap(r, "test_loss", 3)),
+    ("Authors acc % @E", lambda r: _authors(r, "test_acc1", 2)),
+    ("Δ acc @E", lambda r: _gap(r, "test_acc1", 2)),
     ("Params", lambda r: MISSING if r["params"] is None else f"{r['params']:,}"),
     ("Paper params M", lambda r: _fmt(r["paper_params_m"], digits=3)),
     ("GFLOPs (profiler)", lambda r: _fmt(r["gflops_profiler"], digits=4)),
@@ -416,6 +461,27 @@ def profile_rows(rows: Sequence[Mapping[str, str]]) -> dict[str, dict[str, Any]]
     return out
 
 
+MATCHED_EPOCH_NOTE = (
+    "At the matched epoch: E = the last epoch of our runs. 'Authors … @E' = the run behind this row in "
+    "the authors' own per-epoch logs (the `authors_run` of results/paper/<table>.csv; "
+    "results/paper/authors/, MIT, Copyright (c) 2024 and 2025 Mingi Kang): the paper's recipe at full "
+    "width, one seed, its value after epoch E ± its epoch-to-epoch noise (the residual std of a "
+    "least-squares quadratic over the 7 epochs around E). Δ @E = ours − authors, ours averaged as the "
+    "authors' test numbers are (the mean of per-batch means where our runs recorded it; theirs at batch "
+    "256); u = sqrt(our seeds' std² + their noise²) (one seed: ours taken as noisy as theirs); '> 2u' "
+    "marks a gap beyond twice that. At another budget than the paper's (e.g. budget=mini: narrower "
+    "networks, another recipe) the authors' columns still show the full-width paper recipe."
+)
+
+
+def display_source(source: str | None) -> str | None:
+    """``source`` as output files name it: a wandb project or a relative folder as given, an absolute
+    folder relative to the working directory (no machine path in a committed file)."""
+    if source is None or source.startswith(WANDB_PREFIX) or not Path(source).is_absolute():
+        return source
+    return os.path.relpath(source)
+
+
 def make_table(
     table: str,
     source: str | None,
@@ -451,7 +517,7 @@ def make_table(
     given = {
         "table": table,
         "dataset": dataset,
-        "source": source,
+        "source": display_source(source),
         "budget": budget,
         "profile": profile or None,
     }
@@ -474,5 +540,6 @@ def make_table(
         "Params/GFLOPs: "
         + ("measured now from each row's config (no training)" if profile else "from the runs")
         + "; 'profiler' is the paper's torch.profiler method, 'fvcore' counts multiply-adds.",
+        MATCHED_EPOCH_NOTE,
     ]
     return render(table if dataset is None else f"{table}-{dataset}", lines, header, out_dir)
