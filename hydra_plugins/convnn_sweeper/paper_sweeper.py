@@ -1,11 +1,10 @@
 """The ``paper`` sweeper: Hydra's basic sweeper plus ``rows`` (a union of override blocks),
 ``skip_finished`` (re-launching skips finished runs; ``convnn-train`` resumes died ones), ``dry_run``
-(list and check the jobs, launch nothing), a concurrency cap for local processes and a final summary
-(finished / skipped / failed, with reasons; the sweep exits 1 when a job failed). Job expansion,
+(list and check the jobs, launch nothing), the projected GPU-hours (:mod:`convnn.runs.cost`) and a
+final summary (finished / skipped / failed, with reasons; the sweep exits 1 when a job failed). Job expansion,
 run states and the listings live in :mod:`convnn.runs.sweep`."""
 
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,20 +21,19 @@ from omegaconf import OmegaConf
 from convnn.runs.errors import EXIT_BUSY, unwritable
 from convnn.runs.slurm import queued_jobs
 from convnn.runs.sweep import JobOutcome, expand_jobs, format_jobs, format_summary, run_state
+from hydra_plugins.convnn_sweeper.local_launcher import STOP_CODES, JobNotLaunched
 
 log = logging.getLogger(__name__)
 
 LAUNCH_STATES = ("new", "unfinished")
 SKIP_STATES = ("finished", "running")
-STOP_CODES = (130, 143)  # a job stopped by SIGINT / SIGTERM stops the sweep
-GIB_PER_LOCAL_JOB = 4  # one VGG-11 job at batch 256 peaks at about 4.2 GB
 
 
 @dataclass
 class PaperSweeperConf:
     """``rows``: name -> space-separated overrides (may sweep); ``params``: shared Cartesian axes;
-    ``local_parallelism``: jobs run at once by ``hydra/launcher=local`` (null: what the machine's
-    cores and memory allow)."""
+    ``local_parallelism``: at most this many jobs at once under ``hydra/launcher=local`` (null: one
+    per GPU set of the pool for GPU jobs, what the cores and memory allow for CPU jobs)."""
 
     _target_: str = "hydra_plugins.convnn_sweeper.paper_sweeper.PaperSweeper"
     max_batch_size: Optional[int] = None  # noqa: UP045
@@ -47,17 +45,6 @@ class PaperSweeperConf:
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="paper", node=PaperSweeperConf, provider="convnn")
-
-
-def default_local_parallelism(
-    cpus_per_task: int, cpus: int | None = None, mem_gib: float | None = None
-) -> int:
-    """Jobs the machine holds at once: its cores over ``cpus_per_task``, and at most one per
-    ``GIB_PER_LOCAL_JOB`` GiB of memory; at least 1."""
-    cpus = cpus or os.cpu_count() or 1
-    if mem_gib is None:
-        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return max(1, min(cpus // max(1, cpus_per_task), int(mem_gib // GIB_PER_LOCAL_JOB)))
 
 
 def _job_error(value: Any) -> tuple[str, int | None]:
@@ -169,24 +156,12 @@ class PaperSweeper(BasicSweeper):
         HydraConfig.instance().set_config(self.config)
         return held
 
-    def _batch_size(self, max_batch_size: int | None, jobs: int) -> int:
-        """``max_batch_size``, else for ``hydra/launcher=local`` its concurrency cap, else all jobs."""
-        launcher = self.config.hydra.launcher
-        if (
-            max_batch_size is None
-            and "submitit" in str(launcher.get("_target_"))
-            and "Local" in str(launcher.get("_target_"))
-        ):
-            max_batch_size = self.local_parallelism or default_local_parallelism(
-                launcher.get("cpus_per_task") or 1
-            )
-            log.info("hydra/launcher=local: %d jobs at a time", max_batch_size)
-        return max_batch_size or jobs or 1
-
     def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
-        """Batches of the jobs to launch (called by ``BasicSweeper.sweep``)."""
+        """Batches of the jobs to launch (called by ``BasicSweeper.sweep``): ``max_batch_size`` jobs
+        each, else one batch (``hydra/launcher=local`` queues a batch itself, ``local_parallelism`` at
+        a time)."""
         jobs = self.plan(overrides)
-        size = self._batch_size(max_batch_size, len(jobs))
+        size = max_batch_size or len(jobs) or 1
         return [jobs[i : i + size] for i in range(0, len(jobs), size)]
 
     def sweep(self, arguments: list[str]) -> Any:
@@ -219,8 +194,10 @@ class PaperSweeper(BasicSweeper):
                     self.outcomes.append(JobOutcome(tuple(job), "finished"))
                     continue
                 reason, code = _job_error(ret._return_value)
-                # another process took the run after this sweep planned it: run once, by that process
-                status = "skipped" if code == EXIT_BUSY else "failed"
+                # another process took the run after this sweep planned it (run once, by that
+                # process), or the local queue stopped before the job's turn
+                skipped = code == EXIT_BUSY or isinstance(ret._return_value, JobNotLaunched)
+                status = "skipped" if skipped else "failed"
                 self.outcomes.append(JobOutcome(tuple(job), status, reason))
                 stop = code if code in STOP_CODES else stop
         print(format_summary(self.outcomes))
