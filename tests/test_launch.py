@@ -220,6 +220,10 @@ def test_submitit_local_sweep_runs_for_real_then_skips_and_resumes(tmp_path: Pat
     assert lines[0] == "1 jobs to launch, 1 skipped"
     assert ("layer.kernel_size=1" in lines[1]) == (record["config"]["layer"]["kernel_size"] == 1)
     assert lines[2].startswith("skipped") and lines[2].endswith(": finished")
+    assert lines[3] == (  # synthetic data: no authors' epoch time applies
+        "projected cost: 1 jobs x 1 epochs; no reference epoch time for 1 jobs: vgg11 / synthetic (1); "
+        "peak GPU memory per job: not measured yet (make gpu-check)"
+    )
     assert json.loads(died.read_text())["status"] == "running"  # a dry run changes nothing
 
     stale = records[1]

@@ -18,10 +18,11 @@ from hydra.core.override_parser.types import Override
 from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf
 
+from convnn.runs.cost import sweep_cost
 from convnn.runs.errors import EXIT_BUSY, unwritable
 from convnn.runs.slurm import queued_jobs
 from convnn.runs.sweep import JobOutcome, expand_jobs, format_jobs, format_summary, run_state
-from hydra_plugins.convnn_sweeper.local_launcher import STOP_CODES, JobNotLaunched
+from hydra_plugins.convnn_sweeper.local_launcher import STOP_CODES, JobNotLaunched, LocalJobError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ ConfigStore.instance().store(group="hydra/sweeper", name="paper", node=PaperSwee
 def _job_error(value: Any) -> tuple[str, int | None]:
     """A failed job's reason (one line) and exit code (``RunError.code``; ``None`` for others)."""
     code = getattr(value, "code", None)
-    text = str(value) if code is not None else f"{type(value).__name__}: {value}"
+    plain = code is not None or isinstance(value, (LocalJobError, JobNotLaunched))  # already say it all
+    text = str(value) if plain else f"{type(value).__name__}: {value}"
     return " ".join(text.split()), code if isinstance(code, int) else None
 
 
@@ -92,6 +94,7 @@ class PaperSweeper(BasicSweeper):
         self.dry_run = dry_run
         self.local_parallelism = local_parallelism
         self.outcomes: list[JobOutcome] = []
+        self.todo_configs: list[dict[str, Any]] = []  # the resolved config of each job to launch
 
     def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
         """Set the Hydra config first: launcher fields (``submitit_folder``) interpolate
@@ -106,10 +109,8 @@ class PaperSweeper(BasicSweeper):
         sets ``overwrite=true``), and with ``check`` (the dry run) a job with a bad value fails."""
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         jobs = expand_jobs(self.rows, [o.input_line for o in overrides], parser)
-        if not (self.skip_finished or check):
-            return jobs
         held = self._queued_run_dirs() if self.skip_finished else {}
-        todo = []
+        todo, self.todo_configs = [], []
         for job in jobs:
             cfg = self._job_config(job)
             error = _check_job(cfg) if check else None
@@ -122,15 +123,17 @@ class PaperSweeper(BasicSweeper):
                     JobOutcome(tuple(job), "skipped", f"queued or running: SLURM job {held[run_dir]}")
                 )
                 continue
-            if not self.skip_finished or any(o.lower() == "overwrite=true" for o in job):
-                todo.append(job)
-                continue
             resolved = OmegaConf.to_container(
                 OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
             )
-            state = run_state(run_dir, resolved, check_lock=True)
-            if state.name in LAUNCH_STATES:
+            state = run_state(run_dir, resolved, check_lock=True) if self.skip_finished else None
+            if (
+                state is None
+                or state.name in LAUNCH_STATES
+                or any(o.lower() == "overwrite=true" for o in job)
+            ):
                 todo.append(job)
+                self.todo_configs.append(resolved)
             elif state.name in SKIP_STATES:
                 self.outcomes.append(JobOutcome(tuple(job), "skipped", state.reason or state.name))
             else:
@@ -171,10 +174,12 @@ class PaperSweeper(BasicSweeper):
         if self.dry_run:
             jobs = self.plan(parser.parse_overrides([*self._parse_config(), *arguments]), check=True)
             print(format_jobs(jobs, self.outcomes))
+            print(sweep_cost(self.todo_configs).format())
             return []
         self.overrides = self.split_arguments(
             parser.parse_overrides([*self._parse_config(), *arguments]), self.max_batch_size
         )
+        print(sweep_cost(self.todo_configs).format(), flush=True)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         problem = unwritable(sweep_dir)
         if problem:
