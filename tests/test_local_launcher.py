@@ -133,43 +133,78 @@ def test_pool_detection_sizes_and_hand_out() -> None:
     assert pool.take(2) == ["0", "1"]
 
 
-KILL_EXPERIMENT = EXPERIMENT.format(
-    train_size=64, epochs=1, sweeper="{rows: {doomed: 'seed=0 epochs=1000', rest: seed=1}}"
-)
+def _sweep_until_a_job_runs(tmp_path: Path, sweeper: str, job: str) -> tuple[subprocess.Popen, Path, dict]:
+    """A real local sweep (one job at a time, its own process group) of the tiny VGG with ``sweeper``,
+    once job ``job`` (its run directory name) holds its run's lock: the process, runs folder, holder."""
+    search = tmp_path / "configs"
+    (search / "experiment").mkdir(parents=True)
+    (search / "experiment" / "tiny.yaml").write_text(
+        EXPERIMENT.format(train_size=64, epochs=1, sweeper=sweeper)
+    )
+    out = tmp_path / "runs"
+    command = sweep_command(search, out, "hydra/launcher=local", "hydra.sweeper.local_parallelism=1")
+    sweep = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=JOB_ENV,
+        start_new_session=True,
+    )
+    deadline, holder = time.monotonic() + 300, None
+    while holder is None and time.monotonic() < deadline and sweep.poll() is None:
+        holder = lock_holder(out / "tiny" / job)  # the job's own process holds its run's lock
+        time.sleep(0.1)
+    assert holder is not None, f"job {job} never started"
+    return sweep, out, holder
 
 
 def test_a_sigkilled_job_fails_alone_and_the_sweep_goes_on_to_its_summary(tmp_path: Path) -> None:
     """As the OOM killer does: SIGKILL one job's process. The next job still launches (one at a time:
     only after the kill) and finishes, the sweep prints its summary naming the signal and the job's
     log, and exits 1."""
-    search = tmp_path / "configs"
-    (search / "experiment").mkdir(parents=True)
-    (search / "experiment" / "kill.yaml").write_text(KILL_EXPERIMENT)
-    out = tmp_path / "runs"
-    command = sweep_command(
-        search, out, "hydra/launcher=local", "hydra.sweeper.local_parallelism=1", experiment="kill"
-    )
-    sweep = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=JOB_ENV)
-    doomed = out / "kill" / "epochs=1000,seed=0"
-    deadline, holder = time.monotonic() + 300, None
-    while holder is None and time.monotonic() < deadline and sweep.poll() is None:
-        holder = lock_holder(doomed)  # the job's own process holds its run's lock
-        time.sleep(0.1)
-    assert holder is not None, "the doomed job never started"
+    sweeper = "{rows: {doomed: 'seed=0 epochs=1000', rest: seed=1}}"
+    sweep, out, holder = _sweep_until_a_job_runs(tmp_path, sweeper, "epochs=1000,seed=0")
     os.kill(holder["pid"], signal.SIGKILL)
     stdout, stderr = sweep.communicate(timeout=600)
 
     assert sweep.returncode == 1, stderr[-3000:]
+    assert "projected cost: 2 jobs x 1/1000 epochs; no reference epoch time for 2 jobs" in stdout
     summary = stdout[stdout.index("sweep summary:") :].splitlines()
     assert summary[0] == "sweep summary: 1 finished, 0 skipped, 1 failed"
     [failed] = summary[1:]
-    assert failed.startswith("failed    seed=0 epochs=1000 experiment=kill")
+    assert failed.startswith("failed    seed=0 epochs=1000 experiment=tiny out_dir=")
+    assert ": local job " in failed
     assert "was killed by signal 9 (SIGKILL) (the OOM killer sends it when memory runs out); see " in failed
     log = Path(failed.rsplit("; see ", 1)[1])
     assert log.is_file() and log.name.endswith("_0_log.err")
     assert "Traceback" not in stderr and "UncompletedJobError" not in stdout + stderr
-    record = read_record(out / "kill" / "seed=1" / "results.json")
+    record = read_record(out / "tiny" / "seed=1" / "results.json")
     assert record["status"] == "finished"
     launched = record["launcher"]  # the job as the record names it: which local job, GPUs, log
     assert (launched["scheduler"], launched["gpus"]) == ("local", "")  # a CPU job sees no GPU
     assert Path(launched["log"]).is_file() and launched["job_id"] in launched["log"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_queue_and_the_running_job_records_it(tmp_path: Path) -> None:
+    """SIGINT to the sweep's process group, as Ctrl-C in its terminal: the running job records itself
+    interrupted, no other job starts, the summary lists them as not launched, exit 130."""
+    sweep, out, _ = _sweep_until_a_job_runs(
+        tmp_path, "{params: {seed: '0,1,2'}, rows: {long: epochs=1000}}", "epochs=1000,seed=0"
+    )
+    record = out / "tiny" / "epochs=1000,seed=0" / "results.json"
+    while not (record.is_file() and read_record(record)["epochs"]):  # training: its handlers are set
+        time.sleep(0.1)
+    os.killpg(sweep.pid, signal.SIGINT)
+    stdout, stderr = sweep.communicate(timeout=300)
+    assert sweep.returncode == 130, stdout[-3000:] + stderr[-3000:]
+    summary = stdout[stdout.index("sweep summary:") :].splitlines()
+    assert summary[0] == "sweep summary: 0 finished, 2 skipped, 1 failed"
+    assert summary[1].endswith(": interrupted by SIGINT; continue it with resume=true")
+    assert all(
+        line.endswith(": not launched: the sweep was stopped; re-run it to continue") for line in summary[2:]
+    )
+    record = read_record(out / "tiny" / "epochs=1000,seed=0" / "results.json")
+    assert (record["status"], record["error"]) == ("interrupted", "interrupted by SIGINT")
+    assert not (out / "tiny" / "epochs=1000,seed=1").exists()

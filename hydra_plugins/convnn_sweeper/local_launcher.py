@@ -75,7 +75,12 @@ def default_local_parallelism(
 
 
 class LocalJobError(RuntimeError):
-    """A local job that ended without a result, or whose process raised past Hydra."""
+    """A local job that ended without a result, or whose process raised past Hydra; ``code`` is the
+    shell's 128 + N for a job killed by signal N (``None`` otherwise)."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class JobNotLaunched(RuntimeError):
@@ -109,7 +114,8 @@ def _ended(run: _Running) -> JobReturn:
         name = signal.Signals(-code).name
         hint = " (the OOM killer sends it when memory runs out)" if -code == signal.SIGKILL else ""
         error = LocalJobError(
-            f"local job {job.job_id} was killed by signal {-code} ({name}){hint}; see {job.paths.stderr}"
+            f"local job {job.job_id} was killed by signal {-code} ({name}){hint}; see {job.paths.stderr}",
+            128 - code,
         )
     else:
         error = LocalJobError(
@@ -119,7 +125,8 @@ def _ended(run: _Running) -> JobReturn:
 
 
 def _stops(ret: JobReturn) -> bool:
-    """Whether an ended job was stopped by SIGINT / SIGTERM (its ``RunError`` code 130 / 143)."""
+    """Whether an ended job was stopped by SIGINT / SIGTERM: it recorded so and exited 130 / 143 (its
+    ``RunError`` code), or the signal killed its process (:class:`LocalJobError` code 130 / 143)."""
     return ret.status != JobStatus.COMPLETED and getattr(ret._return_value, "code", None) in STOP_CODES
 
 
