@@ -114,7 +114,7 @@ def test_one_short_training_end_to_end_on_the_cpu(tmp_path: Path, monkeypatch: p
     assert result["status"] == "passed", result["output_tail"]
     row = gpu_check.training_row("table1", tmp_path, "cpu (test)")
     assert row is not None and row["steps"] == 2 and row["images_per_s"] > 0
-    assert row["projected_epoch_s"] == pytest.approx(50_000 / row["images_per_s"], rel=1e-3)
+    assert row["projected_epoch_s"] == pytest.approx(50_000 / row["images_per_s"], rel=0.01)  # both rounded
     assert row["key"] is None and row["authors_epoch_s"] is None  # a narrow VGG: no authors' row
     assert row["data"] == "synthetic"  # no CIFAR-10 given: CIFAR's shape
     assert row["peak_reserved_mib"] is None  # no CUDA: no allocator peaks
