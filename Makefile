@@ -60,8 +60,8 @@ gpu-check:
 OFFLINE_WHEELS := hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 \
 	submitit==1.5.4 hydra-submitit-launcher==1.2.0 fvcore==0.1.5.post20221221 iopath==0.1.10 yacs==0.1.8 \
 	termcolor==3.3.0
-wheels: $(STAMP)
-	$(BIN)/pip wheel -q --no-deps -w .whl $(OFFLINE_WHEELS)
+wheels:
+	$(PY) -m pip wheel -q --no-deps -w .whl $(OFFLINE_WHEELS)
 
 # The cost table of docs/cluster.md, from the same code as the sweeper's projection (minutes: it
 # composes every paper job).
