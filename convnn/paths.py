@@ -20,3 +20,4 @@ def _located(name: str, in_checkout: str) -> Path:
 CONFIG_DIR = _located("configs", "configs")
 EXPERIMENTS_DIR = _located("experiments", "experiments")
 PAPER_DIR = _located("paper", "results/paper")
+BENCH_DIR = PACKAGE_DIR.parent / "results" / "bench"  # measured here; a checkout only (not in a wheel)

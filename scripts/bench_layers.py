@@ -64,6 +64,7 @@ TOKEN_CASES = {
     "convnn_attention spatial r=32": {"sampling": "spatial", "num_candidates": R},
     "kvt_attention k=9": None,
 }
+SECTIONS = ("layers", "compile", "models")  # --sections: the layer tables, torch.compile, whole models
 COMPILE_CASES = [("vgg", "convnn all (VGG defaults, padding 1)"), ("vgg", "convnn random r=32")]
 COMPILE_CASES += [("vit", "convnn_attention random r=32"), ("vit", "kvt_attention k=9")]
 
@@ -530,8 +531,16 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="batch 2, one repeat, small shapes; writes nothing"
     )
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated, of {list(SECTIONS)} (default: all); the file keeps the others empty",
+    )
     parser.add_argument("--rss-case", nargs=2, metavar=("GROUP", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    if not sections <= set(SECTIONS):
+        parser.error(f"--sections={args.sections}: allowed: comma-separated of {list(SECTIONS)}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     batch = args.batch or (256 if device.type == "cuda" else 32)
@@ -564,25 +573,28 @@ def main() -> None:
                 tmp.write_text(content)
                 tmp.replace(args.out / f"{name}{suffix}")
 
-    for channels, size in shapes:
+    for channels, size in shapes if "layers" in sections else []:
         group = f"vgg{channels}x{size}"
         report["groups"].append(
             measure_group(group, list(MAP_CASES), "nn.Conv2d 3x3", batch, repeats, device, rss)
         )
         save()
         print(group, "done", flush=True)
-    report["groups"].append(
-        measure_group("vit", list(TOKEN_CASES), "attention (SDPA)", batch, repeats, device, rss)
-    )
-    save()
-    print("vit done", flush=True)
-    report["compile"] = compiled_vs_eager(batch, repeats * COMPILE_REPEAT_FACTOR, device)
-    save()
-    print("compile done", flush=True)
-    report["models"] = model_throughput(
-        batch, 8 if on_cpu else batch, max(2, repeats // 2), device, args.quick
-    )
-    save()
+    if "layers" in sections:
+        report["groups"].append(
+            measure_group("vit", list(TOKEN_CASES), "attention (SDPA)", batch, repeats, device, rss)
+        )
+        save()
+        print("vit done", flush=True)
+    if "compile" in sections:
+        report["compile"] = compiled_vs_eager(batch, repeats * COMPILE_REPEAT_FACTOR, device)
+        save()
+        print("compile done", flush=True)
+    if "models" in sections:
+        report["models"] = model_throughput(
+            batch, 8 if on_cpu else batch, max(2, repeats // 2), device, args.quick
+        )
+        save()
     print(markdown(report))
 
 

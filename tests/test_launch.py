@@ -6,11 +6,12 @@ import json
 import subprocess
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 
 from convnn.runs.records import read_record, write_record
 from convnn.runs.sweep import JobOutcome, expand_jobs, format_jobs, format_summary, run_state
-from hydra_plugins.convnn_sweeper.paper_sweeper import default_local_parallelism
+from hydra_plugins.convnn_sweeper.local_launcher import default_local_parallelism
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -77,10 +78,19 @@ def test_a_requeued_slurm_job_resumes_its_run() -> None:
     assert again.args == (["layer=conv2d", "seed=1"], "hydra.sweep.dir", 3, "job_id_for_3", {})
 
 
-def test_local_launcher_is_submitit_local() -> None:
+def test_local_launcher_gpus_per_job_follow_the_trainer() -> None:
+    """No GPU on this machine: the default ``trainer=auto`` jobs are CPU jobs; ``trainer=gpu`` /
+    ``ddp`` jobs hold ``trainer.devices`` GPUs of the pool."""
     cfg = launcher(["hydra/launcher=local"])
-    assert cfg._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
-    assert cfg.gpus_per_node == 0
+    assert cfg._target_ == "hydra_plugins.convnn_sweeper.local_launcher.LocalLauncher"
+    assert (cfg.gpus_per_node, cfg.visible_gpus, cfg.cpus_per_task) == (
+        0 if not torch.cuda.device_count() else 1,
+        None,
+        1,
+    )
+    assert launcher(["hydra/launcher=local", "trainer=gpu"]).gpus_per_node == 1
+    assert launcher(["hydra/launcher=local", "trainer=ddp", "trainer.devices=2"]).gpus_per_node == 2
+    assert launcher(["hydra/launcher=local", "trainer=cpu"]).gpus_per_node == 0
 
 
 def test_every_multirun_uses_the_paper_sweeper_by_default() -> None:
@@ -210,6 +220,10 @@ def test_submitit_local_sweep_runs_for_real_then_skips_and_resumes(tmp_path: Pat
     assert lines[0] == "1 jobs to launch, 1 skipped"
     assert ("layer.kernel_size=1" in lines[1]) == (record["config"]["layer"]["kernel_size"] == 1)
     assert lines[2].startswith("skipped") and lines[2].endswith(": finished")
+    assert lines[3] == (  # synthetic data: no authors' epoch time applies
+        "projected cost: 1 jobs x 1 epochs; no reference epoch time for 1 jobs: vgg11 / synthetic (1); "
+        "peak GPU memory per job: not measured yet (make gpu-check)"
+    )
     assert json.loads(died.read_text())["status"] == "running"  # a dry run changes nothing
 
     stale = records[1]

@@ -231,6 +231,7 @@ def test_trainer_deterministic_flag_reaches_the_layers(tmp_path):
     assert seen and all(seen)
 
 
+@pytest.mark.cuda
 @CUDA
 @pytest.mark.parametrize("case", [*MAP_CASES, *TOKEN_CASES])
 def test_cuda_training_step_has_no_host_sync_and_is_deterministic(case):

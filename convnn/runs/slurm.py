@@ -40,11 +40,22 @@ OmegaConf.register_new_resolver("convnn_tasks_per_node", tasks_per_node, replace
 
 
 def job_info() -> dict[str, Any] | None:
-    """The SLURM job this process runs in (the record's ``launcher``; ``None`` outside SLURM):
+    """The SLURM job this process runs in (the record's ``launcher``; ``None`` outside a sweep):
     ``scheduler`` (``slurm``), ``job_id`` as squeue and submitit's log names show it (``<array
     job>_<index>`` for an array task), ``array_job_id``, ``array_task_id``, ``node``,
-    ``restart_count`` (requeues so far) and the submitit ``log`` (stdout) when submitit ran it."""
+    ``restart_count`` (requeues so far) and the submitit ``log`` (stdout) when submitit ran it. A job
+    of ``hydra/launcher=local``: ``scheduler`` ``local``, ``job_id`` (``<sweep pid>_<index>``), the
+    ``gpus`` it was given (``CUDA_VISIBLE_DEVICES``) and its ``log``."""
     env = os.environ
+    if env.get("SUBMITIT_EXECUTOR") == "local":
+        import submitit
+
+        return {
+            "scheduler": "local",
+            "job_id": env.get("SUBMITIT_LOCAL_JOB_ID"),
+            "gpus": env.get("CUDA_VISIBLE_DEVICES"),
+            "log": str(submitit.JobEnvironment().paths.stdout),
+        }
     if "SLURM_JOB_ID" not in env:
         return None
     array_job, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")

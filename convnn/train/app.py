@@ -43,6 +43,7 @@ from convnn.runs.slurm import job_info, lightning_plugins, remove_hpc_checkpoint
 from convnn.runs.sweep import RunState, run_state
 from convnn.train.allocator import keep_freed_memory, tuning_wanted
 from convnn.train.config import ConfigError, TrainConfig, validate_config
+from convnn.train.device import describe_device, resolve_accelerator
 from convnn.train.quiet import filter_known_warnings
 
 if TYPE_CHECKING:
@@ -148,15 +149,6 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _device(cfg: TrainConfig) -> str:
-    import torch
-
-    if cfg.trainer.accelerator in ("gpu", "auto") and torch.cuda.is_available():
-        gpus = cfg.trainer.devices * cfg.trainer.num_nodes
-        return f"{gpus}x {torch.cuda.get_device_name(0)}"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def build_model_or_fail(cfg: DictConfig) -> tuple[nn.Module, int]:
     """The backbone for ``cfg`` and its input side ``S`` (it maps ``[B, C, S, S] -> [B, classes]``),
     from :func:`convnn.models.build_from_config`; a bad option or one that does not fit the input
@@ -198,6 +190,7 @@ def run(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         typed = validate_config(cfg)
+        typed.trainer.accelerator = resolve_accelerator(typed.trainer)  # auto: the GPU when one is visible
     except ConfigError as e:
         raise RunError(str(e)) from None
     if not _is_rank_zero():
@@ -295,13 +288,15 @@ def _run_locked(cfg: DictConfig, typed: TrainConfig, run_dir: Path) -> float | N
         "run_dir": str(run_dir),
         "git_commit": _git_commit(),
         "versions": _versions(),
-        "device": _device(typed),
+        "device": describe_device(typed.trainer),
         "launcher": job_info() or {},
         "seed": typed.seed,
         "budget": typed.budget,
         "effective_budget": effective_budget(resolved),
         **_profile(model, typed, image_size),
     }
+    if _is_rank_zero():
+        print(f"{PROG}: training on {fields['device']}")
     previous = state.record if resume_epoch is not None else None
     record = RunRecord.create(record_path, fields, previous=previous, enabled=_is_rank_zero())
     L.seed_everything(typed.seed, workers=True, verbose=False)

@@ -64,7 +64,7 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    accelerator: str = "cpu"
+    accelerator: str = "auto"
     devices: int = 1
     num_nodes: int = 1
     strategy: str = "auto"

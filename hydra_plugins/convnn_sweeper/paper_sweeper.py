@@ -1,11 +1,10 @@
 """The ``paper`` sweeper: Hydra's basic sweeper plus ``rows`` (a union of override blocks),
 ``skip_finished`` (re-launching skips finished runs; ``convnn-train`` resumes died ones), ``dry_run``
-(list and check the jobs, launch nothing), a concurrency cap for local processes and a final summary
-(finished / skipped / failed, with reasons; the sweep exits 1 when a job failed). Job expansion,
+(list and check the jobs, launch nothing), the projected GPU-hours (:mod:`convnn.runs.cost`) and a
+final summary (finished / skipped / failed, with reasons; the sweep exits 1 when a job failed). Job expansion,
 run states and the listings live in :mod:`convnn.runs.sweep`."""
 
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,23 +18,23 @@ from hydra.core.override_parser.types import Override
 from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf
 
+from convnn.runs.cost import sweep_cost
 from convnn.runs.errors import EXIT_BUSY, unwritable
 from convnn.runs.slurm import queued_jobs
 from convnn.runs.sweep import JobOutcome, expand_jobs, format_jobs, format_summary, run_state
+from hydra_plugins.convnn_sweeper.local_launcher import STOP_CODES, JobNotLaunched, LocalJobError
 
 log = logging.getLogger(__name__)
 
 LAUNCH_STATES = ("new", "unfinished")
 SKIP_STATES = ("finished", "running")
-STOP_CODES = (130, 143)  # a job stopped by SIGINT / SIGTERM stops the sweep
-GIB_PER_LOCAL_JOB = 4  # one VGG-11 job at batch 256 peaks at about 4.2 GB
 
 
 @dataclass
 class PaperSweeperConf:
     """``rows``: name -> space-separated overrides (may sweep); ``params``: shared Cartesian axes;
-    ``local_parallelism``: jobs run at once by ``hydra/launcher=local`` (null: what the machine's
-    cores and memory allow)."""
+    ``local_parallelism``: at most this many jobs at once under ``hydra/launcher=local`` (null: one
+    per GPU set of the pool for GPU jobs, what the cores and memory allow for CPU jobs)."""
 
     _target_: str = "hydra_plugins.convnn_sweeper.paper_sweeper.PaperSweeper"
     max_batch_size: Optional[int] = None  # noqa: UP045
@@ -49,21 +48,11 @@ class PaperSweeperConf:
 ConfigStore.instance().store(group="hydra/sweeper", name="paper", node=PaperSweeperConf, provider="convnn")
 
 
-def default_local_parallelism(
-    cpus_per_task: int, cpus: int | None = None, mem_gib: float | None = None
-) -> int:
-    """Jobs the machine holds at once: its cores over ``cpus_per_task``, and at most one per
-    ``GIB_PER_LOCAL_JOB`` GiB of memory; at least 1."""
-    cpus = cpus or os.cpu_count() or 1
-    if mem_gib is None:
-        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return max(1, min(cpus // max(1, cpus_per_task), int(mem_gib // GIB_PER_LOCAL_JOB)))
-
-
 def _job_error(value: Any) -> tuple[str, int | None]:
     """A failed job's reason (one line) and exit code (``RunError.code``; ``None`` for others)."""
     code = getattr(value, "code", None)
-    text = str(value) if code is not None else f"{type(value).__name__}: {value}"
+    plain = code is not None or isinstance(value, (LocalJobError, JobNotLaunched))  # already say it all
+    text = str(value) if plain else f"{type(value).__name__}: {value}"
     return " ".join(text.split()), code if isinstance(code, int) else None
 
 
@@ -105,6 +94,7 @@ class PaperSweeper(BasicSweeper):
         self.dry_run = dry_run
         self.local_parallelism = local_parallelism
         self.outcomes: list[JobOutcome] = []
+        self.todo_configs: list[dict[str, Any]] = []  # the resolved config of each job to launch
 
     def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
         """Set the Hydra config first: launcher fields (``submitit_folder``) interpolate
@@ -119,10 +109,8 @@ class PaperSweeper(BasicSweeper):
         sets ``overwrite=true``), and with ``check`` (the dry run) a job with a bad value fails."""
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         jobs = expand_jobs(self.rows, [o.input_line for o in overrides], parser)
-        if not (self.skip_finished or check):
-            return jobs
         held = self._queued_run_dirs() if self.skip_finished else {}
-        todo = []
+        todo, self.todo_configs = [], []
         for job in jobs:
             cfg = self._job_config(job)
             error = _check_job(cfg) if check else None
@@ -135,15 +123,17 @@ class PaperSweeper(BasicSweeper):
                     JobOutcome(tuple(job), "skipped", f"queued or running: SLURM job {held[run_dir]}")
                 )
                 continue
-            if not self.skip_finished or any(o.lower() == "overwrite=true" for o in job):
-                todo.append(job)
-                continue
             resolved = OmegaConf.to_container(
                 OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
             )
-            state = run_state(run_dir, resolved, check_lock=True)
-            if state.name in LAUNCH_STATES:
+            state = run_state(run_dir, resolved, check_lock=True) if self.skip_finished else None
+            if (
+                state is None
+                or state.name in LAUNCH_STATES
+                or any(o.lower() == "overwrite=true" for o in job)
+            ):
                 todo.append(job)
+                self.todo_configs.append(resolved)
             elif state.name in SKIP_STATES:
                 self.outcomes.append(JobOutcome(tuple(job), "skipped", state.reason or state.name))
             else:
@@ -169,24 +159,12 @@ class PaperSweeper(BasicSweeper):
         HydraConfig.instance().set_config(self.config)
         return held
 
-    def _batch_size(self, max_batch_size: int | None, jobs: int) -> int:
-        """``max_batch_size``, else for ``hydra/launcher=local`` its concurrency cap, else all jobs."""
-        launcher = self.config.hydra.launcher
-        if (
-            max_batch_size is None
-            and "submitit" in str(launcher.get("_target_"))
-            and "Local" in str(launcher.get("_target_"))
-        ):
-            max_batch_size = self.local_parallelism or default_local_parallelism(
-                launcher.get("cpus_per_task") or 1
-            )
-            log.info("hydra/launcher=local: %d jobs at a time", max_batch_size)
-        return max_batch_size or jobs or 1
-
     def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
-        """Batches of the jobs to launch (called by ``BasicSweeper.sweep``)."""
+        """Batches of the jobs to launch (called by ``BasicSweeper.sweep``): ``max_batch_size`` jobs
+        each, else one batch (``hydra/launcher=local`` queues a batch itself, ``local_parallelism`` at
+        a time)."""
         jobs = self.plan(overrides)
-        size = self._batch_size(max_batch_size, len(jobs))
+        size = max_batch_size or len(jobs) or 1
         return [jobs[i : i + size] for i in range(0, len(jobs), size)]
 
     def sweep(self, arguments: list[str]) -> Any:
@@ -196,10 +174,12 @@ class PaperSweeper(BasicSweeper):
         if self.dry_run:
             jobs = self.plan(parser.parse_overrides([*self._parse_config(), *arguments]), check=True)
             print(format_jobs(jobs, self.outcomes))
+            print(sweep_cost(self.todo_configs).format())
             return []
         self.overrides = self.split_arguments(
             parser.parse_overrides([*self._parse_config(), *arguments]), self.max_batch_size
         )
+        print(sweep_cost(self.todo_configs).format(), flush=True)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         problem = unwritable(sweep_dir)
         if problem:
@@ -219,8 +199,10 @@ class PaperSweeper(BasicSweeper):
                     self.outcomes.append(JobOutcome(tuple(job), "finished"))
                     continue
                 reason, code = _job_error(ret._return_value)
-                # another process took the run after this sweep planned it: run once, by that process
-                status = "skipped" if code == EXIT_BUSY else "failed"
+                # another process took the run after this sweep planned it (run once, by that
+                # process), or the local queue stopped before the job's turn
+                skipped = code == EXIT_BUSY or isinstance(ret._return_value, JobNotLaunched)
+                status = "skipped" if skipped else "failed"
                 self.outcomes.append(JobOutcome(tuple(job), status, reason))
                 stop = code if code in STOP_CODES else stop
         print(format_summary(self.outcomes))

@@ -1,4 +1,4 @@
-"""``hydra/launcher=slurm``: hydra-submitit-launcher's SLURM launcher with two changes for sweeps.
+"""``hydra/launcher=slurm``: hydra-submitit-launcher's SLURM launcher with three changes for sweeps.
 
 - ``launch`` submits the jobs as one array like the stock launcher, then waits for every one of
   them: a job that died without a result (scancel, a time limit past ``max_num_timeout``, a node
@@ -6,6 +6,8 @@
   paper sweeper lists it in its summary. The stock launcher raises on the first such job and leaves
   the others unread, and waits forever for an array task cancelled while pending (sacct never
   lists it): here a job that has left ``squeue`` without a result for ``RESULT_GRACE_S`` fails.
+- the default ``trainer=auto`` asks SLURM for no GPU (the submitting host cannot see the compute
+  nodes): ``launch`` warns once, naming ``trainer=gpu`` / ``trainer=ddp``.
 - ``checkpoint`` (submitit's requeue on USR2 before the time limit, or on pre-emption) drops
   ``overwrite`` and ``resume`` from the job's overrides: the requeued job continues its run from its
   last checkpoint (``resume`` defaults to true) instead of starting it afresh again.
@@ -84,6 +86,11 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
 
         assert self.config is not None
         params = dict(self.params)
+        if OmegaConf.select(self.config, "trainer.accelerator") == "auto" and not params.get("gpus_per_node"):
+            log.warning(
+                "hydra/launcher=slurm with trainer=auto asks SLURM for no GPU, so the jobs train on the CPU; "
+                "add trainer=gpu (one GPU per job) or trainer=ddp trainer.devices=N"
+            )
         executor = submitit.AutoExecutor(
             cluster=self._EXECUTOR,
             folder=params.pop("submitit_folder"),
