@@ -11,7 +11,7 @@ VGG ``spatial`` sample count is the grid side (ours: ``num_candidates`` = side s
 Left out: ``Conv_test---``'s depthwise ConvNN-attention runs. They repeat ``K_test_correct---``'s
 arguments (Table 5's D cell comes from the latter) at twice its epoch time, as if the GPU was shared.
 
-    python scripts/derive_epoch_times.py [--logs ../shared/paper/authors-logs]
+    python scripts/derive_epoch_times.py [--logs results/paper/authors]
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's convnn, installed or not
 
+from convnn.paths import PAPER_DIR  # noqa: E402
 from convnn.runs.cost import EPOCH_TIMES, KEY_TYPES, layer_key  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 VIT_LAYERS = {
     "Attention": "attention",
     "LocalAttention": "local_attention",
@@ -72,7 +72,7 @@ def our_layer(args: dict[str, str]) -> tuple[str, dict[str, object]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--logs", type=Path, default=ROOT.parent / "shared" / "paper" / "authors-logs")
+    parser.add_argument("--logs", type=Path, default=PAPER_DIR / "authors")
     parser.add_argument("--out", type=Path, default=EPOCH_TIMES)
     args = parser.parse_args()
     times: dict[tuple[str, str], list[float]] = defaultdict(list)
