@@ -305,7 +305,7 @@ def write_results(machine: dict, parts: list[dict], rows: list[dict], notes: lis
         "",
         "Images/s of the second epoch; projected epoch = 50,000 images at that rate (the train loop, as "
         "`epoch_time_s`); the authors' epoch time is their A100's median for the same row "
-        "(results/paper/epoch_times.csv); peak memory is the CUDA caching allocator's (allocated / "
+        "(results/paper/authors/epoch_times.csv); peak memory is the CUDA caching allocator's (allocated / "
         "reserved) in the training process.",
         "",
         "| row | data | steps | images/s | projected epoch s | authors' A100 epoch s | ratio "

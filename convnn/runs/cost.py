@@ -2,7 +2,7 @@
 
 A job's epoch time comes from our committed CUDA bench (``results/bench/train-cuda.json``, written by
 ``make gpu-check``) where it measured the job's layer and backbone, else from the authors' logs
-(``results/paper/epoch_times.csv``: every logged run's median epoch time on their A100, derived from
+(``results/paper/authors/epoch_times.csv``: every logged run's median epoch time on their A100, derived from
 their ``curves.csv`` / ``runs.csv`` by ``scripts/derive_epoch_times.py``). Runs are matched by
 :func:`cost_key` (the backbone and the layer settings that change its speed, not the dataset or the
 seed): the same key first, else the same layer and backbone with other settings (:func:`near_key`).
@@ -24,7 +24,7 @@ from typing import Any
 
 from convnn import paths
 
-EPOCH_TIMES = paths.PAPER_DIR / "epoch_times.csv"
+EPOCH_TIMES = paths.PAPER_DIR / "authors" / "epoch_times.csv"
 BENCH_TRAIN = paths.BENCH_DIR / "train-cuda.json"
 AUTHORS_GPU = "A100"
 AUTHORS, BENCH = "the authors' logs", "our bench"  # where a reference epoch time comes from
