@@ -19,7 +19,14 @@ from convnn.report import claims
 from convnn.report.authors import compare_at, curve, local_noise, noise, read_curves, read_runs, value_at
 from convnn.report.claims import CONSISTENT, INCONCLUSIVE, INCONSISTENT, NOT_TESTABLE, Claim, held_from
 from convnn.report.figures import FIGURES, authors_points, authors_run, draw_figure
-from convnn.report.tables import TABLES, build_table, compose_config, match_records, read_paper
+from convnn.report.tables import (
+    TABLES,
+    at_epoch,
+    build_table,
+    compose_config,
+    match_records,
+    read_paper,
+)
 
 AUTHORS = PAPER_DIR / "authors"
 # "<kind>: <what> X..., the run's log gives Y" in a paper row's note names a cell the log does not give
@@ -198,6 +205,25 @@ def test_table_cells_at_the_matched_epoch() -> None:
     )
     assert conv["gap_u_test_acc1"] == pytest.approx(math.sqrt(2) * noise(conv_run, 3, "test_acc1"))
     assert lines["t4.c10.convnn.p2"]["authors_test_acc1"] is None  # no runs of ours: no epoch E
+
+
+def test_tables_at_an_earlier_epoch() -> None:
+    three = _record("t4.c10.conv2d.p1", 0, [45.0, 55.0, 52.0], batchmean=True)
+    two = at_epoch(three, 2)
+    assert two["status"] == "finished" and [e["epoch"] for e in two["epochs"]] == [1, 2]
+    assert two["final"]["test_acc1"] == 55.0 and two["final"]["test_acc1_batchmean"] == 55.5
+    assert two["best"] == {"epoch": 2, "test_loss": 2.0 - 0.55, "test_acc1": 55.0}
+    assert at_epoch(three, 3)["best"]["epoch"] == 2  # 55 at epoch 2 beats 52 at epoch 3
+    assert at_epoch(three, 4)["status"] == "running" and at_epoch(three, 4)["final"] is None
+    nan = copy.deepcopy(three)
+    nan["epochs"][1]["test_loss"] = math.nan
+    assert at_epoch(nan, 2)["status"] == "running"
+    rows = [T4["t4.c10.conv2d.p1"]]
+    line = build_table(rows, match_records(rows, [at_epoch(three, 1)])[0])[0]
+    run = T4["t4.c10.conv2d.p1"]["authors_run"]
+    assert line["epoch"] == 1 and line["gap_test_acc1"] == pytest.approx(
+        45.5 - float(RAW[run][0]["test_acc1"])
+    )
 
 
 def test_held_from_by_hand() -> None:

@@ -128,6 +128,21 @@ def summarize(records: Sequence[Record]) -> dict[str, Any]:
     return out
 
 
+def at_epoch(record: Record, epoch: int) -> Record:
+    """``record`` as it stood after ``epoch``: its first ``epoch`` epoch rows, that epoch's test values as
+    final and the best of those epochs as best; a run that never reached ``epoch`` counts as unfinished
+    (status ``running``), one that reached it with finite test values as finished there."""
+    rows = [e for e in record.get("epochs") or [] if isinstance(e.get("epoch"), int) and e["epoch"] <= epoch]
+    last = rows[-1] if rows and rows[-1]["epoch"] == epoch else None
+    if last is None or not all(math.isfinite(last.get(m, math.nan)) for m in ("test_loss", "test_acc1")):
+        status = "diverged" if record.get("status") == "diverged" and last is not None else "running"
+        return {**record, "status": status, "epochs": rows, "final": None, "best": None}
+    final = {k: last[k] for k in ("test_loss", "test_acc1", "test_acc5", *BATCHMEAN_METRICS) if k in last}
+    top = max(rows, key=lambda e: (e.get("test_acc1", -math.inf), -e["epoch"]))
+    best = {"epoch": top["epoch"], "test_loss": top.get("test_loss"), "test_acc1": top.get("test_acc1")}
+    return {**record, "status": "finished", "epochs": rows, "final": final, "best": best}
+
+
 def comparable(stats: Mapping[str, Any], metric: str) -> tuple[float | None, float | None]:
     """Mean and std over seeds of ``metric`` (``test_loss``, ``test_acc1``) as the paper's reference
     averaged it: the mean of per-batch means when the runs recorded it, else the per-image mean."""
@@ -492,10 +507,12 @@ def make_table(
     note: str | None = None,
     setup: str | None = None,
     row_ids: Sequence[str] | None = None,
+    epoch: int | None = None,
 ) -> list[Path]:
     """Regenerate ``table`` (only ``dataset``'s rows when given, written as ``<table>-<dataset>``;
     only the rows ``row_ids`` when given) from the records in ``source`` and/or by profiling into
-    ``out_dir``; ``note`` joins the header."""
+    ``out_dir``; ``note`` joins the header. ``epoch``: every run as it stood after that epoch
+    (written as ``<name>-epoch<N>``), compared with the authors' runs at that epoch."""
     rows = read_paper(table)
     if row_ids is not None:
         unknown = sorted(set(row_ids) - {r["row"] for r in rows})
@@ -508,6 +525,10 @@ def make_table(
         if not rows:
             raise ValueError(f"{table} has no rows for dataset {dataset!r}; datasets: {datasets}")
     records = with_budget_label(load_records(source), budget) if source else []
+    if epoch is not None:
+        if epoch < 1:
+            raise ValueError(f"epoch={epoch}; allowed: an epoch number >= 1")
+        records = [at_epoch(r, epoch) for r in records]
     matched, unmatched = match_records(rows, records)
     # one setup among the runs of this table's rows (a source may hold other tables' runs too)
     chosen = {id(r) for r in select_budget([r for rs in matched.values() for r in rs], None, setup)}
@@ -519,6 +540,7 @@ def make_table(
         "dataset": dataset,
         "source": display_source(source),
         "budget": budget,
+        "epoch": epoch,
         "profile": profile or None,
     }
     command = " ".join(
@@ -532,6 +554,14 @@ def make_table(
         f"{sum(line['diverged'] for line in lines)} diverged), {len(unmatched)} unmatched; "
         f"{sum(line['n'] > 0 for line in lines)} of {len(lines)} rows have finished runs.",
         *([f"Note: {note}"] if note else []),
+        *(
+            [
+                f"At epoch {epoch}: every run as it stood after epoch {epoch} (later epochs left out), "
+                f"so 'final' below is epoch {epoch}."
+            ]
+            if epoch is not None
+            else []
+        ),
         "Ours: final-epoch test values, mean ± sample std over seeds (n = finished seeds); best = best-epoch "
         "top-1. 'batch mean': the mean of per-batch means, as the paper's reference averaged its test "
         "metrics (a short last batch weighs as much as a full one). Paper: the table as printed (one run, "
@@ -542,4 +572,5 @@ def make_table(
         + "; 'profiler' is the paper's torch.profiler method, 'fvcore' counts multiply-adds.",
         MATCHED_EPOCH_NOTE,
     ]
-    return render(table if dataset is None else f"{table}-{dataset}", lines, header, out_dir)
+    name = table if dataset is None else f"{table}-{dataset}"
+    return render(name if epoch is None else f"{name}-epoch{epoch}", lines, header, out_dir)
