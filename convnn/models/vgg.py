@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convnn.models.registry import LayerFactory, register_model
@@ -18,9 +20,31 @@ STAGES: dict[str, list[int | str]] = {
 }
 
 
+class AvgPool7(nn.Module):
+    """``nn.AdaptiveAvgPool2d((7, 7))`` with a deterministic CUDA backward: ``[B, C, H, W] -> [B, C, 7, 7]``.
+
+    CUDA's adaptive average pooling has none (``torch.use_deterministic_algorithms`` stops on it), so
+    the maps VGG meets are pooled by equal ops: a 1x1 map (32x32 inputs: CIFAR) is copied to 7x7
+    (``expand(-1, -1, 7, 7)`` as a nearest upsampling, whose backward adds the 49 gradients in the
+    pool's order), a map whose sides are multiples of 7 (224x224 inputs) averaged by ``avg_pool2d``
+    with kernel ``(H / 7, W / 7)``; equal to the pool on CPU, forward and backward. Other maps, and a
+    traced graph (fvcore counts the pool), keep the adaptive pool. No parameters.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        height, width = x.shape[-2:]
+        if torch.jit.is_tracing():
+            return F.adaptive_avg_pool2d(x, (7, 7))
+        if (height, width) == (1, 1):
+            return F.interpolate(x, size=(7, 7), mode="nearest")
+        if height % 7 == 0 and width % 7 == 0:
+            return F.avg_pool2d(x, (height // 7, width // 7))
+        return F.adaptive_avg_pool2d(x, (7, 7))
+
+
 class VGG(nn.Module):
-    """``[B, C, S, S] -> [B, classes]``: slots (each + BatchNorm2d + ReLU) and max-pools, 7x7 average pool,
-    then ``Linear(512*49, h) ReLU Dropout Linear(h, h) ReLU Dropout Linear(h, classes)``.
+    """``[B, C, S, S] -> [B, classes]``: slots (each + BatchNorm2d + ReLU) and max-pools, 7x7 average pool
+    (:class:`AvgPool7`), then ``Linear(512*49, h) ReLU Dropout Linear(h, h) ReLU Dropout Linear(h, classes)``.
 
     ``classifier_init``: "normal" re-initialises the classifier's weights N(0, 0.01) with zero biases
     (torchvision's VGG); "pytorch" keeps ``nn.Linear``'s defaults, as the paper's reference did.
@@ -48,7 +72,7 @@ class VGG(nn.Module):
             blocks += [layer(channels, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
             channels = width
         self.features = nn.Sequential(*blocks)
-        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.avgpool = AvgPool7()
         self.classifier = nn.Sequential(
             nn.Linear(channels * 49, hidden_features),
             nn.ReLU(inplace=True),
