@@ -1,7 +1,7 @@
 """Which tokens are candidate neighbours (stage 2 of the k-NN core): all, random r or a spatial grid.
 
 Candidates are made on the input's device without a host round trip: random ones drawn there,
-spatial ones built once per shape and device and cached.
+spatial ones built there once per shape and device and cached.
 """
 
 from __future__ import annotations
@@ -35,20 +35,28 @@ def random_candidates(
     return keys.topk(r).indices
 
 
-def spatial_candidates(n: int, r: int, grid: tuple[int, int] | None = None, padding: int = 0) -> Tensor:
-    """A regular candidate set -> LongTensor ``[M]`` of token indices (CPU), as the reference builds it.
+def spatial_candidates(
+    n: int,
+    r: int,
+    grid: tuple[int, int] | None = None,
+    padding: int = 0,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """A regular candidate set -> LongTensor ``[M]`` of token indices on ``device`` (CPU when None), as
+    the reference builds it.
 
     Sequences (``grid`` None): ``linspace(0, n - 1, r)`` truncated to int (``M = r``; for n = 197,
     r = 32: 0, 6, 12, 18, 25, ..., 196). Maps (``grid = (H, W)`` of the map the tokens come from,
     ``padding`` included on every side): a ``g x g`` grid with ``g = floor(sqrt(r))`` over the real
     pixels only, rows ``padding + linspace(0, H - 1 - 2 padding, g)`` and columns alike, truncated,
     indices ``row * W + col`` (``M = g * g``). A grid with more rows or columns than the real map
-    raises (see :class:`CandidateSampler`'s ``fallback_to_all``).
+    raises (see :class:`CandidateSampler`'s ``fallback_to_all``). Built on ``device`` itself (no host
+    tensor, no copy): see :func:`linspace_trunc`.
     """
     if grid is None:
         if not 1 <= r <= n:
             raise ValueError(f"spatial sampling needs 1 <= num_candidates <= N tokens, got r={r}, N={n}")
-        return torch.linspace(0, n - 1, r, dtype=torch.float64).long()
+        return linspace_trunc(n - 1, r, device)
     height, width = grid
     if height * width != n:
         raise ValueError(f"grid {grid} does not hold the {n} tokens")
@@ -61,9 +69,27 @@ def spatial_candidates(n: int, r: int, grid: tuple[int, int] | None = None, padd
             f"a {g}x{g} spatial grid (num_candidates={r}) exceeds the {real_h}x{real_w} map; "
             "set fallback_to_all=true to use all candidates on such maps"
         )
-    rows = padding + torch.linspace(0, real_h - 1, g, dtype=torch.float64).long()
-    cols = padding + torch.linspace(0, real_w - 1, g, dtype=torch.float64).long()
+    rows = linspace_trunc(real_h - 1, g, device) + padding
+    cols = linspace_trunc(real_w - 1, g, device) + padding
     return (rows[:, None] * width + cols[None, :]).flatten()
+
+
+def linspace_trunc(end: int, steps: int, device: torch.device | str | None = None) -> Tensor:
+    """``torch.linspace(0, end, steps, dtype=torch.float64).long()`` computed on ``device`` -> LongTensor
+    ``[steps]``, the same on every device.
+
+    torch's own formula in float64, one rounding per op: ``i * step`` for the first ``steps // 2``
+    entries, ``end - (steps - 1 - i) * step`` for the rest (``step = end / (steps - 1)``), then
+    truncated. CUDA's linspace kernel may fuse that multiply-subtract (one rounding instead of two,
+    which can move an entry that should be an integer to just below it); the CPU's vectorised kernel
+    rounds differently in a few shapes (``end`` a power of two) and by instruction set.
+    """
+    if steps == 1:
+        return torch.zeros(1, dtype=torch.long, device=device)
+    step, half = end / (steps - 1), steps // 2
+    first = torch.arange(half, dtype=torch.float64, device=device) * step
+    rest = torch.arange(steps - 1 - half, -1, -1, dtype=torch.float64, device=device) * step
+    return torch.cat([first, rest.neg_().add_(end)]).long()
 
 
 def fits(sampling: str, n: int, r: int, grid: tuple[int, int] | None, padding: int) -> bool:
@@ -139,9 +165,9 @@ class CandidateSampler(nn.Module):
             return random_candidates(n, self.num_candidates, generator, device)
         key = (n, grid, padding, device)
         if torch.compiler.is_compiling():  # a constant of the compiled graph
-            return spatial_candidates(n, self.num_candidates, grid, padding).to(device)
+            return spatial_candidates(n, self.num_candidates, grid, padding, device)
         if key not in self._spatial:
-            self._spatial[key] = spatial_candidates(n, self.num_candidates, grid, padding).to(device)
+            self._spatial[key] = spatial_candidates(n, self.num_candidates, grid, padding, device)
         return self._spatial[key]
 
     def extra_repr(self) -> str:
