@@ -7,6 +7,7 @@ one opaque op (``convnn::select``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from convnn.knn.native import topk_last
 from convnn.knn.ops import CONV_BATCH, SelectedSimilarity, _rows_conv
+from convnn.knn.precision import full_fp32
 from convnn.knn.similarity import NORMALIZE_EPS, prepare, prepared_similarity, self_similarity
 
 #: Similarity entries per chunk on CPU when ``chunk_size`` is None (2 MiB of float32: the chunk of
@@ -30,18 +32,33 @@ def _auto_chunk(batch: int, n: int, m: int, device: torch.device) -> tuple[int, 
     """``(queries, images)`` per chunk of a ``[images, queries, m]`` similarity, sized for ``device``.
 
     CPU: about :data:`AUTO_CHUNK_ELEMENTS` entries, queries of one image first (the chunk and its
-    top-k stay in cache). CUDA: a quarter of the free memory, so a paper-shape layer runs in one
-    chunk (a handful of kernel launches). Under ``torch.compile``: one chunk, so the graph neither
-    unrolls a loop nor depends on the batch size.
+    top-k stay in cache). Other devices: :func:`_device_chunk`. Under ``torch.compile``: one chunk, so
+    the graph neither unrolls a loop nor depends on the batch size.
     """
     if torch.compiler.is_compiling():
         return n, batch
     if device.type == "cpu":
         queries = min(n, max(CONV_BATCH, AUTO_CHUNK_ELEMENTS // m))
         return queries, min(batch, max(1, AUTO_CHUNK_ELEMENTS // (queries * m)))
-    # CUDA: a quarter of the free bytes, in float32 entries
-    elements = torch.cuda.mem_get_info(device)[0] // 16 if device.type == "cuda" else DEVICE_CHUNK_ELEMENTS
+    return _device_chunk(batch, n, m, device)
+
+
+@functools.cache
+def _device_chunk(batch: int, n: int, m: int, device: torch.device) -> tuple[int, int]:
+    """:func:`_auto_chunk` off the CPU, sized once per shape and device (cached): CUDA takes a quarter
+    of the memory free for tensors, so a paper-shape layer runs in one chunk (a handful of kernel
+    launches); other devices :data:`DEVICE_CHUNK_ELEMENTS` entries. Asking the driver on every call
+    would shrink the chunks as PyTorch's allocator caches freed blocks (``cudaMemGetInfo`` counts
+    them as used) and cost a driver call per layer and step."""
+    elements = _cuda_free_bytes(device) // 16 if device.type == "cuda" else DEVICE_CHUNK_ELEMENTS
     return max(1, min(n, elements // max(1, batch * m))), batch
+
+
+def _cuda_free_bytes(device: torch.device) -> int:
+    """Bytes tensors can still take on ``device``: the driver's free memory plus the blocks PyTorch's
+    allocator holds unused."""
+    free = torch.cuda.mem_get_info(device)[0]
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def knn_select(
@@ -183,6 +200,7 @@ def _at_least_fp32(x: Tensor) -> Tensor:
     return x.float() if x.is_floating_point() and x.element_size() < 4 else x
 
 
+@full_fp32()
 def _select(
     q: Tensor,
     k: Tensor,
@@ -202,7 +220,8 @@ def _select(
     ``chunk = (queries, images)``: peak extra memory is one ``[images, queries, M]`` chunk of scores.
     On CPU in float32 the scores of cosine / dot come from oneDNN (:func:`_onednn_keys`), one image
     and about ``chunk[0]`` queries per chunk (balanced, rounded up to a multiple of :data:`CONV_BATCH`;
-    the last ``n % 16`` queries, if any, form a short tail chunk scored by the matmul).
+    the last ``n % 16`` queries, if any, form a short tail chunk scored by the matmul). Products in
+    IEEE float32 whatever the process-wide precision (:func:`~convnn.knn.precision.full_fp32`).
     """
     queries, images = chunk
     if raw:
