@@ -21,16 +21,17 @@ where ``aggregate`` is the layer's ``Conv1d(kernel k, stride k)``; :func:`aggreg
 Design choices the tests pin down:
 
 * similarity and top-k run in chunks sized per device (cache-sized on CPU, one chunk on CUDA when
-  memory allows; under ``torch.compile`` the chunked selection is one opaque op), so peak extra
-  memory is O(B * chunk * M + B * N * k) instead of the dense ``[B, N, N]`` matrix; the selection
-  runs in float32 also under autocast; on CPU the scores come from oneDNN and the top-k from the
-  native kernel (:mod:`convnn.knn.native`);
-* neighbour rows are gathered whole with ``index_select`` from the token-major ``[B * N, C]`` rows
-  (backward: ``index_add_``, deterministic under ``torch.use_deterministic_algorithms``; on CPU the
-  native :func:`~convnn.knn.native.index_add_rows`, deterministic always), never from
-  an expanded ``[B, C, N, k]`` copy; in training on CPU (``rho="ones"``) not even the gathered rows
-  exist at once: :func:`gather_aggregate` (and :func:`gather_scaled_sum` for the depthwise, rho-weighted
-  sum of ConvNN-attention) works in cache-sized token steps;
+  memory allows, sized once per shape; under ``torch.compile`` the chunked selection is one opaque
+  op), so peak extra memory is O(B * chunk * M + B * N * k) instead of the dense ``[B, N, N]``
+  matrix; the selection runs in IEEE float32 also under autocast and whatever the process-wide
+  matmul precision (TF32 / bf16 would move near-tied neighbours); on CPU the scores come from
+  oneDNN and the top-k from the native kernel (:mod:`convnn.knn.native`);
+* neighbour rows are gathered whole from the token-major ``[B * N, C]`` rows (:func:`gather_rows`;
+  backward: an index-add in a fixed order, deterministic on every device without
+  ``torch.use_deterministic_algorithms``; on CPU the native :func:`~convnn.knn.native.index_add_rows`),
+  never from an expanded ``[B, C, N, k]`` copy; in training on CPU (``rho="ones"``) not even the
+  gathered rows exist at once: :func:`gather_aggregate` (and :func:`gather_scaled_sum` for the
+  depthwise, rho-weighted sum of ConvNN-attention) works in cache-sized token steps;
 * selection runs without autograd; gradients of the selected similarities (rho softmax) flow through
   the selected pairs only (:class:`SelectedSimilarity`);
 * ``rho="ones"`` does no multiplication at all, and masks use the dtype's finite minimum, so nothing
@@ -38,13 +39,14 @@ Design choices the tests pin down:
 * nothing synchronises with the host: random candidates are drawn on the input's device (training:
   the global RNG, seeded by Lightning's ``seed_everything``; evaluation: :class:`CandidateSampler`'s
   generator for that device, re-seeded by :func:`reset_sampling`, so test metrics with random
-  sampling are reproducible), spatial ones are cached per shape and device, masks use
+  sampling are reproducible), spatial ones are built there and cached per shape and device, masks use
   ``masked_fill`` / ``scatter_``, never boolean indexing.
 """
 
 from convnn.knn.aggregation import (
     aggregate_neighbors,
     gather_neighbors,
+    gather_rows,
     grouped_matmul,
     modulate,
     steps_apply,
@@ -82,6 +84,7 @@ __all__ = [
     "flat_indices",
     "gather_aggregate",
     "gather_neighbors",
+    "gather_rows",
     "gather_scaled_sum",
     "grouped_matmul",
     "knn_select",

@@ -1,8 +1,8 @@
 """Neighbour gathering, modulation by rho and aggregation (stage 4 of the k-NN core).
 
-Neighbour rows are gathered whole with ``index_select`` from the token-major ``[B * N, C]`` rows
-(backward: an index-add, never a scatter), never from an expanded ``[B, C, N, k]`` copy; on CPU in
-training :func:`~convnn.knn.ops.gather_aggregate` works in cache-sized token steps.
+Neighbour rows are gathered whole from the token-major ``[B * N, C]`` rows (:func:`gather_rows`;
+backward: an index-add in a fixed order, never a scatter), never from an expanded ``[B, C, N, k]``
+copy; on CPU in training :func:`~convnn.knn.ops.gather_aggregate` works in cache-sized token steps.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ def gather_neighbors(v: Tensor, indices: Tensor) -> Tensor:
     """Neighbour rows in Conv1d layout: ``v [B, C, N]``, ``indices [B, N', k] -> [B, C, N' * k]``.
 
     ``out[b, :, i * k + j] = v[b, :, indices[b, i, j]]``: whole token rows are picked with
-    :func:`token_rows` and returned as a channel-first view, so the backward is an ``index_add_``
-    (deterministic on CUDA under ``torch.use_deterministic_algorithms``), never a scatter.
+    :func:`token_rows` and returned as a channel-first view, so the backward is an index-add
+    (deterministic on every device, see :func:`gather_rows`), never a scatter.
     """
     batch, channels, _ = v.shape
     rows = token_rows(v.transpose(1, 2), indices)  # [B, N' * k, C]
@@ -28,10 +28,24 @@ def gather_neighbors(v: Tensor, indices: Tensor) -> Tensor:
 
 
 def token_rows(tokens: Tensor, indices: Tensor) -> Tensor:
-    """The rows ``tokens [B, N, C]`` at ``indices [B, N', k]`` -> ``[B, N', k, C]`` (one ``index_select``)."""
+    """The rows ``tokens [B, N, C]`` at ``indices [B, N', k]`` -> ``[B, N', k, C]`` (:func:`gather_rows`)."""
     batch, n, channels = tokens.shape
-    picked = tokens.reshape(batch * n, channels).index_select(0, flat_indices(indices, n).reshape(-1))
+    picked = gather_rows(tokens.reshape(batch * n, channels), flat_indices(indices, n).reshape(-1))
     return picked.view(*indices.shape, channels)
+
+
+def gather_rows(rows: Tensor, index: Tensor) -> Tensor:
+    """The rows ``rows [L, C]`` at ``index [R]`` -> ``[R, C]``, with a deterministic backward.
+
+    On CUDA, when the rows need a gradient, by advanced indexing: its backward
+    (``index_put_(accumulate=True)``) sorts the indices and adds each row's gradients in that order,
+    without ``torch.use_deterministic_algorithms`` and without a host sync, where ``index_select``'s
+    backward (``index_add_``) adds them with atomics in whatever order the threads run. Elsewhere
+    ``index_select``, whose CPU backward adds in order.
+    """
+    if rows.device.type == "cuda" and rows.requires_grad and torch.is_grad_enabled():
+        return rows[index]
+    return rows.index_select(0, index)
 
 
 def modulate(neighbors: Tensor, values: Tensor, rho: str) -> Tensor:
@@ -70,7 +84,7 @@ def aggregate_neighbors(v: Tensor, indices: Tensor, values: Tensor, rho: str, co
         weight = conv.weight.permute(0, 2, 1).reshape(conv.out_channels, k * channels)
         out = gather_aggregate(v_rows, flat, weight, conv.bias, scale)  # [B * N', C']
         return out.view(batch, tokens, -1).transpose(1, 2)
-    rows = v_rows.index_select(0, flat.reshape(-1)).view(-1, k, channels)  # [B * N', k, C]
+    rows = gather_rows(v_rows, flat.reshape(-1)).view(-1, k, channels)  # [B * N', k, C]
     if scale is not None:
         rows = rows * scale.unsqueeze(-1)
     if torch.compiler.is_compiling():  # inductor's conv backward would specialise the batch size
