@@ -7,6 +7,8 @@ percent) for the record callback, which owns the epoch history (:mod:`convnn.tra
 and top-1 are measured twice: per image (``test_loss``, ``test_acc1``: every image weighs the same)
 and as the mean of per-batch means (``test_loss_batchmean``, ``test_acc1_batchmean``: every batch
 weighs the same, a short last batch included), which is how the paper's reference averaged them.
+The metrics accumulate as device tensors without a host sync per step (:mod:`convnn.train.metrics`);
+they are read once per epoch.
 """
 
 from __future__ import annotations
@@ -19,11 +21,10 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
 from convnn.layers import reset_sampling
 from convnn.train.config import OptimConfig, SchedulerConfig
+from convnn.train.metrics import TopKAccuracy, WeightedMean
 
 SPLITS = ("train", "test")
 BATCHMEAN = ("test_loss_batchmean", "test_acc1_batchmean")
@@ -85,11 +86,11 @@ class ImageClassifier(L.LightningModule):
         top5 = min(5, num_classes)
         self.metrics = nn.ModuleDict()
         for split in SPLITS:
-            self.metrics[f"{split}_loss"] = MeanMetric()
-            self.metrics[f"{split}_acc1"] = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-            self.metrics[f"{split}_acc5"] = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+            self.metrics[f"{split}_loss"] = WeightedMean()
+            self.metrics[f"{split}_acc1"] = TopKAccuracy(1)
+            self.metrics[f"{split}_acc5"] = TopKAccuracy(top5)
         for name in BATCHMEAN:
-            self.metrics[name] = MeanMetric()
+            self.metrics[name] = WeightedMean()
         self.epoch_metrics: dict[str, float] = {}
         self._train_start = self._train_time = 0.0
         self._train_images = 0
