@@ -125,7 +125,9 @@ def build_from_config(
     accounting script); layer option names and types are checked by the layer registry. With
     ``check_input`` the model also runs once on a zero image (eval mode, no grad, RNG untouched; not
     on the meta device), so problems that depend on the input size (k above the candidates, r > N,
-    a patch not dividing H) raise a ``ValueError`` here, before any data is read.
+    a patch not dividing H) raise a ``ValueError`` here, before any data is read. Only the RNG of the
+    model's device is saved and restored (a CPU model: no CUDA call, so no CUDA context is made on
+    the GPUs a DDP rank does not use).
     """
     import torch
 
@@ -138,9 +140,10 @@ def build_from_config(
     if not check_input or (first is not None and first.device.type == "meta"):
         return model, (channels, size, size)
     model.eval()
+    device = first.device if first is not None else torch.device("cpu")
     try:
-        with torch.no_grad(), torch.random.fork_rng():
-            model(torch.zeros(1, channels, size, size))
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            model(torch.zeros(1, channels, size, size, device=device))
     except ValueError as e:
         raise ValueError(f"on {channels}x{size}x{size} inputs: {' '.join(str(e).split())}") from None
     finally:
