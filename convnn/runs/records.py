@@ -49,6 +49,8 @@ RECORD_FIELDS = (
     "git_commit",
     "versions",
     "device",
+    "numerics",
+    "data_feed",
     "launcher",
     "seed",
     "budget",

@@ -260,12 +260,15 @@ def _run_locked(cfg: DictConfig, typed: TrainConfig, run_dir: Path) -> float | N
 
     import lightning as L
 
-    from convnn.train.data import ImageDataModule
+    from convnn.train.data import ImageDataModule, data_feed
+    from convnn.train.gpu import numerics_record, on_gpu
 
     L.seed_everything(typed.seed, workers=True, verbose=False)
     model, image_size = build_model_or_fail(cfg)
     batch, eval_batch = _per_device_batch(typed)
-    data = ImageDataModule(typed.data, image_size, batch, eval_batch, seed=typed.seed)
+    gpu = on_gpu(typed.trainer)
+    feed = data_feed(typed.data, gpu, typed.trainer.devices)
+    data = ImageDataModule(typed.data, image_size, batch, eval_batch, seed=typed.seed, feed=feed)
     try:
         data.prepare_data()
         data.setup("fit")
@@ -289,6 +292,8 @@ def _run_locked(cfg: DictConfig, typed: TrainConfig, run_dir: Path) -> float | N
         "git_commit": _git_commit(),
         "versions": _versions(),
         "device": describe_device(typed.trainer),
+        "numerics": numerics_record(typed.trainer, gpu),
+        "data_feed": feed.as_record(),
         "launcher": job_info() or {},
         "seed": typed.seed,
         "budget": typed.budget,
@@ -407,10 +412,12 @@ def _fit(
 
 def _build_trainer(cfg: TrainConfig, run_dir: Path, logger: Any, callbacks: list) -> Any:
     """The Lightning ``Trainer`` for ``cfg``: the paper's gradient clipping, no sanity validation,
-    checkpoints written atomically."""
+    checkpoints written atomically, deterministic on a GPU unless ``trainer.deterministic=false``
+    (:func:`~convnn.train.gpu.deterministic_mode`)."""
     import lightning as L
 
     from convnn.runs.checkpoints import AtomicCheckpointIO
+    from convnn.train.gpu import deterministic_mode, on_gpu
 
     t = cfg.trainer
     return L.Trainer(
@@ -419,7 +426,7 @@ def _build_trainer(cfg: TrainConfig, run_dir: Path, logger: Any, callbacks: list
         num_nodes=t.num_nodes,
         strategy=t.strategy,
         precision="bf16-mixed" if t.precision == "bf16" else "32-true",
-        deterministic=t.deterministic,
+        deterministic=deterministic_mode(t, on_gpu(t)),
         max_epochs=cfg.epochs,
         gradient_clip_val=cfg.optim.grad_clip,
         gradient_clip_algorithm="norm",

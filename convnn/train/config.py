@@ -58,8 +58,8 @@ class DataConfig:
     test_size: int | None = None
     subset: SubsetConfig = field(default_factory=SubsetConfig)
     augment: str = "none"
-    num_workers: int = 2
-    pin_memory: bool = False
+    num_workers: int | None = None  # null: chosen for the device (convnn.train.data.data_feed)
+    pin_memory: bool | None = None  # null: pinned when training on a GPU
 
 
 @dataclass
@@ -70,7 +70,7 @@ class TrainerConfig:
     strategy: str = "auto"
     precision: str = "32"
     compile: bool = False
-    deterministic: bool = False
+    deterministic: bool | None = None  # null: "warn" on a GPU, off on the CPU (convnn.train.gpu)
     progress_bar: str = "rich"
 
 
@@ -173,7 +173,6 @@ def _check_values(cfg: TrainConfig) -> None:
         ("data.num_classes", d.num_classes, 2),
         ("data.image_size", d.image_size, 1),
         ("data.in_channels", d.in_channels, 1),
-        ("data.num_workers", d.num_workers, 0),
         ("trainer.devices", t.devices, 1),
         ("trainer.num_nodes", t.num_nodes, 1),
         ("optim.weight_decay", o.weight_decay, 0.0),
@@ -183,6 +182,7 @@ def _check_values(cfg: TrainConfig) -> None:
         ("scheduler.step_size", s.step_size, 1),
     ):
         _at_least(key, value, low)
+    _at_least("data.num_workers", d.num_workers, 0, optional=True)
     for key, value in (
         ("eval_batch_size", cfg.eval_batch_size),
         ("data.subset.train", d.subset.train),

@@ -5,17 +5,26 @@ any ImageFolder tree (``<root>/<train_split>/<class>/*.jpg``, ``<root>/<test_spl
 or the offline CIFAR-10 copy), and a learnable synthetic dataset for tests. Images become
 ``[C, S, S]`` float tensors: resized to the model's input size ``S`` where it differs from the
 dataset's (ViT: 224), then normalised per channel with the dataset's mean/std (paper Sec. 10).
+
+Where that happens is the :class:`DataFeed`'s choice: in the loader workers (CPU training), or, when
+training on a GPU, on the device after the copy (:class:`DeviceTransform`): the loaders then carry
+``uint8`` images at the dataset's size (for ViT on CIFAR 196x fewer bytes than 224x224 float32) and
+the device resizes and normalises them with the same numbers.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
@@ -73,13 +82,15 @@ class EpochShuffleSampler(Sampler[int]):
         return self.n
 
 
-def build_transform(cfg: DataConfig, image_size: int, train: bool) -> v2.Compose:
+def build_transform(cfg: DataConfig, image_size: int, train: bool, on_device: bool = False) -> v2.Compose:
     """PIL image or ``[C, H, W]`` tensor -> normalised float ``[C, S, S]`` with ``S = image_size``.
 
     Resizing (shorter side to ``S``, then a centre crop) happens only when ``S`` differs from the
     dataset's native ``data.image_size`` or the images may vary in size (ImageFolder).
     ``data.augment=crop_flip`` adds a random crop (padding 1/8 of the side) and horizontal flip to
-    the training transform, before resizing.
+    the training transform, before resizing. ``on_device``: the steps up to the image at the
+    dataset's size ``data.image_size`` (``uint8`` for decoded files), leaving the resize to ``S``,
+    the scaling and the normalisation to :class:`DeviceTransform`.
     """
     steps: list = [v2.ToImage()]
     if train and cfg.augment == "crop_flip":
@@ -87,10 +98,101 @@ def build_transform(cfg: DataConfig, image_size: int, train: bool) -> v2.Compose
             v2.RandomCrop(cfg.image_size, padding=cfg.image_size // 8),
             v2.RandomHorizontalFlip(),
         ]
-    if image_size != cfg.image_size or _uses_imagefolder(cfg):
-        steps += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std))]
+    size = cfg.image_size if on_device else image_size
+    if size != cfg.image_size or _uses_imagefolder(cfg):
+        steps += [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+    if not on_device:
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std))]
     return v2.Compose(steps)
+
+
+def resize_like_cpu(images: Tensor, size: int) -> Tensor:
+    """``[B, C, h, w] uint8 -> [B, C, size, size] uint8``: torchvision's bilinear antialiased resize of
+    ``uint8`` images as its CPU kernel computes it, on any device.
+
+    The CPU kernel resizes the width, rounds to ``uint8``, then the height, rounding half up each
+    time; elsewhere torchvision resizes in float in one pass and rounds half to even, which moves 12 %
+    of the pixels of CIFAR images upscaled to 224 by one level. Two float passes rounded half up give
+    the CPU kernel's bytes exactly for integer scale factors without half-way ties in float (tested:
+    32 -> 64, 96, 224 and every CIFAR-10 image at 224); other factors can differ by a level or two.
+    """
+    height = images.shape[-2]
+
+    def bilinear(x: Tensor, out: tuple[int, int]) -> Tensor:
+        x = F.interpolate(x, size=out, mode="bilinear", align_corners=False, antialias=True)
+        return x.add_(0.5).floor_().clamp_(0, 255)
+
+    wide = bilinear(images.float(), (height, size))
+    return bilinear(wide, (size, size)).to(torch.uint8)
+
+
+class DeviceTransform:
+    """The last steps of :func:`build_transform` run on a batch where it trains: ``[B, C, s, s]`` at
+    the dataset's size -> normalised float32 ``[B, C, S, S]``.
+
+    ``uint8`` batches are resized with :func:`resize_like_cpu`, float ones (the synthetic data) with
+    torchvision's resize, then scaled and normalised with the ops of ``v2.ToDtype`` / ``v2.Normalize``
+    (same values as the CPU transform). No host sync per batch: the mean and std are copied to each
+    device once.
+    """
+
+    def __init__(self, cfg: DataConfig, image_size: int) -> None:
+        self.size, self.mean, self.std = image_size, list(cfg.mean), list(cfg.std)
+        self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, images: Tensor) -> Tensor:
+        if images.shape[-2:] != (self.size, self.size):
+            if images.dtype == torch.uint8:
+                images = resize_like_cpu(images, self.size)
+            else:
+                images = v2.functional.resize(images, [self.size, self.size], antialias=True)
+        x = v2.functional.to_dtype(images, torch.float32, scale=True)
+        mean, std = self._device_stats(x.device)
+        return x.sub(mean).div_(std)
+
+    def _device_stats(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._stats:
+            mean, std = (torch.tensor(v, device=device).view(-1, 1, 1) for v in (self.mean, self.std))
+            self._stats[device] = mean, std
+        return self._stats[device]
+
+
+@dataclass(frozen=True)
+class DataFeed:
+    """How batches reach the model: loader workers, pinned host memory, workers kept across epochs,
+    and where images are resized and normalised ("device": :class:`DeviceTransform` after the copy;
+    "cpu": in the workers). Recorded as the run record's ``data_feed``."""
+
+    num_workers: int
+    pin_memory: bool
+    persistent_workers: bool
+    transforms: str
+
+    def as_record(self) -> dict[str, Any]:
+        """The JSON the run record keeps."""
+        return asdict(self)
+
+
+#: Loader workers per GPU at most, when ``data.num_workers`` is unset.
+MAX_GPU_WORKERS = 8
+#: Loader workers of a CPU run when ``data.num_workers`` is unset (the CPU computes the model too).
+CPU_WORKERS = 2
+
+
+def data_feed(cfg: DataConfig, gpu: bool, devices: int = 1) -> DataFeed:
+    """The feed of a run on a GPU (``gpu``, ``devices`` per node) or the CPU.
+
+    ``data.num_workers`` / ``data.pin_memory`` when set; unset (null): on a GPU, pinned memory and one
+    worker per CPU this process may use, shared by the node's ``devices`` and less one for the
+    training process, at most :data:`MAX_GPU_WORKERS`; on the CPU :data:`CPU_WORKERS` workers and no
+    pinning. Workers persist across epochs whenever there are any. On a GPU the images are resized
+    and normalised on the device.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    auto_workers = min(MAX_GPU_WORKERS, max(1, cpus // max(1, devices) - 1)) if gpu else CPU_WORKERS
+    workers = auto_workers if cfg.num_workers is None else cfg.num_workers
+    pin = gpu if cfg.pin_memory is None else cfg.pin_memory
+    return DataFeed(workers, pin, workers > 0, "device" if gpu else "cpu")
 
 
 def _uses_imagefolder(cfg: DataConfig) -> bool:
@@ -120,14 +222,14 @@ def load_image(path: str) -> Image.Image:
         ) from None
 
 
-def _imagefolder(cfg: DataConfig, split: str, image_size: int, train: bool) -> datasets.ImageFolder:
+def _imagefolder(cfg: DataConfig, split: str, transform: v2.Compose) -> datasets.ImageFolder:
     path = Path(cfg.root) / split
     if not path.is_dir():
         raise FileNotFoundError(
             f"{cfg.name}: no ImageFolder split {str(path)!r}; data.root={cfg.root!r} must hold "
             f"{cfg.train_split}/ and {cfg.test_split}/ folders with one sub-folder per class"
         )
-    ds = datasets.ImageFolder(str(path), transform=build_transform(cfg, image_size, train), loader=load_image)
+    ds = datasets.ImageFolder(str(path), transform=transform, loader=load_image)
     if len(ds.classes) != cfg.num_classes:
         raise ValueError(
             f"{cfg.name}: {str(path)!r} has {len(ds.classes)} class folders but data.num_classes="
@@ -136,12 +238,10 @@ def _imagefolder(cfg: DataConfig, split: str, image_size: int, train: bool) -> d
     return ds
 
 
-def _torchvision_cifar(cfg: DataConfig, train: bool, image_size: int, download: bool) -> Dataset:
+def _torchvision_cifar(cfg: DataConfig, train: bool, transform: v2.Compose | None, download: bool) -> Dataset:
     cls = TORCHVISION_CIFAR[cfg.name]
     try:
-        return cls(
-            cfg.root, train=train, download=download, transform=build_transform(cfg, image_size, train)
-        )
+        return cls(cfg.root, train=train, download=download, transform=transform)
     except (RuntimeError, OSError) as e:
         raise FileNotFoundError(
             f"{cfg.name} not found under data.root={cfg.root!r} and "
@@ -151,8 +251,12 @@ def _torchvision_cifar(cfg: DataConfig, train: bool, image_size: int, download: 
         ) from None
 
 
-def build_dataset(cfg: DataConfig, train: bool, image_size: int, seed: int = 0) -> Dataset:
-    """The full train or test split of ``cfg`` (before ``data.subset``), transformed to ``image_size``."""
+def build_dataset(
+    cfg: DataConfig, train: bool, image_size: int, seed: int = 0, on_device: bool = False
+) -> Dataset:
+    """The full train or test split of ``cfg`` (before ``data.subset``), transformed to ``image_size``
+    (``on_device``: up to the dataset's own size, see :func:`build_transform`)."""
+    transform = build_transform(cfg, image_size, train, on_device)
     if cfg.name == "synthetic":
         size = cfg.train_size if train else cfg.test_size
         if size is None:
@@ -160,10 +264,10 @@ def build_dataset(cfg: DataConfig, train: bool, image_size: int, seed: int = 0) 
         base = SyntheticImages(
             size, cfg.num_classes, cfg.image_size, cfg.in_channels, seed + (0 if train else 1)
         )
-        return _TransformedTensors(base, build_transform(cfg, image_size, train))
+        return _TransformedTensors(base, transform)
     if _uses_imagefolder(cfg):
-        return _imagefolder(cfg, cfg.train_split if train else cfg.test_split, image_size, train)
-    return _torchvision_cifar(cfg, train, image_size, download=False)
+        return _imagefolder(cfg, cfg.train_split if train else cfg.test_split, transform)
+    return _torchvision_cifar(cfg, train, transform, download=False)
 
 
 class _TransformedTensors(Dataset):
@@ -193,15 +297,26 @@ def fixed_subset(ds: Dataset, n: int | None, seed: int, key: str) -> Dataset:
 class ImageDataModule(L.LightningDataModule):
     """Train / test loaders for one ``DataConfig``; the test split doubles as Lightning's validation set.
 
-    Batches are ``([B, C, S, S] float, [B] int64)``. ``batch_size`` is per device.
+    Batches reach the model as ``([B, C, S, S] float, [B] int64)``. ``batch_size`` is per device.
+    ``feed`` (default: :func:`data_feed` for the CPU) sets the loaders and where images are resized
+    and normalised; with ``feed.transforms == "device"`` the loaders yield the dataset-size images and
+    :meth:`on_after_batch_transfer` finishes them on the device (:class:`DeviceTransform`).
     """
 
     def __init__(
-        self, cfg: DataConfig, image_size: int, batch_size: int, eval_batch_size: int, seed: int = 0
+        self,
+        cfg: DataConfig,
+        image_size: int,
+        batch_size: int,
+        eval_batch_size: int,
+        seed: int = 0,
+        feed: DataFeed | None = None,
     ) -> None:
         super().__init__()
         self.cfg, self.image_size, self.seed = cfg, image_size, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.feed = feed or data_feed(cfg, gpu=False)
+        self.device_transform = DeviceTransform(cfg, image_size) if self.feed.transforms == "device" else None
         self.train_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self._start_epoch = 0
@@ -219,27 +334,35 @@ class ImageDataModule(L.LightningDataModule):
         """Download torchvision CIFAR (rank 0) when the files are missing and ``data.download`` is set."""
         if self.cfg.name in TORCHVISION_CIFAR and not _uses_imagefolder(self.cfg):
             for train in (True, False):
-                _torchvision_cifar(self.cfg, train, self.image_size, download=self.cfg.download)
+                _torchvision_cifar(self.cfg, train, None, download=self.cfg.download)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        sub = self.cfg.subset
-        train = build_dataset(self.cfg, True, self.image_size, self.seed)
-        test = build_dataset(self.cfg, False, self.image_size, self.seed)
+        sub, on_device = self.cfg.subset, self.device_transform is not None
+        train = build_dataset(self.cfg, True, self.image_size, self.seed, on_device)
+        test = build_dataset(self.cfg, False, self.image_size, self.seed, on_device)
         self.train_set = fixed_subset(train, sub.train, sub.seed, "data.subset.train")
         self.test_set = fixed_subset(test, sub.test, sub.seed + 1, "data.subset.test")
 
     def _loader(self, ds: Dataset, batch_size: int, sampler: Sampler | None) -> DataLoader:
-        workers = self.cfg.num_workers
+        feed = self.feed
         return DataLoader(
             ds,
             batch_size=batch_size,
             sampler=sampler,
-            num_workers=workers,
-            pin_memory=self.cfg.pin_memory,
-            persistent_workers=workers > 0,
+            num_workers=feed.num_workers,
+            pin_memory=feed.pin_memory,
+            persistent_workers=feed.persistent_workers,
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """``(images, labels)`` on the training device: the images finished by :class:`DeviceTransform`
+        when the feed resizes and normalises there."""
+        if self.device_transform is None:
+            return batch
+        images, labels = batch
+        return self.device_transform(images), labels
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochShuffleSampler(len(self.train_set), self.seed)
