@@ -208,9 +208,9 @@ def test_training_fast_path_gradients(case):
 
 
 def test_trainer_deterministic_flag_reaches_the_layers(tmp_path):
-    # trainer.deterministic=true makes Lightning call torch.use_deterministic_algorithms(True); the
-    # layers' backward uses index_add_ / scatter_ on distinct positions, which torch then runs
-    # deterministically on CUDA too, so the flag is all a deterministic run needs
+    # trainer.deterministic=true makes Lightning call torch.use_deterministic_algorithms(True) (a GPU
+    # run's default is its warn mode); the layers' backward gathers add in sorted order on CUDA and
+    # scatter_ writes distinct positions, so the flag is all a deterministic run needs
     overrides = ["trainer.deterministic=true", "model=vgg11", "model.width_mult=0.125", "layer=convnn"]
     overrides += ["model.hidden_features=16", "layer.sampling=random", "layer.num_candidates=16", "epochs=1"]
     composed = compose_train(*overrides)[0]
@@ -234,7 +234,9 @@ def test_trainer_deterministic_flag_reaches_the_layers(tmp_path):
 @pytest.mark.cuda
 @CUDA
 @pytest.mark.parametrize("case", [*MAP_CASES, *TOKEN_CASES])
-def test_cuda_training_step_has_no_host_sync_and_is_deterministic(case):
+def test_cuda_training_step_has_no_host_sync_and_is_deterministic(case, monkeypatch):
+    # torch checks this for every cuBLAS call under deterministic algorithms (Lightning sets it in runs)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     layer, example = make(case)
     layer = layer.cuda().train()
     x = example(4).cuda().requires_grad_()
