@@ -417,6 +417,7 @@ def test_cuda_vgg_trains_with_strict_deterministic_algorithms(size, monkeypatch)
     torch.use_deterministic_algorithms(True)
     try:
         for _ in range(2):
+            torch.manual_seed(0)  # the same dropout masks
             out = model(x)
             grads.append(torch.autograd.grad(out.square().sum(), list(model.parameters())))
     finally:
@@ -456,19 +457,17 @@ def test_cuda_training_and_test_steps_have_no_host_sync():
 
 
 @pytest.mark.cuda
-def test_cuda_selection_ignores_a_tf32_global_setting():
+def test_cuda_selection_ignores_a_tf32_global_setting(restore_precision):
     # near ties: 300 tokens of 16 channels; TF32 (10-bit mantissa) would swap some 8th / 9th neighbours
     q = torch.randn(4, 300, 16, generator=torch.Generator().manual_seed(0)).cuda()
+    a, b = torch.randn(2, 512, 512, generator=torch.Generator().manual_seed(1)).cuda()
     values, idx = knn_select(q, q, 9, kind="dot")
+    full = a @ b
     torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        tf32_values, tf32_idx = knn_select(q, q, 9, kind="dot")
-        plain = q @ q.transpose(1, 2)  # outside the selection TF32 does apply
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
+    tf32_values, tf32_idx = knn_select(q, q, 9, kind="dot")
     assert torch.equal(idx, tf32_idx) and torch.equal(values, tf32_values)
-    if torch.cuda.get_device_capability() >= (8, 0):  # TF32 exists from Ampere on
-        assert not torch.equal(plain, q @ q.transpose(1, 2))
+    if torch.cuda.get_device_capability() >= (8, 0):  # TF32 exists from Ampere on: outside the selection
+        assert not torch.equal(a @ b, full)  # it does apply
 
 
 @pytest.mark.cuda
@@ -480,11 +479,11 @@ def test_cuda_device_transform_equals_the_cpu_transform():
         0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
     cpu = torch.stack([build_transform(cfg, 224, train=False)(TF.to_pil_image(i)) for i in images])
+    transform, batch = DeviceTransform(cfg, 224), images.cuda()
+    transform(batch)  # the mean and std are copied once, on the first batch
     torch.cuda.set_sync_debug_mode("error")
-    transform = DeviceTransform(cfg, 224)
-    transform(images.cuda())  # the mean and std are copied once, on the first batch
     try:
-        on_device = transform(images.cuda())
+        on_device = transform(batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(on_device.cpu(), cpu)
