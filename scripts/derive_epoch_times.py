@@ -1,4 +1,4 @@
-"""Derive ``results/paper/authors/epoch_times.csv`` from the authors' training logs (``runs.csv`` + ``curves.csv``).
+"""Derive ``results/paper/authors/epoch_times.csv`` from the authors' logs (``runs.csv``, ``curves.csv``).
 
 One row per logged run: its folder, set, dataset, logged epochs, the median of its epoch times
 (``time_s``, their A100) and its cost key (:func:`convnn.runs.cost.layer_key`) in our config's terms,
