@@ -43,6 +43,7 @@ from convnn.knn.reference import Algorithm1ConvNN, algorithm1_on_map  # noqa: E4
 from convnn.layers import build_layer  # noqa: E402
 from convnn.models import build_model  # noqa: E402
 from convnn.models.accounting import _native_stderr_silenced  # noqa: E402
+from convnn.provenance import cpu_name, made_by, script_command  # noqa: E402
 
 K, R = 9, 32
 VGG_SHAPES = [(64, 32), (128, 16), (256, 8), (512, 4)]
@@ -456,6 +457,8 @@ def markdown(report: dict) -> str:
         f"# Layer benchmark: {m['model']} ({m['device']}, {m['cpu_cores']} cores, "
         f"{m['torch_threads']} torch threads)",
         "",
+        report["made_by"],
+        "",
         f"torch {m['torch']}; forward + backward, fp32, median of {report['repeats']} interleaved repeats. "
         f"Load average (1/5/15 min) at the start {tuple(round(v, 2) for v in m['load_average_start'])}, at "
         f"the end {tuple(round(v, 2) for v in report['load_average_end'])} on {m['cpu_cores']} cores: "
@@ -557,7 +560,9 @@ def main() -> None:
     def rss(group: str, name: str) -> float | None:
         return child_rss(group, name, batch, args.threads) if on_cpu else None
 
-    report = {"machine": machine(device, load), "batch": batch, "repeats": repeats, "k": K, "groups": []}
+    info = machine(device, load)
+    made = made_by(script_command(), machine=info["model"] if device.type == "cuda" else cpu_name())
+    report = {"made_by": made, "machine": info, "batch": batch, "repeats": repeats, "k": K, "groups": []}
     report.update(compile=[], models=[], load_average_end=load)
 
     def save() -> None:  # after every section, so a late failure keeps what was measured

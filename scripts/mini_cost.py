@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from omegaconf import OmegaConf
 
 from convnn.models import build_from_config
 from convnn.paths import CONFIG_DIR, EXPERIMENTS_DIR
+from convnn.provenance import cpu_name, made_by, script_command
 from convnn.runs.sweep import expand_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="print only, write nothing")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    made = made_by(script_command())
     rows, total = [], 0.0
     for table in TABLES:
         configs, seeds = experiment_configs(table)
@@ -102,8 +103,14 @@ def main() -> None:
             total += row["run_cpu_s"] * seeds
             rows.append(row)
             print(json.dumps(row), flush=True)
-    device = f"cpu ({platform.processor() or platform.machine()})"
-    summary = {"device": device, "threads": 1, "jobs": sum(r["seeds"] for r in rows), "total_cpu_s": total}
+    device = cpu_name()
+    summary = {
+        "made_by": made,
+        "device": device,
+        "threads": 1,
+        "jobs": sum(r["seeds"] for r in rows),
+        "total_cpu_s": total,
+    }
     print(json.dumps(summary))
     if args.quick:
         return
@@ -113,8 +120,10 @@ def main() -> None:
     lines = [
         "# Projected compute of `make mini` (budget=mini)",
         "",
-        f"`python scripts/mini_cost.py` on {device}, 1 torch thread, CPU seconds (process time) per "
-        "step at the budget's batch size on random inputs; data loading and start-up not included.",
+        made,
+        "",
+        "One torch thread, CPU seconds (process time) per step at the budget's batch size on random "
+        "inputs; data loading and start-up not included.",
         "",
         "| table | job | params | train step s | eval batch s | steps | run s | seeds |",
         "|---|---|---:|---:|---:|---:|---:|---:|",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import shlex
 import subprocess
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from convnn.report.tables import read_paper
 from convnn.runs.sweep import expand_jobs, override_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,8 +87,7 @@ def test_experiment_expands_to_the_paper_grid(name: str) -> None:
 def test_every_paper_row_is_a_job_of_its_experiment(name: str) -> None:
     defaults, jobs = experiment_jobs(name)
     produced = [effective(defaults, job) for job in jobs]
-    with open(PAPER / f"{name}.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_paper(name)
     for row in rows:
         wanted = effective({}, shlex.split(row["overrides"]))
         assert wanted in produced, f"{row['row']} ({row['overrides']}) is not a job of experiment {name}"

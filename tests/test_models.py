@@ -1,6 +1,5 @@
 """Backbones: registry, slot placement, equality with torchvision, and every paper row's parameter count."""
 
-import csv
 import math
 import shlex
 from pathlib import Path
@@ -14,6 +13,7 @@ from torch import nn
 from convnn.layers import available_layers
 from convnn.models import available_models, build_from_config, build_model, input_size, model_entry
 from convnn.models.accounting import fvcore_macs
+from convnn.report.tables import read_paper
 from convnn.train.profile import compose_config
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
@@ -23,11 +23,7 @@ VGG11_FIXED_PARAMS = 119_592_330  # BatchNorm (2 x 2752) + classifier 25088-4096
 
 def paper_rows() -> list[dict[str, str]]:
     """Every row of results/paper/*.csv (the paper's numbers and the overrides that build each row)."""
-    rows: list[dict[str, str]] = []
-    for path in sorted(PAPER_DIR.glob("*.csv")):
-        with path.open(newline="") as handle:
-            rows += csv.DictReader(handle)
-    return rows
+    return [row for path in sorted(PAPER_DIR.glob("*.csv")) for row in read_paper(path.stem)]
 
 
 def count(model: nn.Module) -> int:

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from convnn.provenance import code_state
 from convnn.report.cli import main, parse_args
 from convnn.report.figures import FIGURES, draw_figure, make_figure, smooth, sweep_points
 from convnn.report.tables import (
@@ -150,7 +151,9 @@ def test_written_table_shows_missing_cells_paper_and_budget(records: list[dict],
     assert len(rows) == 10
     assert rows[3]["test_acc1_mean"] == "" and rows[3]["paper_test_acc1"] == "54.0"
     assert r"81.00 $\pm$ 1.00" in tex.read_text()
-    assert tex.read_text().startswith("% Generated")
+    made = f"Made by `convnn-tables table=table4 source={source}` at {code_state()} on "
+    assert text.splitlines()[2].startswith(made)  # the line under the title
+    assert csv_path.read_text().startswith(f"# {made}") and tex.read_text().startswith(f"% {made}")
 
 
 def test_one_dataset_half_with_a_note_and_no_runs(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen first
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from convnn.provenance import made_by  # noqa: E402
 from convnn.report.authors import curve, read_runs  # noqa: E402
 from convnn.report.tables import display_source  # noqa: E402
 from convnn.runs.identity import select as lookup  # noqa: E402 - config["a"]["b"] for "a.b", None if missing
@@ -403,15 +404,23 @@ def final_epoch(records: Sequence[Record]) -> int | None:
 
 
 def make_figure(
-    name: str, records: Sequence[Record], out_dir: Path, source: str = "", note: str | None = None
+    name: str,
+    records: Sequence[Record],
+    out_dir: Path,
+    source: str = "",
+    note: str | None = None,
+    command: str | None = None,
 ) -> Path:
     """Draw figure ``name`` (a key of ``FIGURES``) from ``records`` into ``<out_dir>/<name>.png``;
-    the title states the runs' budget, seeds and source (and ``note``). A ``cost`` figure has a second
-    row of panels with the GFLOPs of every point."""
+    the title states the runs' budget, seeds and source (and ``note``), the PNG's ``Description`` how
+    it was made (:func:`convnn.provenance.made_by` of ``command``, by default ``convnn-tables
+    figure=<name> source=<source>``). A ``cost`` figure has a second row of panels with the GFLOPs of
+    every point."""
     fig = draw_figure(name, records, source, note)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.png"
-    fig.savefig(path, dpi=120)
+    made = made_by(command or f"convnn-tables figure={name} source={display_source(source)}")
+    fig.savefig(path, dpi=120, metadata={"Description": made})
     plt.close(fig)
     return path
 

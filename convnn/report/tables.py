@@ -22,7 +22,6 @@ import shlex
 import statistics
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from convnn.paths import CONFIG_DIR, PAPER_DIR
+from convnn.provenance import made_by
 from convnn.report.authors import compare_at
 from convnn.runs.identity import identity_diff, row_identity, select, setup_identity
 from convnn.runs.records import collect_records
@@ -45,11 +45,12 @@ Record = dict[str, Any]
 
 
 def read_paper(table: str, paper_dir: Path = PAPER_DIR) -> list[dict[str, str]]:
-    """The paper's rows of ``table`` as printed (strings), from ``results/paper/<table>.csv``."""
+    """The paper's rows of ``table`` as printed (strings), from ``results/paper/<table>.csv`` (its
+    ``#`` lines say how it was made)."""
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}; tables: {list(TABLES)}")
     with open(paper_dir / f"{table}.csv", newline="") as f:
-        return list(csv.DictReader(f))
+        return list(csv.DictReader(line for line in f if not line.startswith("#")))
 
 
 @cache
@@ -547,7 +548,7 @@ def make_table(
         ["convnn-tables", *(f"{k}={str(v).lower() if v is True else v}" for k, v in given.items() if v)]
     )
     header = [
-        f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `{command}`.",
+        made_by(command),
         f"Budget: {describe_budget(used)}.",
         f"Runs: {len(records)} records read, {len(used)} matched to paper rows "
         f"({sum(line['incomplete'] for line in lines)} of them not finished, "

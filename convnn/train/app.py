@@ -15,7 +15,6 @@ import logging
 import platform
 import re
 import shutil
-import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -26,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from convnn import paths
+from convnn.provenance import git_commit
 from convnn.runs import rundir  # noqa: F401 - registers the resolvers configs/train.yaml uses
 from convnn.runs.errors import (
     EXIT_BAD_INPUT,
@@ -117,16 +117,6 @@ def _composition_message(error: Exception, args: list[str], compose: Any) -> str
     where = f"'{parent}'" if parent else "the top level"
     allowed = f"; allowed keys at {where}: {list(node.keys())}" if isinstance(node, DictConfig) else ""
     return f"invalid config: unknown key '{key}' (={value}){allowed}"
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=paths.PACKAGE_DIR, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def _versions() -> dict[str, str]:
@@ -289,7 +279,7 @@ def _run_locked(cfg: DictConfig, typed: TrainConfig, run_dir: Path) -> float | N
         "experiment": typed.name,
         "overrides": list(hc.overrides.task),
         "run_dir": str(run_dir),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "versions": _versions(),
         "device": describe_device(typed.trainer),
         "numerics": numerics_record(typed.trainer, gpu),
