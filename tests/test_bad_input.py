@@ -96,7 +96,9 @@ def test_an_unwritable_out_dir_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_convnn_profile_says_it_in_one_line_too(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["convnn-profile", "layer=convnn", "layer.patch=3"])
+    monkeypatch.setattr(sys, "argv", ["convnn-profile", *TINY_VGG, "layer=convnn", "layer.patch=3"])
     with pytest.raises(SystemExit) as e:
         profile.main()
-    assert "patch=3 needs H and W divisible by it, got (32, 32)" in str(e.value.code)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "convnn-profile: error: " in err and "patch=3 needs H and W divisible by it, got (32, 32)" in err

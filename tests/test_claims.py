@@ -190,8 +190,8 @@ def test_cli_claims_and_its_errors(source: Path, tmp_path: Path, capsys: pytest.
     main(["claims=mini", f"source={source}", f"out={tmp_path / 'cli'}", "note=made by a test"])
     assert (tmp_path / "cli" / "claims.md").read_text().count("Note: made by a test") == 1
     for argv, message in (
-        (["claims=maxi", f"source={source}"], "unknown claims='maxi'; allowed: ['mini']"),
-        (["claims=mini"], "claims need source="),
+        (["claims=maxi", f"source={source}"], "claims='maxi'; allowed: mini"),
+        (["claims=mini", f"out_dir={tmp_path / 'none'}"], f"no runs folder {tmp_path / 'none' / 'mini'}"),
         (["claims=mini", "table=table1"], "give exactly one of"),
     ):
         with pytest.raises(SystemExit):

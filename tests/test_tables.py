@@ -261,6 +261,8 @@ def test_help_and_wandb_without_credentials(capsys, monkeypatch, tmp_path: Path)
 
 def test_default_output_is_the_working_directorys(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CONVNN_RUNS_DIR", raising=False)
+    (tmp_path / "runs" / "paper" / "table4").mkdir(parents=True)  # the default source, no runs yet
     main(["table=table4", "dataset=cifar100"])
     assert (tmp_path / "results" / "reproduced" / "table4-cifar100.md").is_file()
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import re
 import shutil
 import sys
 from importlib import metadata
@@ -25,10 +24,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from convnn import paths
+from convnn.cli import compose_or_fail, fail
 from convnn.provenance import git_commit
 from convnn.runs import rundir  # noqa: F401 - registers the resolvers configs/train.yaml uses
 from convnn.runs.errors import (
-    EXIT_BAD_INPUT,
     EXIT_BUSY,
     EXIT_FAILED,
     EXIT_SIGINT,
@@ -41,6 +40,7 @@ from convnn.runs.lock import RunLock, RunLockedError
 from convnn.runs.records import RECORD_NAME, RunRecord
 from convnn.runs.slurm import job_info, lightning_plugins, remove_hpc_checkpoints, requeued_by_submitit
 from convnn.runs.sweep import RunState, run_state
+from convnn.train import help  # noqa: F401 - registers the resolver of the --help page
 from convnn.train.allocator import keep_freed_memory, tuning_wanted
 from convnn.train.config import ConfigError, TrainConfig, validate_config
 from convnn.train.device import describe_device, resolve_accelerator
@@ -53,70 +53,16 @@ CONFIG_DIR = paths.CONFIG_DIR
 PROG = "convnn-train"
 
 
-def _fail(message: str) -> SystemExit:
-    """Print ``message`` as one line to stderr; the ``SystemExit`` (status 2) to raise."""
-    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
-    return SystemExit(EXIT_BAD_INPUT)
-
-
 def preflight(args: list[str]) -> None:
-    """Compose the config once before Hydra does, turning composition errors (an unknown key, a
-    missing group option) into one line. Multirun, sweeps and Hydra flags are left to Hydra."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    if any(a.startswith("-") for a in args):
+    """Compose the config once before Hydra does (:func:`convnn.cli.compose_or_fail`: composition
+    errors in one line) and check that ``out_dir`` is writable. Multirun, sweeps and Hydra flags are
+    left to Hydra."""
+    cfg = compose_or_fail(PROG, "train", args)
+    if cfg is None:
         return
-    try:
-        parsed = OverridesParser.create().parse_overrides(args)
-    except HydraException:
-        return
-    if any(o.is_sweep_override() or o.key_or_group.startswith("hydra") for o in parsed):
-        return
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        try:
-            cfg = compose("train", overrides=args)
-        except (HydraException, OmegaConfBaseException) as e:
-            raise _fail(_composition_message(e, args, compose)) from None
-    GlobalHydra.instance().clear()
     problem = unwritable(Path(str(cfg.out_dir)))
     if problem:
-        raise _fail(f"out_dir={str(cfg.out_dir)!r} is not writable ({problem})")
-
-
-def _composition_message(error: Exception, args: list[str], compose: Any) -> str:
-    """One line for a Hydra composition error: a value of the wrong type (the schema), the unknown
-    key or group option and what is allowed."""
-    text = " ".join(str(error).split())
-    cause = error.__cause__
-    if getattr(cause, "full_key", None) and "could not be converted" in str(cause):
-        value = next((a.split("=", 1)[1] for a in args if a.split("=", 1)[0] == cause.full_key), None)
-        return f"invalid config: {cause.full_key}={value!r}; {str(cause).splitlines()[0]}"
-    missing = re.search(
-        r"Could not find '([^']+)/([^'/]+)'.*?Available options in '[^']+':(.*?)(Config search|$)", text
-    )
-    if missing:
-        group, option, options = missing.group(1), missing.group(2), missing.group(3).split()
-        return f"invalid config: {group}={option!r}; allowed: {options}"
-    unknown = re.search(r"Could not override '([^']+)'", text)
-    if not unknown:
-        return f"invalid config: {text}"
-    key = unknown.group(1)
-    value = next((a.split("=", 1)[1] for a in args if a.split("=", 1)[0] == key), None)
-    rest = [a for a in args if a.split("=", 1)[0] != key]
-    parent = key.rpartition(".")[0]
-    try:
-        cfg = compose("train", overrides=rest)
-    except Exception:  # noqa: BLE001 - another override is broken too; then list nothing
-        cfg = None
-    node = OmegaConf.select(cfg, parent) if cfg is not None and parent else cfg
-    where = f"'{parent}'" if parent else "the top level"
-    allowed = f"; allowed keys at {where}: {list(node.keys())}" if isinstance(node, DictConfig) else ""
-    return f"invalid config: unknown key '{key}' (={value}){allowed}"
+        raise fail(PROG, f"out_dir={str(cfg.out_dir)!r} is not writable ({problem})")
 
 
 def _versions() -> dict[str, str]:
@@ -483,7 +429,7 @@ def main() -> None:
     try:
         tuning_wanted()
     except ValueError as e:
-        raise _fail(str(e)) from None
+        raise fail(PROG, str(e)) from None
     preflight(sys.argv[1:])
     _hydra_app()
 
