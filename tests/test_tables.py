@@ -6,7 +6,6 @@ import csv
 import shlex
 import statistics
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -20,7 +19,6 @@ from convnn.report.tables import (
     make_table,
     match_records,
     read_paper,
-    records_from_wandb,
     select_budget,
 )
 from convnn.runs.records import write_record
@@ -210,27 +208,6 @@ def test_diverged_and_corrupt_runs_show_plainly(records: list[dict], tmp_path: P
     line = next(x for x in md.read_text().splitlines() if x.startswith("| t4.c10.branching.p1 "))
     assert "| 3 of 4, 1 diverged | 1.100 ± 0.100 | 81.00 ± 1.00 |" in line
     assert "0 diverged" not in md.read_text() and "1 diverged)" in md.read_text()
-
-
-def test_wandb_runs_become_records() -> None:
-    history = [
-        {"epoch": 1, "train/loss": 2.0, "test/loss": 1.5, "test/acc1": 60.0, "test/acc5": 90.0},
-        {"epoch": 2, "train/loss": 1.0, "test/loss": 1.6, "test/acc1": 55.0, "test/acc5": 91.0},
-        {"params": 5},  # a summary-only row
-    ]
-    run = SimpleNamespace(
-        id="abc",
-        state="finished",
-        config={"seed": 1, "budget": "smoke", "layer": {"name": "attention"}},
-        summary={"params": 5_479_306, "gflops_profiler": 2.507},
-        history=lambda pandas: history,
-    )
-    api = SimpleNamespace(runs=lambda path: [run] if path == "me/convnn" else [])
-    (rec,) = records_from_wandb("me/convnn", api)
-    assert rec["final"] == {"test_loss": 1.6, "test_acc1": 55.0, "test_acc5": 91.0}
-    assert rec["best"] == {"epoch": 1, "test_loss": 1.5, "test_acc1": 60.0}
-    assert (rec["status"], rec["seed"], rec["budget"], rec["params"]) == ("finished", 1, "smoke", 5_479_306)
-    assert [e["train_loss"] for e in rec["epochs"]] == [2.0, 1.0]
 
 
 @pytest.mark.parametrize(

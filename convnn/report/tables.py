@@ -21,7 +21,7 @@ import os
 import shlex
 import statistics
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from convnn.paths import CONFIG_DIR, PAPER_DIR
 from convnn.provenance import made_by
 from convnn.report.authors import compare_at
 from convnn.runs.identity import identity_diff, row_identity, select, setup_identity
-from convnn.runs.records import collect_records
+from convnn.runs.records import EPOCH_FIELDS, LOGGED_ONCE, collect_records, logged_name, summarize_epochs
 
 OUT_DIR = Path("results") / "reproduced"  # relative: the working directory's, never the package's
 TABLES = ("table1", "table2", "table3", "table4", "table5", "resnet50")
@@ -348,44 +348,46 @@ def render(
 
 
 def records_from_wandb(path: str, api: Any = None) -> list[Record]:
-    """Records rebuilt from a wandb project ``entity/project`` (same fields as ``results.json``).
+    """Records rebuilt from the runs of wandb project ``entity/project`` (:func:`records_from_runs`)."""
+    return records_from_runs(_wandb_runs(path, api), f"{WANDB_PREFIX}{path}")
 
-    Per-epoch rows come from the run history (``train/loss``, ``test/acc1``, ... as logged by training),
-    numbered from 1 in logging order like the records.
+
+def records_from_runs(runs: Iterable[Any], source: str) -> list[Record]:
+    """Records (the fields tables and figures read from ``results.json``) rebuilt from wandb runs as
+    training logs them (:mod:`convnn.train.loggers`): ``wandb.Api`` runs or any objects with ``id``,
+    ``state``, ``config``, ``summary`` and ``history(pandas=False)``.
+
+    The config is the run's resolved config; ``params``, GFLOPs and ``device`` were logged once
+    beside it (:data:`convnn.runs.records.LOGGED_ONCE`). The epochs are the history rows with a test
+    top-1, by their logged ``epoch`` (a resumed run's repeated epoch keeps its last row); ``final`` and
+    ``best`` come from them as a record's do (:func:`convnn.runs.records.summarize_epochs`). The status
+    is the one training put in the summary, else the run's state (a run killed before it closed).
     """
     records = []
-    for run in _wandb_runs(path, api):
-        config = dict(run.config)
-        epochs = []
+    for run in runs:
+        config = {k: v for k, v in dict(run.config).items() if not k.startswith("_")}
+        once = {k: config.pop(k, None) for k in LOGGED_ONCE}
+        rows: dict[int, dict[str, Any]] = {}
         for h in run.history(pandas=False):
-            if h.get("test/acc1") is None:
+            if h.get("test/acc1") is None or h.get("epoch") is None:
                 continue
-            row = {"epoch": len(epochs) + 1}  # 1-based, as in results.json
-            row.update({k.replace("/", "_"): v for k, v in h.items() if k.startswith(("train/", "test/"))})
-            epochs.append(row)
-        final = {k: epochs[-1].get(k) for k in ("test_loss", "test_acc1", "test_acc5")} if epochs else None
-        if final is not None:
-            final |= {k: epochs[-1][k] for k in BATCHMEAN_METRICS if k in epochs[-1]}
-        top = max(epochs, key=lambda e: (e["test_acc1"], -e["epoch"])) if epochs else None
-        best = (
-            {"epoch": top["epoch"], "test_loss": top.get("test_loss"), "test_acc1": top["test_acc1"]}
-            if top
-            else None
-        )
+            row = {f: h[logged_name(f)] for f in EPOCH_FIELDS if logged_name(f) in h}
+            rows[int(h["epoch"])] = {**row, "epoch": int(h["epoch"])}
+        epochs = [rows[e] for e in sorted(rows)]
+        final, best = summarize_epochs(epochs)
         summary = dict(run.summary)
         records.append(
             {
-                "status": "finished" if run.state == "finished" else run.state,
+                "status": summary.get("status") or run.state,
                 "config": config,
-                "run_dir": f"{WANDB_PREFIX}{path}/{run.id}",
+                "run_dir": f"{source}/{run.id}",
                 "seed": config.get("seed"),
                 "budget": config.get("budget"),
-                "params": summary.get("params"),
-                "gflops": summary.get("gflops"),
-                "gflops_profiler": summary.get("gflops_profiler"),
+                **once,
                 "epochs": epochs,
                 "final": final,
                 "best": best,
+                "wall_time_s": summary.get("wall_time_s"),
             }
         )
     return records

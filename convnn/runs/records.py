@@ -67,6 +67,16 @@ RECORD_FIELDS = (
     "finished_at",
 )
 
+LOGGED_ONCE = ("params", "trainable_params", "gflops", "gflops_profiler", "device")
+"""Record fields a run logger keeps once (wandb: in the run's config, beside the resolved config);
+the epoch fields go to its history, each under :func:`logged_name`."""
+
+
+def logged_name(field: str) -> str:
+    """The run loggers' name of an epoch field: ``train_acc1 -> train/acc1``, ``epoch_time_s`` as is."""
+    split, _, metric = field.partition("_")
+    return f"{split}/{metric}" if split in ("train", "test") else field
+
 
 class RecordError(ValueError):
     """An unreadable ``results.json``; ``str(error)`` is one line naming the file and the problem."""

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
+from convnn.runs.records import LOGGED_ONCE
 from convnn.train.config import LoggerConfig
 
 
@@ -103,13 +104,11 @@ def build_logger(
     return logger
 
 
-ACCOUNTING = ("params", "trainable_params", "gflops", "gflops_profiler")
-
-
 def log_accounting(logger: Logger | bool, record: dict[str, Any]) -> None:
-    """Log the model's size and cost once, as hyper-parameters (CSV: ``hparams.yaml``; wandb: config)."""
+    """Log the model's size and cost and the device once, as hyper-parameters (CSV: ``hparams.yaml``;
+    wandb: config), the fields :data:`convnn.runs.records.LOGGED_ONCE` names."""
     if logger:
-        logger.log_hyperparams({k: record[k] for k in ACCOUNTING})
+        logger.log_hyperparams({k: record[k] for k in LOGGED_ONCE})
 
 
 def close_logger(logger: Logger | bool, record: dict[str, Any]) -> None:

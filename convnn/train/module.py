@@ -23,6 +23,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from convnn.layers import reset_sampling
+from convnn.runs.records import logged_name
 from convnn.train.config import OptimConfig, SchedulerConfig
 from convnn.train.metrics import TopKAccuracy, WeightedMean
 
@@ -51,12 +52,6 @@ def lr_factor(epoch: int, epochs: int, cfg: SchedulerConfig, base_lr: float) -> 
     if cfg.name == "step":
         return cfg.gamma ** (done // cfg.step_size)
     return 1.0
-
-
-def _log_name(key: str) -> str:
-    """Logger name of a history column: ``train_acc1 -> train/acc1``, ``epoch_time_s -> epoch_time_s``."""
-    split, _, metric = key.partition("_")
-    return f"{split}/{metric}" if split in SPLITS else key
 
 
 class ImageClassifier(L.LightningModule):
@@ -156,8 +151,10 @@ class ImageClassifier(L.LightningModule):
             "epoch_time_s": self._train_time,
             "images_per_s": images / self._train_time if self._train_time > 0 else 0.0,
         }
-        logged = {_log_name(k): v for k, v in self.epoch_metrics.items()}
-        self.log_dict({**logged, "epoch": float(self.current_epoch + 1)}, sync_dist=True)
+        # float64 tensors (Lightning makes a float a float32 tensor): the loggers get the record's values
+        values = {**self.epoch_metrics, "epoch": float(self.current_epoch + 1)}
+        logged = {logged_name(k): torch.tensor(v, dtype=torch.float64) for k, v in values.items()}
+        self.log_dict(logged, sync_dist=True, batch_size=1)
 
     def configure_optimizers(self) -> Any:
         o = self.optim_cfg
