@@ -22,6 +22,7 @@ from convnn.paths import CONFIG_DIR, EXPERIMENTS_DIR
 from convnn.runs.errors import EXIT_BAD_INPUT
 
 WIDTH = 100  # help text width
+MULTIRUN = ("-m", "--multirun")
 DOCS = "docs/cli.md"
 
 Rows = Sequence[tuple[str, str]]
@@ -36,29 +37,40 @@ def fail(prog: str, message: str) -> SystemExit:
 def compose_or_fail(prog: str, config_name: str, args: Sequence[str]) -> DictConfig | None:
     """Compose ``config_name`` (in ``configs/``) with the overrides ``args`` once, before Hydra does, so a
     composition error (an unknown key, a missing group option, a value of the wrong type) stops with
-    one line (:func:`fail`). Returns the config (without the ``hydra`` node); ``None`` when ``args``
-    hold flags, sweeps or ``hydra`` overrides, which are left to Hydra."""
+    one line (:func:`fail`). With ``-m`` the sweep's first job is composed (each sweep's first value;
+    ``hydra`` overrides are Hydra's). Returns the config (without the ``hydra`` node); ``None`` when
+    ``args`` hold other flags, or sweeps or ``hydra`` overrides without ``-m``: left to Hydra."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    multirun = [a for a in args if a in MULTIRUN]
+    args = [a for a in args if a not in MULTIRUN]
     if any(a.startswith("-") for a in args):
         return None
     try:
-        parsed = OverridesParser.create().parse_overrides(list(args))
-    except HydraException:
+        parsed = OverridesParser.create().parse_overrides(args)
+        if multirun:  # the first job: each sweep's first value, Hydra's own overrides left to it
+            args = [
+                f"{o.get_key_element()}={next(o.sweep_string_iterator())}"
+                if o.is_sweep_override()
+                else o.input_line
+                for o in parsed
+                if not o.key_or_group.startswith("hydra")
+            ]
+    except (HydraException, TypeError, ValueError):  # an interval sweep has no first value
         return None
-    if any(o.is_sweep_override() or o.key_or_group.startswith("hydra") for o in parsed):
+    if not multirun and any(o.is_sweep_override() or o.key_or_group.startswith("hydra") for o in parsed):
         return None
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
             try:
-                return compose(config_name, overrides=list(args))
+                return compose(config_name, overrides=args)
             except (HydraException, OmegaConfBaseException) as e:
-                message = _composition_message(e, list(args), lambda o: compose(config_name, overrides=o))
+                message = _composition_message(e, args, lambda o: compose(config_name, overrides=o))
                 raise fail(prog, message) from None
     finally:
         GlobalHydra.instance().clear()
@@ -73,11 +85,16 @@ def _composition_message(error: Exception, args: list[str], compose: Callable[[l
         value = next((a.split("=", 1)[1] for a in args if a.split("=", 1)[0] == cause.full_key), None)
         return f"invalid config: {cause.full_key}={value!r}; {str(cause).splitlines()[0]}"
     missing = re.search(
-        r"Could not find '([^']+)/([^'/]+)'.*?Available options in '[^']+':(.*?)(Config search|$)", text
+        r"Could not find '([^']+)'.*?Available options in '[^']+':(.*?)(Config search|$)", text
     )
     if missing:
-        group, option, options = missing.group(1), missing.group(2), missing.group(3).split()
-        return f"invalid config: {group}={option!r}; allowed: {options}"
+        path, options = missing.group(1), missing.group(2).split()
+        group, _, option = path.rpartition("/")
+        given = [(k, v) for k, _, v in (a.partition("=") for a in args) if f"{k.lstrip('+~')}/{v}" == path]
+        key, value = given[0] if given else (group, option)
+        if key.lstrip("+~") == "experiment":  # its options lie in subfolders too
+            options = [name for name, _ in experiments()]
+        return f"invalid config: {key}={value!r}; allowed: {options}"
     unknown = re.search(r"Could not override '([^']+)'", text)
     if not unknown:
         return f"invalid config: {text}"

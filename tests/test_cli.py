@@ -111,6 +111,20 @@ def test_convnn_profile_bad_input_is_one_line_and_exit_2(args, message, monkeypa
     assert message in err and not out
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-m", "experiment=paper/table9"], "experiment='paper/table9'; allowed: ['quickstart', 'mini/"),
+        (["-m", "layer.kernal=1,2", "hydra.sweeper.dry_run=true"], "unknown key 'layer.kernal' (=1)"),
+        (["--multirun", "layer=conv2d,convnn", "layer.k=9"], "unknown key 'layer.k' (=9)"),  # the first job
+    ],
+)
+def test_a_sweep_with_bad_input_is_one_line_and_exit_2(args, message, monkeypatch, capsys):
+    code, out, err = run_main("convnn-train", *args, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("convnn-train: error: invalid config: ")
+    assert message in err and not out
+
+
 def test_convnn_profile_takes_the_training_keys_and_experiments():
     """The same arguments as convnn-train: experiment=mini/table1 is the mini VGG-11 (budget_model)."""
     cfg = profile.compose_config(["experiment=mini/table1", "seed=3"])
