@@ -82,12 +82,14 @@ def gflops_note(cfg: DictConfig, ours: float, paper: float) -> str:
     return note
 
 
-def render(rows: list[dict[str, str]], profiles: dict[str, tuple[DictConfig, dict[str, Any]]]) -> str:
+def render(
+    rows: list[dict[str, str]], profiles: dict[str, tuple[DictConfig, dict[str, Any]]], made: str
+) -> str:
     """The Markdown document: a header on the methods, then one table per paper table."""
     lines = [
         "# Parameter and GFLOPs accounting of every paper row",
         "",
-        made_by(script_command()),
+        made,
         "",
         "Written by the script (do not edit by hand) from `results/paper/*.csv`: "
         f"torch {torch.__version__}, fvcore {fvcore.__version__}, CPU, one image, eval.",
@@ -150,7 +152,8 @@ def main() -> None:
     rows = paper_rows(args.tables)
     if not rows:
         raise SystemExit(f"no paper rows for tables {args.tables} in {PAPER_DIR}")
-    args.out.write_text(render(rows, profile_rows(rows)) + "\n")
+    made = made_by(script_command())  # the code as it starts
+    args.out.write_text(render(rows, profile_rows(rows), made) + "\n")
     print(f"wrote {args.out} ({len(rows)} rows)")
 
 

@@ -62,6 +62,13 @@ EXAMPLES = (
     f"convnn-tables table={ALL} source={WANDB_PREFIX}<entity>/convnn",
     "convnn-tables table=table2 dataset=cifar10 profile=true",
 )
+CHOICES = {  # the keys whose value is one of a list
+    "table": (*TABLES, ALL),
+    "figure": tuple(FIGURES),
+    "claims": tuple(REPRODUCTIONS),
+    "profile": ("true", "false"),
+    "dataset": DATASETS,
+}
 FIGURE_RUNS = {"fig3": "paper/table1", "fig6": "paper/table2"}  # drawn from a table's runs
 
 
@@ -87,13 +94,7 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
         raise ValueError(
             "give exactly one of table=<name>, figure=<name>, claims=<reproduction> or export=<runs dir>"
         )
-    for key, allowed in (
-        ("table", (*TABLES, ALL)),
-        ("figure", tuple(FIGURES)),
-        ("claims", tuple(REPRODUCTIONS)),
-        ("profile", ("true", "false")),
-        ("dataset", DATASETS),
-    ):
+    for key, allowed in CHOICES.items():
         if key in args and args[key] not in allowed:
             raise ValueError(f"{key}={args[key]!r}; allowed: {', '.join(allowed)}")
     return args
@@ -125,10 +126,8 @@ def help_text() -> str:
 def completion_script() -> str:
     """A bash completion for ``convnn-tables``: the keys, the names of tables / figures / claims and
     the choices, folders for ``source=``, ``out=`` and ``out_dir=`` (``eval`` its output)."""
-    words = [f"{k}=" for k in OPTIONS if k not in ("table", "figure", "claims", "profile", "dataset", "export")]
-    words += [f"table={t}" for t in (*TABLES, ALL)] + [f"figure={f}" for f in FIGURES]
-    words += [f"claims={c}" for c in REPRODUCTIONS] + ["profile=true", "profile=false"]
-    words += [f"dataset={d}" for d in DATASETS]
+    words = [f"{k}=" for k in OPTIONS if k not in CHOICES]
+    words += [f"{k}={v}" for k, values in CHOICES.items() for v in values]
     return f"""_convnn_tables() {{
     local word=${{COMP_LINE:0:COMP_POINT}} prefix=
     word=${{word##* }}
