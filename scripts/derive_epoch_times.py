@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's convnn, installed or not
 
 from convnn.paths import PAPER_DIR  # noqa: E402
+from convnn.provenance import made_by, script_command  # noqa: E402
 from convnn.runs.cost import EPOCH_TIMES, KEY_TYPES, layer_key  # noqa: E402
 
 VIT_LAYERS = {
@@ -101,6 +102,7 @@ def main() -> None:
     columns = ["run", "set", "dataset", "epochs", "epoch_s", *KEY_TYPES]
     tmp = args.out.with_suffix(".tmp")
     with tmp.open("w", newline="") as f:
+        f.write(f"# {made_by(script_command())}\n")
         writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: r["run"]))

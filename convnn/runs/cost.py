@@ -147,9 +147,11 @@ class Reference:
 
 @cache
 def authors_runs(path: Path = EPOCH_TIMES) -> tuple[tuple[dict[str, Any], float], ...]:
-    """``(key, median epoch seconds)`` of every authors' run in ``epoch_times.csv``."""
+    """``(key, median epoch seconds)`` of every authors' run in ``epoch_times.csv`` (its ``#`` line says
+    how it was made)."""
     with path.open() as f:
-        return tuple((_typed(row), float(row["epoch_s"])) for row in csv.DictReader(f))
+        rows = csv.DictReader(line for line in f if not line.startswith("#"))
+        return tuple((_typed(row), float(row["epoch_s"])) for row in rows)
 
 
 def bench_rows(path: Path = BENCH_TRAIN) -> list[dict[str, Any]]:
