@@ -40,16 +40,60 @@ def header_line(path: Path) -> str | None:
     return None
 
 
-RESULT_FILES = sorted(p for p in RESULTS.rglob("*") if p.is_file() and p.name != "README.md")
+# a run record (results.json, as exported into results/reproduced/<runs>/records/) says how it was made
+# in its own fields: the overrides, the commit, the device and the start time
+RECORD_PROVENANCE = ("overrides", "git_commit", "device", "started_at")
 
 
-@pytest.mark.parametrize("path", RESULT_FILES, ids=[str(p.relative_to(RESULTS)) for p in RESULT_FILES])
+def missing_provenance(record: dict) -> list[str]:
+    """The fields of :data:`RECORD_PROVENANCE` a run record lacks (``overrides`` may be empty)."""
+    return [k for k in RECORD_PROVENANCE if record.get(k) is None or (k != "overrides" and not record[k])]
+
+
+def test_a_record_without_its_commit_is_caught() -> None:
+    record = {"overrides": [], "git_commit": "1a2b3c4", "device": "cpu (x86_64)", "started_at": "2026-12-07"}
+    assert missing_provenance(record) == []
+    broken = {**record, "git_commit": None, "overrides": None}
+    assert missing_provenance(broken) == ["overrides", "git_commit"]
+
+
+# copied unchanged from elsewhere (a header would change them): their folder's README names the source
+COPIED = {RESULTS / "paper" / "authors" / name for name in ("curves.csv", "runs.csv")}
+# written by `make mini` before the header line existed; its next run rewrites them (then drop this)
+BEFORE_HEADERS = {p for p in (RESULTS / "reproduced" / "mini").glob("*") if p.is_file()}
+RESULT_FILES = sorted(
+    p for p in RESULTS.rglob("*") if p.is_file() and p.name != "README.md" and p not in COPIED
+)
+
+
+def _marks(path: Path) -> list[pytest.MarkDecorator]:
+    if path in BEFORE_HEADERS:
+        return [pytest.mark.xfail(strict=True, reason="written before header lines; `make mini` rewrites it")]
+    return []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, id=str(p.relative_to(RESULTS)), marks=_marks(p)) for p in RESULT_FILES],
+)
 def test_every_result_file_says_how_it_was_made(path: Path) -> None:
     """README.md files are indexes written by hand; every other file under results/ has a header line
     with its command (or how it was typed in), the commit, the machine and the date."""
+    if path.name == "results.json":
+        assert not missing_provenance(json.loads(path.read_text())), path.relative_to(ROOT)
+        return
     line = header_line(path)
     assert line is not None, f"{path.relative_to(ROOT)} has no '{MARK}...' header line"
     assert PROVENANCE.match(line), line
+
+
+@pytest.mark.parametrize("path", sorted(COPIED), ids=lambda p: str(p.relative_to(RESULTS)))
+def test_copied_files_name_their_source(path: Path) -> None:
+    """A file copied unchanged is named in its folder's README with the repositories and commits it
+    was copied from."""
+    readme = (path.parent / "README.md").read_text()
+    assert f"`{path.name}`" in readme
+    assert len(re.findall(r"\b[0-9a-f]{40}\b", readme)) >= 1 and "repository" in readme
 
 
 def test_the_header_line_names_command_commit_machine_and_date() -> None:
