@@ -31,7 +31,8 @@ def job(model: dict, layer: dict, epochs: int = 150, subset: int | None = None, 
 def logged(pattern: str) -> float:
     """The median epoch time of the authors' runs whose folder matches ``pattern`` (picked by hand)."""
     with EPOCH_TIMES.open() as f:
-        times = [float(r["epoch_s"]) for r in csv.DictReader(f) if re.search(pattern, r["run"])]
+        rows = csv.DictReader(line for line in f if not line.startswith("#"))
+        times = [float(r["epoch_s"]) for r in rows if re.search(pattern, r["run"])]
     assert times, pattern
     return statistics.median(times)
 
