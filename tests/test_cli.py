@@ -205,6 +205,7 @@ def test_table_all_of_one_source_writes_the_tables_with_a_matched_row(tmp_path, 
 
 def test_an_unwritable_out_is_one_line(tmp_path, monkeypatch, capsys):
     _runs(tmp_path / "runs")
+    (tmp_path / "ro").mkdir()
     with read_only(tmp_path / "ro") as ro:
         code, _, err = run_main(
             "convnn-tables", "table=table4", f"out_dir={tmp_path / 'runs'}", f"out={ro / 'x'}",
