@@ -16,6 +16,7 @@ from convnn.report.tables import (
     TABLES,
     build_table,
     compose_config,
+    display_source,
     make_table,
     match_records,
     read_paper,
@@ -149,7 +150,7 @@ def test_written_table_shows_missing_cells_paper_and_budget(records: list[dict],
     assert len(rows) == 10
     assert rows[3]["test_acc1_mean"] == "" and rows[3]["paper_test_acc1"] == "54.0"
     assert r"81.00 $\pm$ 1.00" in tex.read_text()
-    made = f"Made by `convnn-tables table=table4 source={source}` at {code_state()} on "
+    made = f"Made by `convnn-tables table=table4 source={display_source(str(source))}` at {code_state()} on "
     assert text.splitlines()[2].startswith(made)  # the line under the title
     assert csv_path.read_text().startswith(f"# {made}") and tex.read_text().startswith(f"% {made}")
 
