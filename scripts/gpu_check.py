@@ -287,11 +287,17 @@ def _mib(value: float | None) -> str:
 
 
 def write_results(machine: dict, parts: list[dict], rows: list[dict], notes: list[str]) -> None:
-    """``results/bench/gpu-check-cuda.*`` (every part) and ``train-cuda.*`` (the short trainings)."""
+    """``results/bench/gpu-check-cuda.*`` (every part) and ``train-cuda.*`` (the short trainings), each
+    with its Made-by line (:func:`convnn.provenance.made_by`, the GPU's name as the machine)."""
+    from convnn.provenance import made_by, script_command
+
+    made = made_by(script_command(), machine=machine["device"])
     when = machine["date"]
     head = f"{machine['device']}, torch {machine['torch']} (CUDA {machine['cuda']}), {when}"
     lines = [
         f"# GPU check: {head}",
+        "",
+        made,
         "",
         *(f"- {n}" for n in notes),
         "",
@@ -299,9 +305,15 @@ def write_results(machine: dict, parts: list[dict], rows: list[dict], notes: lis
         "|---|---|---:|---:|",
     ]
     lines += [f"| {p['what']} | {p['status']} | {p['seconds']:.0f} | {p['budget_s']} |" for p in parts]
-    _write("gpu-check-cuda", {**machine, "notes": notes, "parts": parts}, "\n".join(lines) + "\n")
+    _write(
+        "gpu-check-cuda",
+        {"made_by": made, **machine, "notes": notes, "parts": parts},
+        "\n".join(lines) + "\n",
+    )
     table = [
         f"# Short trainings at batch 256: {head}",
+        "",
+        made,
         "",
         "Images/s of the second epoch; projected epoch = 50,000 images at that rate (the train loop, as "
         "`epoch_time_s`); the authors' epoch time is their A100's median for the same row "
@@ -321,7 +333,7 @@ def write_results(machine: dict, parts: list[dict], rows: list[dict], notes: lis
             f"{authors} | {ratio} | {_mib(r['peak_allocated_mib'])} | {_mib(r['peak_reserved_mib'])} |"
         )
     if rows:
-        _write("train-cuda", {**machine, "rows": rows}, "\n".join(table) + "\n")
+        _write("train-cuda", {"made_by": made, **machine, "rows": rows}, "\n".join(table) + "\n")
 
 
 def main() -> None:

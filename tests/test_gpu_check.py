@@ -16,6 +16,7 @@ import torch
 from convnn.runs.cost import cost_key, reference
 from convnn.train.config import validate_config
 from tests.test_configs import compose_train
+from tests.test_results import PROVENANCE, header_line
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
 spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
@@ -128,3 +129,28 @@ def test_one_short_training_end_to_end_on_the_cpu(tmp_path: Path, monkeypatch: p
     report = json.loads((tmp_path / "bench" / "train-cuda.json").read_text())
     assert report["device"] == "cpu (test)" and report["rows"][0]["row"] == "table1"
     assert "# GPU check: cpu (test)" in (tmp_path / "bench" / "gpu-check-cuda.md").read_text()
+
+
+def test_the_results_files_say_how_they_were_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gpu-check-cuda.* and train-cuda.* carry the Made-by line every file under results/ has, with
+    the GPU's name as the machine."""
+    monkeypatch.setattr(gpu_check, "OUT", tmp_path)
+    machine = {"device": "NVIDIA H100 80GB HBM3", "torch": "2", "cuda": "13", "python": "3", "date": "today"}
+    part = {"what": "bench", "status": "passed", "seconds": 1.0, "budget_s": 10}
+    row = {
+        "what": "Table 1",
+        "data": "cifar10",
+        "steps": 200,
+        "images_per_s": 5000.0,
+        "projected_epoch_s": 10.0,
+        "authors_epoch_s": 15.2,
+        "vs_authors": 0.66,
+        "peak_allocated_mib": 900.0,
+        "peak_reserved_mib": 1000.0,
+    }
+    gpu_check.write_results(machine, [part], [row], ["a note"])
+    for name in ("gpu-check-cuda", "train-cuda"):
+        for suffix in (".md", ".json"):
+            line = header_line(tmp_path / f"{name}{suffix}")
+            assert line is not None and PROVENANCE.match(line), (name, suffix, line)
+            assert " on NVIDIA H100 80GB HBM3, " in line
