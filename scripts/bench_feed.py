@@ -28,6 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's convnn, installed or not
 
+from convnn.provenance import made_by, script_command  # noqa: E402
 from convnn.train.config import DataConfig  # noqa: E402
 from convnn.train.data import DataFeed, ImageDataModule, load_image, resize_like_cpu  # noqa: E402
 
@@ -89,6 +90,7 @@ def main() -> None:
     first = {name: next(iter(module.val_dataloader()))[0] for name, module in modules.items()}
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), 1 torch thread"
     result = {
+        "made_by": made_by(script_command()),
         "machine": machine,
         "date": date.today().isoformat(),
         "batch_size": args.batch_size,
@@ -105,6 +107,8 @@ def main() -> None:
     transform = result["device_transform_s_per_batch"]
     lines = [
         f"# Data feed, ViT on CIFAR-10 (32 -> 224), batch {args.batch_size}",
+        "",
+        result["made_by"],
         "",
         f"Measured on {result['machine']}, {result['date']} (`scripts/bench_feed.py`); medians per batch,",
         "the two feeds interleaved in one process.",
