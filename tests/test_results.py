@@ -59,8 +59,9 @@ def test_a_record_without_its_commit_is_caught() -> None:
 
 # copied unchanged from elsewhere (a header would change them): their folder's README names the source
 COPIED = {RESULTS / "paper" / "authors" / name for name in ("curves.csv", "runs.csv")}
-# written by `make mini` before the header line existed; its next run rewrites them (then drop this)
-BEFORE_HEADERS = {p for p in (RESULTS / "reproduced" / "mini").glob("*") if p.is_file()}
+# written before the header line existed, with the command that rewrites each (then drop it here)
+BEFORE_HEADERS = {p: "make mini" for p in (RESULTS / "reproduced" / "mini").glob("*") if p.is_file()}
+BEFORE_HEADERS[RESULTS / "paper" / "accounting.md"] = "python scripts/make_accounting.py"
 RESULT_FILES = sorted(
     p for p in RESULTS.rglob("*") if p.is_file() and p.name != "README.md" and p not in COPIED
 )
@@ -68,7 +69,8 @@ RESULT_FILES = sorted(
 
 def _marks(path: Path) -> list[pytest.MarkDecorator]:
     if path in BEFORE_HEADERS:
-        return [pytest.mark.xfail(strict=True, reason="written before header lines; `make mini` rewrites it")]
+        reason = f"written before header lines; `{BEFORE_HEADERS[path]}` rewrites it"
+        return [pytest.mark.xfail(strict=True, reason=reason)]
     return []
 
 
