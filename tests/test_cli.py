@@ -139,6 +139,8 @@ def test_convnn_profile_takes_the_training_keys_and_experiments():
         (["figure=fig9"], "figure='fig9'; allowed: fig3, fig4"),
         (["table=table1", "table=table2"], "table= given twice ('table1' and 'table2')"),
         (["table=table1", "dataset=mnist"], "dataset='mnist'; allowed: cifar10, cifar100, imagenet"),
+        (["table=table1", "epoch=0"], "epoch='0'; allowed: an epoch number >= 1"),
+        (["figure=fig3", "epoch=2"], "epoch= applies to tables only (table=<name>)"),
         (["table=table1", "--verbose"], "bad argument '--verbose'; expected key=value with key in ['table'"),
         (["-sc", "install=fish"], "-sc install=fish: allowed: -sc install=bash"),
     ],

@@ -55,6 +55,8 @@ OPTIONS = {
     "setup": "the training setup to show when the runs mix several (the error lists their keys)",
     "profile": "true: params and GFLOPs measured from each row's config (runs not needed)",
     "dataset": f"only this dataset's rows ({', '.join(DATASETS)}), written as <table>-<dataset>",
+    "epoch": "tables: every run as it stood after this epoch (N >= 1), beside the authors' runs at N, "
+    "written as <table>-epoch<N>",
     "note": "a line added to the header of what is written",
 }
 EXAMPLES = (
@@ -97,6 +99,10 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
     for key, allowed in CHOICES.items():
         if key in args and args[key] not in allowed:
             raise ValueError(f"{key}={args[key]!r}; allowed: {', '.join(allowed)}")
+    if "epoch" in args and not (args["epoch"].isdigit() and int(args["epoch"]) >= 1):
+        raise ValueError(f"epoch={args['epoch']!r}; allowed: an epoch number >= 1")
+    if "epoch" in args and "table" not in args:
+        raise ValueError("epoch= applies to tables only (table=<name>)")
     return args
 
 
@@ -244,4 +250,5 @@ def _table(table: str, source: str | None, args: dict[str, str]) -> list[Path]:
         dataset=args.get("dataset"),
         note=args.get("note"),
         setup=args.get("setup"),
+        epoch=int(args["epoch"]) if "epoch" in args else None,
     )
