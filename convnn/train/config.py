@@ -72,6 +72,7 @@ class TrainerConfig:
     compile: bool = False
     deterministic: bool | None = None  # null: "warn" on a GPU, off on the CPU (convnn.train.gpu)
     progress_bar: str = "rich"
+    sync_batchnorm: bool = True  # DDP: BatchNorm statistics over the global batch (one process's)
 
 
 @dataclass
