@@ -298,13 +298,16 @@ if os.environ.get("CONVNN_TEST_PROBE"):
 '''
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 # 37 test images in global batches of 16: 16, 16, 5 -> per rank 8, 8, 3 and 8, 8, 2 (none repeated)
-RUN = [
+DATA = [
     "data=synthetic",
     "data.train_size=64",
     "data.test_size=37",
     "data.num_workers=0",
     "batch_size=32",
     "eval_batch_size=16",
+]
+RUN = [
+    *DATA,
     *TINY_VGG,
     "model.dropout=0",
     "layer=convnn",
@@ -514,3 +517,17 @@ def test_sigkill_of_the_whole_ddp_group_then_a_rerun_resumes(ddp_sweep, tmp_path
     assert not (run_dir / "run.lock").exists()
     took = time.monotonic() - began
     print(f"DDP wall time: sweep job {ddp_sweep['wall_s']:.1f} s, kill + resume {took:.1f} s")
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_ddp_jobs_one_after_another_in_its_process(tmp_path):
+    """The basic launcher runs a sweep's jobs in the sweep's own process: after a DDP job that
+    process must look as before (no launch variables, no process group), or the next job's further
+    rank is never started and rank 0 waits for it."""
+    run = [*DATA, *TINY_VGG, "layer=conv2d", "epochs=1", *QUIET]
+    output = finished(start_run(tmp_path / "runs", tmp_path / "probe", "-m", *run, *DDP, "seed=0,1"))
+    assert "sweep summary: 2 finished, 0 skipped, 0 failed" in output
+    records = [read_record(p) for p in sorted((tmp_path / "runs").rglob("results.json"))]
+    assert [r["config"]["seed"] for r in records] == [0, 1]
+    ranks = [[rank["pid"] for rank in r["distributed"]["ranks"]] for r in records]
+    assert ranks[0][0] == ranks[1][0] and ranks[0][1] != ranks[1][1]  # one sweep process, two rank 1s
