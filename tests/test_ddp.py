@@ -355,6 +355,12 @@ def finished(proc: subprocess.Popen) -> str:
     return out
 
 
+def checkpoint_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The backbone's state dict in the run's ``checkpoints/last.ckpt``."""
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
+
+
 def evaluate(run_dir: Path) -> dict[str, float]:
     """The test metrics of the run's checkpoint weights in this one process: per image, and the mean
     of per-batch means over the global batches (``eval_batch_size``), as the paper's reference."""
@@ -365,8 +371,7 @@ def evaluate(run_dir: Path) -> dict[str, float]:
     cfg = read_record(run_dir)["config"]
     typed = validate_config(cfg)
     model, (_, size, _) = build_from_config(cfg)
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    model.load_state_dict({k[6:]: v for k, v in state["state_dict"].items() if k.startswith("model.")})
+    model.load_state_dict(checkpoint_weights(run_dir))
     model.eval()
     reset_sampling(model, typed.seed)  # as every test epoch starts
     data = ImageDataModule(typed.data, size, typed.batch_size, typed.eval_batch_size, seed=typed.seed)
@@ -456,29 +461,37 @@ def test_ddp_test_metrics_are_one_process_evaluation_over_exactly_the_test_split
 
 
 @pytest.mark.slow
-def test_ddp_with_synchronised_batchnorm_trains_as_one_process_with_the_global_batch(
-    ddp_sweep, tmp_path, monkeypatch
-):
-    """The same run in one process: the same global batches, BatchNorm statistics, candidates and
-    averaged gradients, so the same curves up to float rounding."""
+def test_ddp_with_synchronised_batchnorm_trains_as_one_process_with_the_global_batch(tmp_path, monkeypatch):
+    """The same run (conv2d: no top-k, whose near-ties any rounding flips) in one process and over 2
+    ranks: the same global batches, BatchNorm statistics and averaged gradients, so the same weights
+    after its 4 steps up to rounding (measured: 8e-7 of the update; 5e-2 with per-rank BatchNorm,
+    ``trainer.sync_batchnorm=false``)."""
+    import lightning as L
+
+    from convnn.models import build_from_config
+
+    run = [*DATA, *TINY_VGG, "model.dropout=0", "layer=conv2d", "optim.name=sgd", "optim.lr=0.05"]
+    run += ["epochs=2", "seed=0", *QUIET]
+    finished(start_run(tmp_path / "ddp", tmp_path / "probe", *run, *DDP))
+    [ddp] = (tmp_path / "ddp").rglob("results.json")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank (Lightning gives each of 2 ranks half the cores)
     try:
-        single = read_record(convnn_train(tmp_path, *RUN, monkeypatch=monkeypatch))
+        single = convnn_train(tmp_path / "one", *run, monkeypatch=monkeypatch)
     finally:
         torch.set_num_threads(threads)
-    ddp = read_record(ddp_sweep["run_dir"])
-    assert single["distributed"]["world_size"] == 1 and single["distributed"]["ranks"][0]["rank"] == 0
-    for one, two in zip(single["epochs"], ddp["epochs"], strict=True):
-        for key in (
-            "train_loss",
-            "train_acc1",
-            "test_loss",
-            "test_acc1",
-            "test_loss_batchmean",
-            "test_images",
-        ):
-            assert two[key] == pytest.approx(one[key], rel=1e-4), key
+    config = read_record(single)["config"]
+    L.seed_everything(config["seed"], verbose=False)  # as convnn-train before it builds the model
+    model, _ = build_from_config(config, check_input=True)
+    start, two, one = model.state_dict(), checkpoint_weights(ddp.parent), checkpoint_weights(single)
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    update = torch.cat([(one[k] - start[k]).flatten() for k in trained])
+    apart = torch.cat([(two[k] - one[k]).flatten() for k in trained])
+    assert update.norm() > 0.01 and apart.norm() / update.norm() < 1e-4
+    for a, b in zip(read_record(ddp.parent)["epochs"], read_record(single)["epochs"], strict=True):
+        assert [a[k] for k in ("train_loss", "test_loss", "test_images")] == pytest.approx(
+            [b[k] for k in ("train_loss", "test_loss", "test_images")], rel=1e-5
+        )
 
 
 @pytest.mark.slow
