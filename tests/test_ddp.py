@@ -71,6 +71,35 @@ def test_training_ranks_get_equal_parts_of_the_same_epoch_order():
         assert glued == list(order)[:48]  # the single process's first 4 batches, in order
 
 
+def test_a_resumed_rank_continues_with_the_data_order_of_the_uninterrupted_run():
+    """Each rank's training batches of an epoch depend only on (seed, epoch, rank): a run resumed
+    from the checkpoint of epoch 2 (``next_epoch`` 2), its global RNG reseeded by the resume,
+    loads on every rank what the uninterrupted run loaded in its epoch 2."""
+    from types import SimpleNamespace
+
+    from convnn.train.config import DataConfig
+    from convnn.train.data import ImageDataModule
+
+    def module(rank: int, epoch: int = 0) -> ImageDataModule:
+        data = ImageDataModule(DataConfig(name="synthetic"), 32, batch_size=12, eval_batch_size=12, seed=7)
+        data.train_set = list(range(50))
+        data.trainer = SimpleNamespace(global_rank=rank, world_size=2, current_epoch=epoch)
+        return data
+
+    for rank in (0, 1):
+        batches = module(rank).train_batches()
+        epochs = []
+        for epoch in range(3):
+            batches.set_epoch(epoch)
+            epochs.append(list(batches))
+        assert epochs[0] != epochs[1] != epochs[2] and [len(b) for b in epochs[2]] == [6, 6, 6, 6, 1]
+        saved = module(rank, epoch=1).state_dict()  # the checkpoint at the end of the second epoch
+        resumed = module(rank)
+        torch.manual_seed(12345)
+        resumed.load_state_dict(saved)
+        assert saved == {"next_epoch": 2} and list(resumed.train_batches()) == epochs[2]
+
+
 def test_one_rank_batches_are_the_plain_loader_batches():
     data = torch.arange(23)
     sampler = EpochShuffleSampler(23, seed=1)
@@ -544,3 +573,28 @@ def test_a_sweep_runs_ddp_jobs_one_after_another_in_its_process(tmp_path):
     assert [r["config"]["seed"] for r in records] == [0, 1]
     ranks = [[rank["pid"] for rank in r["distributed"]["ranks"]] for r in records]
     assert ranks[0][0] == ranks[1][0] and ranks[0][1] != ranks[1][1]  # one sweep process, two rank 1s
+
+
+@pytest.mark.slow
+def test_a_local_launcher_job_runs_its_ranks_in_its_own_process(tmp_path):
+    """``hydra/launcher=local``: the job runs in a submitit process, which starts its further rank as
+    ``python -m convnn.train.app`` with the job's overrides; the record names the local job and both
+    ranks, and counts every test image once."""
+    from tests.test_launch import sweep_command
+    from tests.test_slurm import EXPERIMENT
+
+    search = tmp_path / "configs"
+    (search / "experiment").mkdir(parents=True)
+    (search / "experiment" / "tiny.yaml").write_text(EXPERIMENT.format(train_size=64, epochs=1, sweeper="{}"))
+    command = sweep_command(search, tmp_path / "runs", "hydra/launcher=local", *DDP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "sweep summary: 1 finished, 0 skipped, 0 failed" in done.stdout
+    [path] = (tmp_path / "runs").rglob("results.json")
+    record = read_record(path)
+    assert record["status"] == "finished" and record["launcher"]["scheduler"] == "local"
+    ranks = record["distributed"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and len({r["pid"] for r in ranks}) == 2
+    assert record["final"]["test_images"] == 32 and record["distributed"]["batch_size_per_rank"] == 16
+    assert sorted(p.name for p in path.parent.iterdir()) == [".hydra", "checkpoints", "results.json"]
