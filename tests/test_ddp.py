@@ -161,7 +161,8 @@ def _two_ranks(rank: int, store: str, out: str) -> None:
 
 
 def test_gloo_sync_batchnorm_and_batch_means_equal_one_process_with_the_global_batch(tmp_path):
-    mp.spawn(_two_ranks, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    store = str(tmp_path / "store")
+    mp.start_processes(_two_ranks, args=(store, str(tmp_path)), nprocs=2, start_method="fork")  # no imports
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     torch.manual_seed(0)
     x = torch.randn(6, 3, 4, 5, dtype=torch.float64) * 3 + 2
