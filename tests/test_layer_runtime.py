@@ -11,6 +11,7 @@ from convnn.knn import knn_select, reset_sampling
 from convnn.layers import build_layer
 from convnn.train import app as train
 from convnn.train.config import validate_config
+from convnn.train.distributed import Start
 from convnn.train.module import ImageClassifier
 from tests.test_configs import compose_train
 
@@ -221,7 +222,7 @@ def test_trainer_deterministic_flag_reaches_the_layers(tmp_path):
         if type(layer).__name__ == "ConvNN":
             layer.register_forward_hook(lambda *_: seen.append(torch.are_deterministic_algorithms_enabled()))
     module = ImageClassifier(model, cfg.data.num_classes, 1, cfg.optim, cfg.scheduler)
-    trainer = train._build_trainer(cfg, tmp_path, False, [])
+    trainer = train._build_trainer(cfg, tmp_path, False, [], Start("train"))
     data = TensorDataset(torch.randn(4, 3, image_size, image_size), torch.arange(4))
     previous = torch.are_deterministic_algorithms_enabled()
     try:
