@@ -317,6 +317,20 @@ std::pair<int64_t, int64_t> part(int64_t i, int64_t step, int64_t total) {
   return {i * step, std::min(total, (i + 1) * step)};
 }
 
+// out [L, c] += the gathered rows' gradients of the token steps first .. first + count - 1 at their rows
+// of flat [T, k], in step order; slots[i] holds step first + i's [its tokens * k, c] rows at its front.
+void add_step_rows(at::Tensor& out, const at::Tensor& flat, const at::Tensor& slots, int64_t first,
+                   int64_t count, int64_t step) {
+  const int64_t tokens = flat.size(0), k = flat.size(1), c = out.size(1);
+  RowSets sets;
+  for (int64_t i = 0; i < count; ++i) {
+    const auto [start, stop] = part(first + i, step, tokens);
+    sets.emplace_back(flat.narrow(0, start, stop - start).reshape(-1),
+                      slots[i].view({-1, c}).narrow(0, 0, (stop - start) * k));
+  }
+  add_row_sets(out, sets);
+}
+
 // Per-thread buffers [threads, rows, width] of `like`'s dtype.
 at::Tensor slots_of(const at::Tensor& like, int64_t threads, int64_t rows, int64_t width) {
   return at::empty({threads, rows, width}, like.options());
@@ -495,15 +509,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_aggregate_backward(
     }
   };
   auto merge = [&](int64_t first, int64_t count) {
-    if (rows_grad) {
-      RowSets sets;
-      for (int64_t i = 0; i < count; ++i) {
-        const auto [start, stop] = part(first + i, step, tokens);
-        sets.emplace_back(flat.narrow(0, start, stop - start).reshape(-1),
-                          grad_rows_of[i].narrow(0, 0, stop - start).view({-1, c}));
-      }
-      add_row_sets(grad_v, sets);
-    }
+    if (rows_grad) add_step_rows(grad_v, flat, grad_rows_of, first, count, step);
     for (int64_t i = 0; weight_grad && i < count; ++i) grad_w.add_(weight_of[i]);
   };
   in_waves(steps, slots, compute, merge);
@@ -563,15 +569,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_scaled_sum_backward(
     }
   };
   auto merge = [&](int64_t first, int64_t count) {
-    if (rows_grad) {
-      RowSets sets;
-      for (int64_t i = 0; i < count; ++i) {
-        const auto [start, stop] = part(first + i, step, tokens);
-        sets.emplace_back(flat.narrow(0, start, stop - start).reshape(-1),
-                          scaled_of[i].narrow(0, 0, (stop - start) * k));
-      }
-      add_row_sets(grad_v, sets);
-    }
+    if (rows_grad) add_step_rows(grad_v, flat, scaled_of, first, count, step);
     for (int64_t i = 0; scale_grad && i < count; ++i) grad_scale.add_(scale_of[i]);
   };
   in_waves(steps, slots, compute, merge);
