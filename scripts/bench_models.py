@@ -180,11 +180,22 @@ def main() -> None:
     args = parser.parse_args()
     try:
         threads = thread_counts(args.threads)
-        ratios = [float(r) for r in args.ratios.split(",")]
     except ValueError as e:
         parser.error(str(e))
-    if args.batch < 1 or args.repeats < 1 or args.gemm < 1 or not all(0 <= r <= 1 for r in ratios):
-        parser.error("--batch, --repeats and --gemm must be positive and --ratios within [0, 1]")
+    try:
+        ratios = [float(r) for r in args.ratios.split(",")]
+    except ValueError:
+        parser.error(f"--ratios={args.ratios}: comma-separated numbers within [0, 1]")
+    bad = [
+        f"--{name}={value}"
+        for name, value in vars(args).items()
+        if name in ("batch", "repeats", "gemm") and value < 1
+    ]
+    bad += [f"--ratios={args.ratios}"] if not all(0 <= r <= 1 for r in ratios) else []
+    if bad:
+        parser.error(
+            f"{', '.join(bad)}: --batch, --repeats and --gemm must be positive, --ratios within [0, 1]"
+        )
     keep_freed_memory()
     device = torch.device("cpu")
     report = {"machine": machine(device), "batch": args.batch, "repeats": args.repeats, "gemm": args.gemm}
