@@ -38,6 +38,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from convnn.models import build_from_config  # noqa: E402
 from convnn.models.accounting import profile_model  # noqa: E402
 from convnn.paths import CONFIG_DIR  # noqa: E402
+from convnn.provenance import made_by, script_command  # noqa: E402
 from convnn.train.allocator import keep_freed_memory  # noqa: E402
 
 #: Table 1's lambda values measured by default, with the paper's names for them.
@@ -139,6 +140,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Paper-scale VGG-11 training step: {m['device_name']} ({m['device']})",
         "",
+        report["made_by"],
+        "",
         f"{machine_line(m)}. `experiment=paper/table1` (CIFAR-10, full width, classifier included), fp32, "
         f"forward + backward + AdamW on random images, median of {report['repeats']} interleaved repeats; "
         f"allocator as `convnn-train` sets it. **GMAC/image** = forward multiply-adds (fvcore); **step "
@@ -198,7 +201,8 @@ def main() -> None:
         )
     keep_freed_memory()
     device = torch.device("cpu")
-    report = {"machine": machine(device), "batch": args.batch, "repeats": args.repeats, "gemm": args.gemm}
+    report = {"made_by": made_by(script_command()), "machine": machine(device), "batch": args.batch}
+    report.update(repeats=args.repeats, gemm=args.gemm)
     report.update(load_average_start=os.getloadavg(), runs=[])
     configs = [Config(ratio, args.batch) for ratio in ratios]
     for config in configs:
