@@ -52,6 +52,7 @@ RECORD_FIELDS = (
     "device",
     "numerics",
     "data_feed",
+    "threads",
     "launcher",
     "distributed",
     "seed",

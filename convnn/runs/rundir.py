@@ -26,6 +26,7 @@ RUN_DIR_EXCLUDED = {
     "trainer.strategy",
     "trainer.compile",
     "trainer.progress_bar",
+    "trainer.threads",
 }
 RUN_DIR_EXCLUDED_PREFIXES = ("hydra.", "hydra/", "logger.", "checkpoint.")
 MAX_SUBDIR = 200

@@ -45,6 +45,10 @@ from convnn.train.allocator import keep_freed_memory, tuning_wanted
 from convnn.train.config import ConfigError, TrainConfig, validate_config
 from convnn.train.device import describe_device, resolve_accelerator
 from convnn.train.quiet import filter_known_warnings
+from convnn.train.threads import ThreadPlan
+from convnn.train.threads import apply as apply_threads
+from convnn.train.threads import plan as plan_threads
+from convnn.train.threads import prepare as prepare_threads
 
 if TYPE_CHECKING:
     from torch import nn
@@ -127,6 +131,8 @@ def run(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         typed = validate_config(cfg)
+        if typed.trainer.accelerator != "gpu" and typed.data.num_workers is not None:
+            prepare_threads(_plan(typed, False, typed.data.num_workers))  # a passive wait: before torch loads
         typed.trainer.accelerator = resolve_accelerator(typed.trainer)  # auto: the GPU when one is visible
         check_slurm_tasks(typed.trainer)
     except (ConfigError, ValueError) as e:
@@ -160,6 +166,13 @@ def run(cfg: DictConfig) -> float | None:
         if not existed and not (run_dir / RECORD_NAME).exists():
             _remove_unused_run_dir(run_dir)
         raise
+
+
+def _plan(cfg: TrainConfig, gpu: bool, workers: int) -> ThreadPlan:
+    """This job's torch threads (:mod:`convnn.train.threads`) beside ``workers`` loader workers when
+    training on the GPU (``gpu``) or the CPU."""
+    t = cfg.trainer
+    return plan_threads(gpu, t.devices, t.threads, workers, cfg.data.num_workers is not None)
 
 
 def _remove_unused_run_dir(run_dir: Path) -> None:
@@ -235,7 +248,9 @@ def _train(
     L.seed_everything(typed.seed, workers=True, verbose=False)
     model, image_size = build_model_or_fail(cfg)
     eval_batch = _per_device_batch(typed)[1] * world
-    feed = data_feed(typed.data, on_gpu(typed.trainer), typed.trainer.devices)
+    gpu = on_gpu(typed.trainer)
+    feed = data_feed(typed.data, gpu, typed.trainer.devices)
+    threads = apply_threads(_plan(typed, gpu, feed.num_workers))
     data = ImageDataModule(typed.data, image_size, typed.batch_size, eval_batch, seed=typed.seed, feed=feed)
     try:
         data.prepare_data()
@@ -250,6 +265,7 @@ def _train(
     resolved = OmegaConf.to_container(cfg, resolve=True)
     fields = _record_fields(typed, resolved, model, image_size, len(data.train_set), feed) if lead else {}
     if lead:
+        fields["threads"] = threads.record()
         print(f"{PROG}: training on {fields['device']}")
     if world > 1 and typed.trainer.sync_batchnorm:
         model, synced = synchronise_batchnorm(model, on_gpu(typed.trainer))
