@@ -126,6 +126,7 @@ def test_batch_means_are_means_of_per_batch_means():
 def _two_ranks(rank: int, store: str, out: str) -> None:
     """Rank ``rank`` of 2: its half of a batch through GlooSyncBatchNorm (forward, backward, running
     statistics) and its parts of 3 global test batches through GlobalBatchMeans."""
+    torch.set_num_threads(1)  # forked: the parent's OpenMP pool is not usable here (it would hang)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     torch.manual_seed(0)
     x = torch.randn(6, 3, 4, 5, dtype=torch.float64) * 3 + 2
