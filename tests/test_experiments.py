@@ -121,7 +121,7 @@ def test_dry_run_lists_the_jobs_and_launches_nothing(tmp_path: Path) -> None:
     )
     lines = result.stdout.strip().splitlines()
     assert lines[0] == "30 jobs to launch"
-    assert len(lines) == 31
+    assert len(lines) == 32 and lines[-1].startswith("projected cost: 30 jobs x 150 epochs: ")
     assert "layer.ratio=0.5 layer.patch=2 data=cifar100 seed=2" in result.stdout
     assert not any(tmp_path.iterdir())
 

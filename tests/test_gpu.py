@@ -223,6 +223,8 @@ def test_selection_runs_in_ieee_fp32_whatever_the_global_precision(
     seen = []
     topk = knn.selection.topk_last
     monkeypatch.setattr(knn.selection, "topk_last", lambda *a: seen.append(_flags()) or topk(*a))
+    # the Python chunks (CUDA's path; the CPU kernels run inside the same full_fp32 scope of _select)
+    monkeypatch.setattr(knn.selection.native, "serves", lambda *a: False)
     q = torch.randn(2, 40, 8, generator=torch.Generator().manual_seed(0))
     torch.set_float32_matmul_precision("medium")  # TF32 on CUDA, bf16 on oneDNN CPUs
     outside = _flags()

@@ -237,7 +237,7 @@ def _select(
         per_chunk += -per_chunk % CONV_BATCH
         images, starts = 1, list(range(0, n - n % CONV_BATCH, per_chunk))
         starts += [n - n % CONV_BATCH] if n % CONV_BATCH and n >= CONV_BATCH else []  # a short tail
-        if picks <= MAX_K and native.serves(q):  # the chunks on all threads at once
+        if 1 <= picks <= MAX_K and native.serves(q):  # the chunks on all threads at once
             dot, m = kind == "dot", k.shape[1]
             values, positions, own = torch.ops.convnn_native.select_chunks(
                 q, keys, m, ids, picks, dot, candidates, self_first, starts, ONEDNN_PRODUCTS
