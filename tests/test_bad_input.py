@@ -149,6 +149,17 @@ def test_a_corrupt_image_is_named_and_the_record_says_failed(tmp_path, monkeypat
     assert record["status"] == "failed" and str(bad) in record["error"]
 
 
+def test_an_empty_class_folder_is_named_with_its_split(tmp_path, monkeypatch, capsys):
+    root = _imagefolder(tmp_path / "data", classes=10)
+    for image in (root / "test" / "class7").iterdir():
+        image.unlink()
+    err = stops(
+        tmp_path / "runs", *TINY_VGG, *QUIET, f"data.root={root}", monkeypatch=monkeypatch, capsys=capsys
+    )
+    assert f"cifar10: 1 class folder(s) of the test split '{root / 'test'}' hold no image: " in err
+    assert f"['{root / 'test' / 'class7'}']" in err and not (tmp_path / "runs").exists()
+
+
 def test_a_non_ascii_out_dir_gets_a_hint_to_quote_it_and_quoted_it_trains(tmp_path, monkeypatch, capsys):
     out = tmp_path / "résumé"
     capsys.readouterr()
