@@ -145,8 +145,15 @@ def test_a_corrupt_image_is_named_and_the_record_says_failed(tmp_path, monkeypat
         convnn_train(tmp_path / "runs", *args, monkeypatch=monkeypatch)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 1 and f"corrupt image file {bad}" in err and "Traceback" not in err
-    record = read_record(next((tmp_path / "runs").rglob("results.json")))
+    assert err.endswith("; no checkpoint was written: resume=true starts it afresh")  # none to point at
+    run_dir = next((tmp_path / "runs").rglob("results.json")).parent
+    record = read_record(run_dir)
     assert record["status"] == "failed" and str(bad) in record["error"]
+    assert not list(run_dir.rglob("*.ckpt"))
+    Image.new("RGB", (32, 32)).save(bad, format="PNG")
+    convnn_train(tmp_path / "runs", *args, "resume=true", monkeypatch=monkeypatch)
+    assert "no checkpoint to resume from" in capsys.readouterr().out
+    assert read_record(run_dir)["status"] == "finished"
 
 
 def test_an_empty_class_folder_is_named_with_its_split(tmp_path, monkeypatch, capsys):

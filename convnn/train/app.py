@@ -449,7 +449,7 @@ def _fit(
         close_logger(logger, record.data)
         if isinstance(e, OSError):  # a full disk, a corrupt image (also from a loader worker): one line
             last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise RunError(f"{last}; resume=true continues from the last checkpoint", EXIT_FAILED) from None
+            raise RunError(f"{last}; {_resume_hint(run_dir)}", EXIT_FAILED) from None
         raise
     record.finish()
     close_logger(logger, record.data)
@@ -460,6 +460,17 @@ def _fit(
         print_summary(record.data, run_dir)
     final = record.data["final"]
     return final["test_acc1"] if final else None
+
+
+def _resume_hint(run_dir: Path) -> str:
+    """What ``resume=true`` does for the run in ``run_dir`` that just failed: continue from its last
+    checkpoint where one was written, else start afresh (named as such, never a missing file)."""
+    from convnn.runs.checkpoints import LAST_CHECKPOINT
+
+    ckpt = run_dir / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
+    if ckpt.is_file():
+        return f"resume=true continues from {ckpt}"
+    return "no checkpoint was written: resume=true starts it afresh"
 
 
 def _build_trainer(cfg: TrainConfig, run_dir: Path, logger: Any, callbacks: list) -> Any:
