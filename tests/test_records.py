@@ -207,6 +207,8 @@ def test_every_record_convnn_train_writes_passes_the_schema(tmp_path):
     fields = {
         "config": CONFIG, "identity": {}, "experiment": "default", "overrides": ["seed=0"], "run_dir": "r",
         "git_commit": None, "versions": {"torch": "2"}, "device": "cpu", "launcher": {}, "seed": 0,
+        "numerics": {"deterministic": False, "precision": "32-true", "float32": {}},
+        "data_feed": {"num_workers": 0, "pin_memory": False, "persistent_workers": False, "transforms": "c"},
         "budget": "full", "effective_budget": {}, "params": 10, "trainable_params": 10, "gflops": 0.5,
         "gflops_profiler": 0.6, "unsupported_ops": {},
     }  # fmt: skip

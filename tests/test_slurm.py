@@ -353,6 +353,7 @@ def test_cancelled_job_is_reported_resumed_and_never_launched_twice(search: Path
         relaunched = sweep(search, tmp_path, "cancel")
         assert relaunched.returncode == 0, relaunched.stderr[-3000:]
         lines = relaunched.stdout.splitlines()
+        assert lines.pop(0) == "projected cost: no jobs to launch"
         assert lines[0] == "sweep summary: 0 finished, 2 skipped, 0 failed"
         assert sorted(line.rsplit(" ", 1)[1] for line in lines[1:]) == [f"{array}_0", f"{array}_1"]
         assert all(": queued or running: SLURM job" in line for line in lines[1:])
