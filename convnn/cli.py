@@ -55,6 +55,8 @@ def compose_or_fail(
         return None
     try:
         parsed = OverridesParser.create().parse_overrides(args)
+        if any(o.key_or_group.startswith("hydra.searchpath") for o in parsed):
+            return None  # configs found through another search path: only Hydra composes those
         if multirun:  # the first job: each sweep's first value, Hydra's own overrides left to it
             args = [
                 f"{o.get_key_element()}={next(o.sweep_string_iterator())}"

@@ -9,11 +9,15 @@ is taken, so ratios are measured side by side on a shared machine. Per case also
 (a ``TorchDispatchMode`` tracker), peak RSS (a fresh subprocess per case, ``VmHWM`` above the RSS
 before the step: allocator fragmentation included), kernel launches per step (``torch.profiler``: leaf
 ATen ops on CPU, kernels on CUDA); then ``torch.compile(fullgraph=True, dynamic=True)`` against eager
-and whole-model throughput (VGG-11 features fwd+bwd, ViT-Tiny training step, images/s). On CUDA it
-times with CUDA events at the paper's batch 256. Writes ``<out>/layers-<device>.{json,md}``.
+and whole-model throughput (VGG-11 features fwd+bwd, ViT-Tiny training step, images/s). On CPU every
+timing is taken at each of ``--threads`` (default 1 and all cores), all thread counts of a case in
+the same interleaved loop, so the ratios at 1 and N threads are measured side by side; memory and
+launches are counted at 1 thread, peak RSS at the most threads. On CUDA it times with CUDA events
+at the paper's batch 256. The outputs name the CPU model, its instruction set (torch's CPU
+capability: AVX512, AVX2) and the date. Writes ``<out>/layers-<device>.{json,md}``.
 
-    python scripts/bench_layers.py               # full run (~15 min on 2 CPU cores; 1 torch thread)
-    python scripts/bench_layers.py --quick       # batch 2, one repeat, small shapes, prints only
+    python scripts/bench_layers.py --threads 1,2   # full run (about 6 min on 2 idle CPU cores)
+    python scripts/bench_layers.py --quick         # batch 2, one repeat, small shapes, prints only
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,6 +41,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's convnn, installed or not
+
+from benchlib import machine, machine_line, thread_counts, write_report  # noqa: E402  (scripts/, beside this file)
 
 from convnn.knn.reference import Algorithm1ConvNN, algorithm1_on_map  # noqa: E402
 from convnn.layers import build_layer  # noqa: E402
@@ -192,17 +197,20 @@ def timed(fn: Callable, module: nn.Module, x: Tensor) -> float:
 
 
 def interleaved_ms(
-    cases: dict[str, tuple[Callable, nn.Module, Tensor]], repeats: int
-) -> dict[str, list[float]]:
-    """Every case's fwd+bwd milliseconds, ``repeats`` rounds over all cases after one warm-up each;
-    every other round runs the cases in reverse order, so no case always follows the same one."""
-    for fn, module, x in cases.values():
-        step(fn, module, x)
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    names = list(cases)
+    cases: dict[str, tuple[Callable, nn.Module, Tensor]], repeats: int, threads: list[int]
+) -> dict[tuple[int, str], list[float]]:
+    """Every case's fwd+bwd milliseconds at every thread count, keyed ``(threads, case)``: ``repeats``
+    rounds over all of them after one warm-up each; every other round runs them in reverse order, so
+    no case always follows the same one."""
+    keys = [(t, name) for t in threads for name in cases]
+    for t, name in keys:
+        torch.set_num_threads(t)
+        step(*cases[name])
+    times: dict[tuple[int, str], list[float]] = {key: [] for key in keys}
     for round_ in range(repeats):
-        for name in names if round_ % 2 == 0 else names[::-1]:
-            times[name].append(1e3 * timed(*cases[name]))
+        for t, name in keys if round_ % 2 == 0 else keys[::-1]:
+            torch.set_num_threads(t)
+            times[t, name].append(1e3 * timed(*cases[name]))
     return times
 
 
@@ -313,24 +321,32 @@ def rss_case(group: str, name: str, batch: int) -> None:
 
 
 def measure_group(
-    group: str, names: list[str], reference: str, batch: int, repeats: int, device, rss
+    group: str, names: list[str], reference: str, batch: int, repeats: int, threads: list[int], device, rss
 ) -> dict:
-    """Rows of one shape: times, ratios to the reference / Algorithm 1 / the FLOP floor, memory, launches."""
+    """Rows of one shape: per thread count the times and ratios to the reference / Algorithm 1; the FLOP
+    floor, memory and launches (at 1 thread) and peak RSS (at the most threads)."""
     cases = {name: build_case(group, name, batch, device) for name in names}
-    times = interleaved_ms(cases, repeats)
-    ms = {name: statistics.median(t) for name, t in times.items()}
+    times = interleaved_ms(cases, repeats, threads)
+    ms = {key: statistics.median(t) for key, t in times.items()}
     macs = {name: case_macs(group, name, batch) for name in names}
+    torch.set_num_threads(1)
     rows = []
     for name, case in cases.items():
+        by_threads = {
+            str(t): {
+                "ms": ms[t, name],
+                "all_ms": times[t, name],
+                "vs_reference": ms[t, name] / ms[t, reference],
+                "vs_alg1": ms[t, "Algorithm 1"] / ms[t, name],
+            }
+            for t in threads
+        }
         rows.append(
             {
                 "layer": name,
-                "ms": ms[name],
-                "all_ms": times[name],
-                "vs_reference": ms[name] / ms[reference],
+                "threads": by_threads,
                 "flop_floor": macs[name] / macs[reference],
                 "gmacs": macs[name] / 1e9,
-                "vs_alg1": ms["Algorithm 1"] / ms[name],
                 "peak_tensor_mib": peak_tensor_mib(*case),
                 "peak_rss_mib": rss(group, name),
                 "launches": launches(*case),
@@ -344,9 +360,9 @@ def measure_group(
 COMPILE_REPEAT_FACTOR = 5
 
 
-def compiled_vs_eager(batch: int, repeats: int, device) -> list[dict]:
+def compiled_vs_eager(batch: int, repeats: int, threads: list[int], device) -> list[dict]:
     """Train-mode fwd+bwd of ``torch.compile(fullgraph=True, dynamic=True)`` against eager, with
-    ``repeats`` interleaved rounds."""
+    ``repeats`` interleaved rounds at each thread count."""
     rows = []
     for group, name in COMPILE_CASES:
         group = f"vgg{VGG_SHAPES[0][0]}x{VGG_SHAPES[0][1]}" if group == "vgg" else group
@@ -355,22 +371,25 @@ def compiled_vs_eager(batch: int, repeats: int, device) -> list[dict]:
         begin = time.perf_counter()
         step(compiled, module, x)
         compile_s = time.perf_counter() - begin
-        times = interleaved_ms({"eager": (fn, module, x), "compiled": (compiled, module, x)}, repeats)
-        ratios = [c / e for e, c in zip(times["eager"], times["compiled"], strict=True)]
-        rows.append(
-            {
-                "layer": f"{group} {name}",
-                "eager_ms": statistics.median(times["eager"]),
-                "compiled_ms": statistics.median(times["compiled"]),
+        cases = {"eager": (fn, module, x), "compiled": (compiled, module, x)}
+        times = interleaved_ms(cases, repeats, threads)
+        by_threads = {}
+        for t in threads:
+            ratios = [c / e for e, c in zip(times[t, "eager"], times[t, "compiled"], strict=True)]
+            by_threads[str(t)] = {
+                "eager_ms": statistics.median(times[t, "eager"]),
+                "compiled_ms": statistics.median(times[t, "compiled"]),
                 "ratio_quartiles": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3,
-                "compile_s": compile_s,
             }
-        )
+        rows.append({"layer": f"{group} {name}", "compile_s": compile_s, "threads": by_threads})
     return rows
 
 
-def model_throughput(batch_vgg: int, batch_vit: int, repeats: int, device, quick: bool) -> list[dict]:
-    """Images/s of a VGG-11 features pass (fwd+bwd, CIFAR 32x32) and a ViT-Tiny training step (224)."""
+def model_throughput(
+    batch_vgg: int, batch_vit: int, repeats: int, threads: list[int], device, quick: bool
+) -> list[dict]:
+    """Images/s of a VGG-11 features pass (fwd+bwd, CIFAR 32x32) and a ViT-Tiny training step (224) at
+    each thread count."""
     setups = [
         ("VGG-11 features fwd+bwd, 32x32", "vgg11", {"name": "conv2d"}, batch_vgg, 32),
         ("VGG-11 features fwd+bwd, 32x32", "vgg11", {"name": "convnn"}, batch_vgg, 32),
@@ -411,82 +430,67 @@ def model_throughput(batch_vgg: int, batch_vit: int, repeats: int, device, quick
             m.features(x.requires_grad_()).sum().backward()
 
         run = features_step if model_name == "vgg11" else train_step
-        run()
-        seconds = []
-        for _ in range(repeats):
-            begin = time.perf_counter()
+        by_threads = {}
+        for t in threads:
+            torch.set_num_threads(t)
             run()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - begin)
-        ms = 1e3 * statistics.median(seconds)
+            seconds = []
+            for _ in range(repeats):
+                begin = time.perf_counter()
+                run()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds.append(time.perf_counter() - begin)
+            ms = 1e3 * statistics.median(seconds)
+            by_threads[str(t)] = {"ms": ms, "images_per_s": batch / ms * 1e3}
         layer = ", ".join(f"{k}={v}" for k, v in layer_cfg.items())
-        rows.append(
-            {"what": what, "layer": layer, "batch": batch, "ms": ms, "images_per_s": batch / ms * 1e3}
-        )
+        rows.append({"what": what, "layer": layer, "batch": batch, "threads": by_threads})
     return rows
 
 
-def machine(device: torch.device, load: tuple[float, float, float]) -> dict:
-    """The device or CPU model, core count, torch version and threads this run used."""
-    if device.type == "cuda":
-        model = torch.cuda.get_device_name(device)
-    else:
-        try:
-            lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-            model = next(
-                line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")
-            )
-        except (OSError, subprocess.CalledProcessError, StopIteration):
-            model = platform.processor() or "unknown"
-    return {
-        "device": device.type,
-        "model": model,
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_average_start": load,
-    }
-
-
 def markdown(report: dict) -> str:
-    """The report as Markdown tables."""
-    m = report["machine"]
+    """The report as Markdown tables, one column group per thread count."""
+    m, threads = report["machine"], [str(t) for t in report["threads"]]
+    per = {t: f"{t} thread{'s' if t != '1' else ''}" for t in threads}
     lines = [
-        f"# Layer benchmark: {m['model']} ({m['device']}, {m['cpu_cores']} cores, "
-        f"{m['torch_threads']} torch threads)",
+        f"# Layer benchmark: {m['device_name']} ({m['device']})",
         "",
         report["made_by"],
         "",
-        f"torch {m['torch']}; forward + backward, fp32, median of {report['repeats']} interleaved repeats. "
-        f"Load average (1/5/15 min) at the start {tuple(round(v, 2) for v in m['load_average_start'])}, at "
-        f"the end {tuple(round(v, 2) for v in report['load_average_end'])} on {m['cpu_cores']} cores: "
+        f"{machine_line(m)}; forward + backward, fp32, median of {report['repeats']} interleaved repeats at "
+        f"{' and '.join(per.values())}. Load average (1/5/15 min) at the start "
+        f"{tuple(round(v, 2) for v in report['load_average_start'])}, at the end "
+        f"{tuple(round(v, 2) for v in report['load_average_end'])} on {m['cpu_cores']} cores: "
         "a load above about 1 per core means other jobs shared the machine and absolute times are "
         "inflated; the ratios are measured side by side either way. "
-        "**vs ref** = time over the reference's (nn.Conv2d 3x3 / SDPA attention) in the same loop; "
-        "**floor** = multiply-adds over the reference's (the ratio at equal FLOP rates); **vs Alg. 1** = "
-        "speed-up over Algorithm 1; **tensor MiB** = peak of live tensor storages (dispatch tracker); "
-        "**RSS MiB** = peak RSS above the pre-step RSS in a fresh process (allocator included), after "
-        "a step at batch 1 (the code loaded on first use is not counted); "
-        "**launches** = leaf ATen ops that run a kernel (views and allocations left out; CPU) or CUDA "
-        "kernels per step.",
+        "**vs ref** = time over the reference's (nn.Conv2d 3x3 / SDPA attention) in the same loop at the "
+        "same thread count; **floor** = multiply-adds over the reference's (the ratio at equal FLOP rates); "
+        "**vs Alg. 1** = speed-up over Algorithm 1; **tensor MiB** = peak of live tensor storages "
+        "(dispatch tracker, 1 thread); **RSS MiB** = peak RSS above the pre-step RSS in a fresh process "
+        f"at {per[threads[-1]]} (allocator included), after a step at batch 1 (the code loaded on first use "
+        "is not counted); **launches** = leaf ATen ops that run a kernel (views and allocations left out; "
+        "CPU, 1 thread) or CUDA kernels per step.",
     ]
+    timing_head = " | ".join(f"ms @{t} | vs ref @{t} | vs Alg. 1 @{t}" for t in threads)
     for group in report["groups"]:
         lines += [
             "",
             f"## {group['group']}, batch {group['batch']} (reference: {group['reference']})",
             "",
-            "| layer | fwd+bwd ms | vs ref | floor | vs Alg. 1 | GMAC | tensor MiB | RSS MiB | launches |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| layer | {timing_head} | floor | GMAC | tensor MiB | RSS MiB | launches |",
+            "|---|" + "---:|" * (3 * len(threads) + 5),
         ]
         for r in group["rows"]:
             rss = "–" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}"
-            lines.append(
-                f"| {r['layer']} | {r['ms']:.1f} | {r['vs_reference']:.2f}x | {r['flop_floor']:.2f}x | "
-                f"{r['vs_alg1']:.2f}x | {r['gmacs']:.2f} | {r['peak_tensor_mib']:.1f} | {rss} | "
-                f"{r['launches']} |"
+            timing = " | ".join(
+                f"{c['ms']:.1f} | {c['vs_reference']:.2f}x | {c['vs_alg1']:.2f}x"
+                for c in (r["threads"][t] for t in threads)
             )
+            lines.append(
+                f"| {r['layer']} | {timing} | {r['flop_floor']:.2f}x | {r['gmacs']:.2f} | "
+                f"{r['peak_tensor_mib']:.1f} | {rss} | {r['launches']} |"
+            )
+    compile_head = " | ".join(f"eager ms @{t} | compiled / eager @{t} | quartiles @{t}" for t in threads)
     lines += [
         "",
         "## torch.compile (fullgraph, dynamic shapes, train mode) against eager",
@@ -496,26 +500,29 @@ def markdown(report: dict) -> str:
         "**quartiles** their lower and upper quartile: a range around 1.00x is parity within the "
         "machine's scatter.",
         "",
-        "| case | eager ms | compiled ms | compiled / eager | quartiles | compile s |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| case | {compile_head} | compile s |",
+        "|---|" + "---:|" * (3 * len(threads) + 1),
     ]
     for r in report["compile"]:
-        low, mid, high = r["ratio_quartiles"]
-        lines.append(
-            f"| {r['layer']} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | {mid:.2f}x | "
-            f"{low:.2f}x–{high:.2f}x | {r['compile_s']:.0f} |"
-        )
+        cells = []
+        for t in threads:
+            c = r["threads"][t]
+            low, mid, high = c["ratio_quartiles"]
+            cells.append(f"{c['eager_ms']:.1f} | {mid:.2f}x | {low:.2f}x–{high:.2f}x")
+        lines.append(f"| {r['layer']} | {' | '.join(cells)} | {r['compile_s']:.0f} |")
+    model_head = " | ".join(f"ms @{t} | images/s @{t}" for t in threads)
     lines += [
         "",
         "## Whole models",
         "",
-        "| model | layer | batch | ms | images/s |",
-        "|---|---|---:|---:|---:|",
+        f"| model | layer | batch | {model_head} |",
+        "|---|---|---:|" + "---:|" * (2 * len(threads)),
     ]
     for r in report["models"]:
-        lines.append(
-            f"| {r['what']} | {r['layer']} | {r['batch']} | {r['ms']:.0f} | {r['images_per_s']:.1f} |"
+        cells = " | ".join(
+            f"{c['ms']:.0f} | {c['images_per_s']:.1f}" for c in (r["threads"][t] for t in threads)
         )
+        lines.append(f"| {r['what']} | {r['layer']} | {r['batch']} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -526,9 +533,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (1: on a shared 2-core machine two threads stall in OpenMP barriers)",
+        help="torch intra-op thread counts, comma-separated (default: 1 and all cores; CUDA: as set)",
     )
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     parser.add_argument(
@@ -544,8 +549,12 @@ def main() -> None:
     sections = set(args.sections.split(","))
     if not sections <= set(SECTIONS):
         parser.error(f"--sections={args.sections}: allowed: comma-separated of {list(SECTIONS)}")
-    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    try:
+        threads = thread_counts(args.threads) if device.type == "cpu" else [torch.get_num_threads()]
+    except ValueError as e:
+        parser.error(str(e))
+    torch.set_num_threads(threads[-1])
     batch = args.batch or (256 if device.type == "cuda" else 32)
     if args.rss_case:
         rss_case(*args.rss_case, batch)
@@ -558,46 +567,40 @@ def main() -> None:
     load = os.getloadavg()
 
     def rss(group: str, name: str) -> float | None:
-        return child_rss(group, name, batch, args.threads) if on_cpu else None
+        return child_rss(group, name, batch, threads[-1]) if on_cpu else None
 
-    info = machine(device, load)
-    made = made_by(script_command(), machine=info["model"] if device.type == "cuda" else cpu_name())
-    report = {"made_by": made, "machine": info, "batch": batch, "repeats": repeats, "k": K, "groups": []}
-    report.update(compile=[], models=[], load_average_end=load)
+    info = machine(device)
+    made = made_by(script_command(), machine=info["device_name"] if device.type == "cuda" else cpu_name())
+    report = {"made_by": made, "machine": info, "threads": threads, "batch": batch, "repeats": repeats}
+    report.update(k=K, groups=[], compile=[], models=[], load_average_start=load, load_average_end=load)
 
     def save() -> None:  # after every section, so a late failure keeps what was measured
         report["load_average_end"] = os.getloadavg()
         if not args.quick:
-            args.out.mkdir(parents=True, exist_ok=True)
-            name = f"layers-{device.type}"
-            for suffix, content in (
-                (".json", json.dumps(report, indent=2) + "\n"),
-                (".md", markdown(report)),
-            ):
-                tmp = args.out / f".{name}{suffix}.tmp"
-                tmp.write_text(content)
-                tmp.replace(args.out / f"{name}{suffix}")
+            write_report(
+                args.out, f"layers-{device.type}", json.dumps(report, indent=2) + "\n", markdown(report)
+            )
 
     for channels, size in shapes if "layers" in sections else []:
         group = f"vgg{channels}x{size}"
         report["groups"].append(
-            measure_group(group, list(MAP_CASES), "nn.Conv2d 3x3", batch, repeats, device, rss)
+            measure_group(group, list(MAP_CASES), "nn.Conv2d 3x3", batch, repeats, threads, device, rss)
         )
         save()
         print(group, "done", flush=True)
     if "layers" in sections:
         report["groups"].append(
-            measure_group("vit", list(TOKEN_CASES), "attention (SDPA)", batch, repeats, device, rss)
+            measure_group("vit", list(TOKEN_CASES), "attention (SDPA)", batch, repeats, threads, device, rss)
         )
         save()
         print("vit done", flush=True)
     if "compile" in sections:
-        report["compile"] = compiled_vs_eager(batch, repeats * COMPILE_REPEAT_FACTOR, device)
+        report["compile"] = compiled_vs_eager(batch, repeats * COMPILE_REPEAT_FACTOR, threads, device)
         save()
         print("compile done", flush=True)
     if "models" in sections:
         report["models"] = model_throughput(
-            batch, 8 if on_cpu else batch, max(2, repeats // 2), device, args.quick
+            batch, 8 if on_cpu else batch, max(2, repeats // 2), threads, device, args.quick
         )
         save()
     print(markdown(report))

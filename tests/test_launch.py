@@ -52,7 +52,7 @@ def test_slurm_launcher_is_submitit_slurm_and_overridable() -> None:
         + ["hydra.launcher.timeout_min=60", "hydra.launcher.array_parallelism=8", "hydra.launcher.mem_gb=32"]
     )
     assert cfg._target_ == "hydra_plugins.convnn_sweeper.slurm_launcher.SlurmLauncher"
-    assert (cfg.partition, cfg.gpus_per_node, cfg.tasks_per_node) == ("gpu", 4, 4)  # one task per GPU (DDP)
+    assert (cfg.partition, cfg.gpus_per_node, cfg.tasks_per_node) == ("gpu", 4, 1)  # one task per device
     assert (cfg.timeout_min, cfg.array_parallelism, cfg.mem_gb, cfg.cpus_per_task) == (60, 8, 32, 2)
 
 
@@ -65,6 +65,10 @@ def test_slurm_launcher_asks_for_what_the_trainer_uses() -> None:
     assert (gpu.gpus_per_node, gpu.tasks_per_node) == (1, 1)
     ddp = launcher(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=2", "trainer.num_nodes=3"])
     assert (ddp.gpus_per_node, ddp.tasks_per_node, ddp.nodes) == (2, 2, 3)
+    cpu_ddp = launcher(
+        ["hydra/launcher=slurm", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    )
+    assert (cpu_ddp.gpus_per_node, cpu_ddp.tasks_per_node) == (0, 2)  # one srun task per rank, on CPUs too
     forced = launcher(["hydra/launcher=slurm", "trainer=gpu", "hydra.launcher.gpus_per_node=0"])
     assert (forced.gpus_per_node, forced.tasks_per_node) == (0, 1)
 

@@ -11,6 +11,7 @@ from convnn.knn import knn_select, reset_sampling
 from convnn.layers import build_layer
 from convnn.train import app as train
 from convnn.train.config import validate_config
+from convnn.train.distributed import Start
 from convnn.train.module import ImageClassifier
 from tests.test_configs import compose_train
 
@@ -103,8 +104,10 @@ def test_compiled_map_layer_calls_the_eager_kernels(case):
 def test_compiled_selection_honours_chunk_size(chunk_size, monkeypatch):
     """The compiled graph's selection op runs the query chunks eager runs (40 queries of 2 images:
     ``chunk_size`` 8, 5 chunks of both images; None: sized for the CPU, per image 32 queries and a
-    tail of 8), with eager's result."""
+    tail of 8), with eager's result. The Python chunk loop is counted (the native kernel runs the same
+    chunks, tests/test_native.py)."""
     torch._dynamo.reset()
+    monkeypatch.setattr(knn.native, "available", lambda: False)
     calls = []
     chunk_fn = knn.selection._select_chunk
     monkeypatch.setattr(knn.selection, "_select_chunk", lambda *args: calls.append(1) or chunk_fn(*args))
@@ -221,7 +224,7 @@ def test_trainer_deterministic_flag_reaches_the_layers(tmp_path):
         if type(layer).__name__ == "ConvNN":
             layer.register_forward_hook(lambda *_: seen.append(torch.are_deterministic_algorithms_enabled()))
     module = ImageClassifier(model, cfg.data.num_classes, 1, cfg.optim, cfg.scheduler)
-    trainer = train._build_trainer(cfg, tmp_path, False, [])
+    trainer = train._build_trainer(cfg, tmp_path, False, [], Start("train"))
     data = TensorDataset(torch.randn(4, 3, image_size, image_size), torch.arange(4))
     previous = torch.are_deterministic_algorithms_enabled()
     try:

@@ -17,6 +17,7 @@ import pytest
 from convnn.runs.gpus import GpuPool, GpuPoolError, detected_gpus, gpu_pool, gpus_per_job
 from convnn.runs.lock import lock_holder
 from convnn.runs.records import read_record
+from hydra_plugins.convnn_sweeper.local_launcher import default_local_parallelism
 from tests.test_launch import sweep_command
 from tests.test_slurm import EXPERIMENT
 
@@ -47,6 +48,7 @@ def main(cfg):
     else:
         time.sleep(1.0)
     note = {"job": cfg.job, "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": start,
+            "threads": os.environ.get("OMP_NUM_THREADS"),
             "end": time.time(), "waited": waited}
     (out / f"job-{cfg.job}.json").write_text(json.dumps(note))
 
@@ -76,9 +78,21 @@ def _app(tmp_path: Path) -> tuple[Path, Path]:
     return app, out
 
 
-def _run_app(app: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _run_app(app: Path, *overrides: str, env: dict[str, str] = JOB_ENV) -> subprocess.CompletedProcess:
     command = [sys.executable, str(app / "app.py"), "-m", *overrides]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=JOB_ENV)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_cpu_jobs_side_by_side_share_the_cores_unless_omp_num_threads_is_set(tmp_path: Path) -> None:
+    app, out = _app(tmp_path)
+    unset = {k: v for k, v in JOB_ENV.items() if k != "OMP_NUM_THREADS"}
+    result = _run_app(app, "job=5,6", env=unset)
+    assert result.returncode == 0, result.stderr[-3000:]
+    share = str(max(1, len(os.sched_getaffinity(0)) // default_local_parallelism(1)))
+    assert [json.loads((out / f"job-{j}.json").read_text())["threads"] for j in (5, 6)] == [share] * 2
+    result = _run_app(app, "job=7", env={**unset, "OMP_NUM_THREADS": "3"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "job-7.json").read_text())["threads"] == "3"
 
 
 def test_a_pool_of_four_runs_eight_jobs_four_at_a_time_never_sharing_a_gpu(tmp_path: Path) -> None:

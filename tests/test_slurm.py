@@ -51,7 +51,9 @@ EXPERIMENTS = {
     # speed this test meets (100 epochs, meant as about 4 minutes, once finished within it);
     # the test cancels it when done
     "timeout": EXPERIMENT.format(train_size=2048, epochs=1000, sweeper="{}"),
+    "ddp": EXPERIMENT.format(train_size=64, epochs=2, sweeper="{}"),
 }
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "hydra.launcher.cpus_per_task=1"]
 JOB_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}  # tiny jobs share 2 CPUs
 RESTORED = "Restoring states from the checkpoint path at"  # Lightning's line when it loads a checkpoint
 
@@ -286,6 +288,34 @@ def test_array_sweep_records_jobs_and_a_rerun_skips_them(search: Path, pair: tup
     assert "sweep output dir" not in again.stdout + again.stderr  # nothing submitted
     assert set(queue()) <= before
     assert [read_record(only(root / f"*,seed={seed}"))["launcher"] for seed in (0, 1)] == slurm
+
+
+def test_a_ddp_job_runs_one_srun_task_per_device_to_a_record_naming_both(
+    search: Path, tmp_path: Path
+) -> None:
+    """``trainer.devices=2`` on CPUs (gloo): the job asks ``--ntasks-per-node=2``, ``srun`` starts both
+    ranks (each its own SLURM task in Lightning's SLURM environment; rank 0 decides the start and
+    tells the other), and the finished record names both tasks; a re-run skips the finished job."""
+    result = sweep(search, tmp_path, "ddp", *DDP)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sweep summary: 1 finished, 0 skipped, 0 failed" in result.stdout
+    [path] = (tmp_path / "ddp").rglob("results.json")
+    record = read_record(path)
+    assert record["status"] == "finished" and [row["epoch"] for row in record["epochs"]] == [1, 2]
+    ranks = record["distributed"].pop("ranks")
+    assert [(r["rank"], r["slurm_task"], r["slurm_node"]) for r in ranks] == [
+        (0, 0, record["launcher"]["node"]),
+        (1, 1, record["launcher"]["node"]),
+    ]
+    assert ranks[0]["pid"] != ranks[1]["pid"]
+    assert record["distributed"]["world_size"] == 2 and record["distributed"]["batch_size_per_rank"] == 16
+    assert record["final"]["test_images"] == 32
+    job = record["launcher"]["job_id"]
+    script = (tmp_path / "ddp" / ".submitit" / job / f"{job}_submission.sh").read_text()
+    assert "#SBATCH --ntasks-per-node=2" in script and "\nsrun " in script
+    assert sorted(p.name for p in path.parent.iterdir()) == [".hydra", "checkpoints", "results.json"]
+    again = sweep(search, tmp_path, "ddp", *DDP)
+    assert "sweep summary: 0 finished, 1 skipped, 0 failed" in again.stdout, again.stderr[-3000:]
 
 
 @pytest.mark.parametrize(

@@ -76,7 +76,7 @@ def test_synthetic_data_trains_each_backbone_and_writes_the_record(backbone, tmp
     assert row["test_acc1"] <= row["test_acc5"] and math.isfinite(row["test_loss"])
     assert row["epoch_time_s"] > 0 and row["images_per_s"] == pytest.approx(64 / row["epoch_time_s"])
     final_keys = ("test_loss", "test_acc1", "test_acc5", "test_loss_batchmean", "test_acc1_batchmean")
-    assert record["final"] == {k: row[k] for k in final_keys}
+    assert record["final"] == {k: row[k] for k in (*final_keys, "test_images")} and row["test_images"] == 32
     # one test batch of 32: the per-batch mean is the per-image mean
     assert row["test_acc1_batchmean"] == pytest.approx(row["test_acc1"])
     assert row["test_loss_batchmean"] == pytest.approx(row["test_loss"])

@@ -5,15 +5,19 @@
   values and indices except among tied scores, where the native kernel picks the lower index first
   (``torch.topk`` leaves that order unspecified).
 * :func:`index_add_rows` is ``out.index_add_(0, index, src)`` (5-6x faster on CPU, where torch runs
-  one kernel per row), deterministic: rows are added in order.
+  one kernel per row), deterministic: rows are added in order, threads owning output rows.
+* :func:`serves` says whether the step kernels run the k-NN core's chunk and step loops (the
+  selection's chunks, the gathers and aggregations of :mod:`convnn.knn.ops` and their backward
+  passes): one chunk or step per intra-op thread at once, what several steps add into one tensor
+  merged in step order, so results are bitwise those of the Python loops at every thread count.
 
 Elsewhere (CUDA), for k above :data:`MAX_K`, under tracing / compiling, or when the kernels cannot
-be built (no C++ compiler: one warning), both are the torch ops.
+be built (no C++ compiler: one warning), the Python loops and the torch ops run instead.
 
 The build (about 10 s, once per machine and torch version) is cached in torch's extension directory
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), keyed by the CPU capability torch
-detects, so nodes of a cluster with different instruction sets never share a binary.
-``CONVNN_NATIVE=0`` turns the kernels off.
+detects, so nodes of a cluster with different instruction sets never share a binary. The kernels use
+torch's OpenMP runtime (the one ``torch.set_num_threads`` sets). ``CONVNN_NATIVE=0`` turns them off.
 """
 
 from __future__ import annotations
@@ -68,12 +72,15 @@ def build(capability: str) -> None:
     cpp_extension.load(
         name=f"convnn_native_{capability.lower()}",
         sources=[str(SOURCE)],
-        extra_cflags=["-O3", *ARCH_FLAGS.get(capability, [])],
+        # OpenMP: at::parallel_for runs on torch's threads (without it, serially); torch's own
+        # libgomp.so.1 is already loaded, so the extension binds to that runtime
+        extra_cflags=["-O3", "-fopenmp", *ARCH_FLAGS.get(capability, [])],
+        extra_ldflags=["-fopenmp"],
         is_python_module=False,
     )
 
 
-def _native(x: Tensor) -> bool:
+def serves(x: Tensor) -> bool:
     """Whether the native kernels serve ``x``: a float32 / float64 CPU tensor in eager mode."""
     return (
         x.device.type == "cpu"
@@ -89,7 +96,7 @@ def topk_last(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
     ``scores`` may be a column slice of a wider tensor (e.g. ``[b, c, M]`` of ``[b, c, M + pad]``).
     """
-    if not (1 <= k <= MAX_K and scores.stride(-1) == 1 and _native(scores)):
+    if not (1 <= k <= MAX_K and scores.stride(-1) == 1 and serves(scores)):
         return scores.topk(k, dim=-1)
     lead = scores.shape[:-1]
     values, indices = torch.ops.convnn_native.topk_rows(scores.reshape(-1, scores.shape[-1]), k)
@@ -98,7 +105,7 @@ def topk_last(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def index_add_rows(out: Tensor, index: Tensor, src: Tensor) -> Tensor:
     """``out [L, C] += src [R, C]`` at rows ``index [R]`` (``out.index_add_(0, index, src)``) -> ``out``."""
-    if not (out.is_contiguous() and out.dtype == src.dtype and _native(out)):
+    if not (out.is_contiguous() and out.dtype == src.dtype and serves(out)):
         return out.index_add_(0, index, src)
     torch.ops.convnn_native.index_add_rows(out, index, src)
     return out

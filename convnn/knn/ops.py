@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from convnn.knn import native
 from convnn.knn.native import index_add_rows
 
 #: Rows of a step are viewed as this many images for the 1x1 convolution (oneDNN runs a 1x1 conv
@@ -38,11 +39,20 @@ def _rows_conv(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return out.permute(0, 2, 3, 1).reshape(rows.shape[0], -1)
 
 
+#: Whether the narrow products of the CPU steps (the selection's scores, the aggregation's gradients)
+#: run as oneDNN 1x1 convolutions: where torch runs AVX-512 kernels, whose brgemm convolutions reach
+#: about twice the BLAS GEMM's throughput on these shapes. Elsewhere (AVX2) they are BLAS GEMMs, about
+#: twice oneDNN's AVX2 kernels on the scores and three times on the weight gradient. The aggregation's
+#: forward is a oneDNN convolution on every instruction set (as fast as the GEMM on AVX2).
+ONEDNN_PRODUCTS = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def _rows_conv_backward(
     rows: Tensor, weight: Tensor, grad: Tensor, weight_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """Gradients of :func:`_rows_conv` for ``grad [S, C']``: ``(rows [S, F], weight [C', F] or None)``."""
-    if rows.shape[0] % CONV_BATCH:
+    """Gradients of :func:`_rows_conv` for ``grad [S, C']``: ``(rows [S, F], weight [C', F] or None)``,
+    by oneDNN's convolution backward where :data:`ONEDNN_PRODUCTS`, else two GEMMs."""
+    if rows.shape[0] % CONV_BATCH or not ONEDNN_PRODUCTS:
         return grad @ weight, grad.t() @ rows if weight_grad else None
     grad_rows, grad_w, _ = torch.ops.aten.convolution_backward(
         _conv_view(grad),
@@ -81,10 +91,12 @@ def _gathered_steps(v_rows: Tensor, flat: Tensor) -> Iterator[tuple[int, Tensor,
 
 
 def _like_or_empty(*pairs: tuple[Tensor, bool], zeros: bool = False) -> tuple[Tensor, ...]:
-    """``empty_like(x)`` (``zeros``: ``zeros_like(x)``) for each ``(x, wanted)`` that is wanted, else an
-    empty tensor: a custom op's "no gradient" (ops return tensors, not None)."""
+    """A contiguous ``empty_like(x)`` (``zeros``: ``zeros_like(x)``) for each ``(x, wanted)`` that is
+    wanted, else an empty tensor: a custom op's "no gradient" (ops return tensors, not None)."""
     like = torch.zeros_like if zeros else torch.empty_like
-    return tuple(like(x) if wanted else x.new_empty(0) for x, wanted in pairs)
+    return tuple(
+        like(x, memory_format=torch.contiguous_format) if wanted else x.new_empty(0) for x, wanted in pairs
+    )
 
 
 def _step(flat: Tensor, v_rows: Tensor) -> int:
@@ -92,6 +104,12 @@ def _step(flat: Tensor, v_rows: Tensor) -> int:
     :data:`STEP_ELEMENTS` gathered values, a multiple of :data:`CONV_BATCH`."""
     tokens = STEP_ELEMENTS // (flat.shape[1] * v_rows.shape[1])
     return max(CONV_BATCH, tokens - tokens % CONV_BATCH)
+
+
+def _native_steps(rows: Tensor, *others: Tensor | None) -> bool:
+    """Whether the native step kernels run a step loop on ``rows`` (:func:`~convnn.knn.native.serves`)
+    with ``others`` (None or tensors) of its dtype."""
+    return native.serves(rows) and all(t is None or t.dtype == rows.dtype for t in others)
 
 
 def flat_indices(indices: Tensor, n: int) -> Tensor:
@@ -174,9 +192,28 @@ def _selected_pairs_grad(
     batch, n, p = positions.shape
     m, h = k.shape[1:]
     flat = flat_indices(positions, m)  # rows of k [B * M, h]
-    key_rows, grad_k = k.reshape(batch * m, h), k.new_zeros(batch * m, h)
-    grad_q = torch.empty_like(q)
+    key_rows = k.reshape(batch * m, h)
     size = max(1, STEP_ELEMENTS // max(1, batch * p * h))
+    if native.serves(q) and q.dtype == k.dtype == grad.dtype:
+        grad_q, grad_k = torch.ops.convnn_native.selected_pairs_grad(q, key_rows, flat, grad, size)
+    else:
+        grad_q, grad_k = _selected_pairs_steps(q, key_rows, flat, grad, size)
+    grad_k = grad_k.view_as(k)
+    if kind == "euclidean":  # -|q - k|^2 = 2 q.k - |q|^2 - |k|^2
+        per_key = k.new_zeros(batch * m).index_add_(0, flat.reshape(-1), grad.reshape(-1)).view(batch, m, 1)
+        grad_q = 2 * (grad_q - q * grad.sum(-1, keepdim=True))
+        grad_k = 2 * (grad_k - k * per_key)
+    return grad_q, grad_k
+
+
+def _selected_pairs_steps(
+    q: Tensor, key_rows: Tensor, flat: Tensor, grad: Tensor, size: int
+) -> tuple[Tensor, Tensor]:
+    """The dot-product part of :func:`_selected_pairs_grad` in steps of ``size`` queries (all images):
+    ``q [B, N, h]``, key rows ``[B * M, h]``, ``flat``, ``grad [B, N, p]`` -> ``(q', k' [B * M, h])``."""
+    batch, n, p = flat.shape
+    h = q.shape[-1]
+    grad_q, grad_k = torch.empty_like(q), torch.zeros_like(key_rows, memory_format=torch.contiguous_format)
     for start in range(0, n, size):
         stop = min(start + size, n)
         step, g = flat[:, start:stop].reshape(-1), grad[:, start:stop].unsqueeze(-1)  # g [B, c, p, 1]
@@ -184,11 +221,6 @@ def _selected_pairs_grad(
         grad_q[:, start:stop] = rows.mul_(g).sum(2)
         pair_rows = torch.mul(q[:, start:stop].unsqueeze(2), g, out=rows)  # g_ij q_i, in the same buffer
         index_add_rows(grad_k, step, pair_rows.view(-1, h))
-    grad_k = grad_k.view_as(k)
-    if kind == "euclidean":  # -|q - k|^2 = 2 q.k - |q|^2 - |k|^2
-        per_key = k.new_zeros(batch * m).index_add_(0, flat.reshape(-1), grad.reshape(-1)).view(batch, m, 1)
-        grad_q = 2 * (grad_q - q * grad.sum(-1, keepdim=True))
-        grad_k = 2 * (grad_k - k * per_key)
     return grad_q, grad_k
 
 
@@ -219,6 +251,10 @@ def gather_aggregate(
     gradient with :func:`~convnn.knn.native.index_add_rows` (in order: deterministic). A custom op, so
     ``torch.compile`` calls these same steps.
     """
+    if _native_steps(v_rows, weight, scale):
+        return torch.ops.convnn_native.gather_aggregate(
+            v_rows, flat, weight, bias, scale, _step(flat, v_rows)
+        )
     out = v_rows.new_empty(flat.shape[0], weight.shape[0])
     for start, step, rows in _gathered_steps(v_rows, flat):
         if scale is not None:  # the step's own buffer, scaled in place
@@ -250,6 +286,10 @@ def _gather_aggregate_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`gather_aggregate` for ``grad [T, C']``: ``(v_rows', weight', scale')``, each
     an empty tensor where not asked for (``scale'`` also when ``scale`` is None)."""
+    if _native_steps(v_rows, weight, scale, grad):
+        step = _step(flat, v_rows)
+        args = (grad, v_rows, flat, weight, scale, rows_grad, weight_grad, scale_grad, step, ONEDNN_PRODUCTS)
+        return torch.ops.convnn_native.gather_aggregate_backward(*args)
     scale_grad = scale_grad and scale is not None
     grad_v, grad_w = _like_or_empty((v_rows, rows_grad), (weight, weight_grad), zeros=True)
     grad_s = v_rows.new_empty(flat.shape if scale_grad else (0,))
@@ -319,6 +359,8 @@ def gather_scaled_sum(v_rows: Tensor, flat: Tensor, w: Tensor, scale: Tensor) ->
     gradient is added with :func:`~convnn.knn.native.index_add_rows` (in order: deterministic). A custom
     op, so ``torch.compile`` calls these same steps.
     """
+    if _native_steps(v_rows, w, scale):
+        return torch.ops.convnn_native.gather_scaled_sum(v_rows, flat, w, scale, _step(flat, v_rows))
     out = v_rows.new_empty(flat.shape[0], v_rows.shape[1])
     for start, step, rows in _gathered_steps(v_rows, flat):
         stop = start + step.shape[0]
@@ -349,6 +391,9 @@ def _gather_scaled_sum_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`gather_scaled_sum` for ``grad [T, d]``: ``(v_rows', w', scale')``, each an
     empty tensor where not asked for."""
+    if _native_steps(v_rows, w, scale, grad):
+        args = (grad, v_rows, flat, w, scale, rows_grad, w_grad, scale_grad, _step(flat, v_rows))
+        return torch.ops.convnn_native.gather_scaled_sum_backward(*args)
     wanted = (v_rows, rows_grad), (w, w_grad), (scale, scale_grad)
     grad_v, grad_w, grad_scale = _like_or_empty(*wanted, zeros=True)
     for start, step, rows in _gathered_steps(v_rows, flat):

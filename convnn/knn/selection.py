@@ -14,8 +14,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from convnn.knn.native import topk_last
-from convnn.knn.ops import CONV_BATCH, SelectedSimilarity, _rows_conv
+from convnn.knn import native
+from convnn.knn.native import MAX_K, topk_last
+from convnn.knn.ops import CONV_BATCH, ONEDNN_PRODUCTS, SelectedSimilarity, _rows_conv
 from convnn.knn.precision import full_fp32
 from convnn.knn.similarity import NORMALIZE_EPS, prepare, prepared_similarity, self_similarity
 
@@ -220,7 +221,8 @@ def _select(
     ``chunk = (queries, images)``: peak extra memory is one ``[images, queries, M]`` chunk of scores.
     On CPU in float32 the scores of cosine / dot come from oneDNN (:func:`_onednn_keys`), one image
     and about ``chunk[0]`` queries per chunk (balanced, rounded up to a multiple of :data:`CONV_BATCH`;
-    the last ``n % 16`` queries, if any, form a short tail chunk scored by the matmul). Products in
+    the last ``n % 16`` queries, if any, form a short tail chunk scored by the matmul); the native
+    ``select_chunks`` runs these chunks on all threads at once (:mod:`convnn.knn.native`). Products in
     IEEE float32 whatever the process-wide precision (:func:`~convnn.knn.precision.full_fp32`).
     """
     queries, images = chunk
@@ -235,6 +237,12 @@ def _select(
         per_chunk += -per_chunk % CONV_BATCH
         images, starts = 1, list(range(0, n - n % CONV_BATCH, per_chunk))
         starts += [n - n % CONV_BATCH] if n % CONV_BATCH and n >= CONV_BATCH else []  # a short tail
+        if picks <= MAX_K and native.serves(q):  # the chunks on all threads at once
+            dot, m = kind == "dot", k.shape[1]
+            values, positions, own = torch.ops.convnn_native.select_chunks(
+                q, keys, m, ids, picks, dot, candidates, self_first, starts, ONEDNN_PRODUCTS
+            )
+            return values, positions, own if self_first and candidates is None else None
     if len(starts) == 1 and images >= batch:  # one chunk (always under torch.compile): no loop
         return _select_chunk(q, k, ids, picks, kind, candidates, self_first, keys)
     values = q.new_empty(batch, n, picks)
@@ -391,11 +399,12 @@ def _padded_keys(k: Tensor) -> Tensor:
 
 
 def _onednn_scores(q: Tensor, keys: Tensor, kind: str) -> Tensor:
-    """``q [1, c, h] @ keys [1, M', h]^T -> [1, c, M']`` (``/ sqrt(h)`` for dot) as oneDNN's 1x1
-    convolution of the query rows with the keys as its weight: on CPU about 2.4x the throughput of the
-    BLAS matmul on these narrow shapes (``c`` and ``M'`` multiples of :data:`CONV_BATCH`)."""
-    scores = _rows_conv(q[0], keys[0], None).unsqueeze(0)
-    return scores.div_(math.sqrt(q.shape[-1])) if kind == "dot" else scores
+    """``q [1, c, h] @ keys [1, M', h]^T -> [1, c, M']`` (``/ sqrt(h)`` for dot; ``c`` and ``M'``
+    multiples of :data:`CONV_BATCH`): where :data:`~convnn.knn.ops.ONEDNN_PRODUCTS` (AVX-512) as
+    oneDNN's 1x1 convolution of the query rows with the keys as its weight (there about 2.4x the
+    throughput of the BLAS matmul on these narrow shapes), else as the BLAS GEMM."""
+    scores = _rows_conv(q[0], keys[0], None) if ONEDNN_PRODUCTS else torch.mm(q[0], keys[0].t())
+    return scores.unsqueeze(0).div_(math.sqrt(q.shape[-1])) if kind == "dot" else scores.unsqueeze(0)
 
 
 def nearest_by_place(

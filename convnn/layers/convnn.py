@@ -29,6 +29,15 @@ PROJECTIONS = ("identity", "linear")
 AGGREGATIONS = ("standard", "depthwise", "separable")
 
 
+def freeze_selection(*projections: nn.Module) -> None:
+    """Freeze the query / key projections of a layer whose similarities only select (``rho="ones"``):
+    the hard top-k passes them no gradient, so they keep their initial values either way; frozen,
+    ``trainable_params`` counts what trains and DDP (which expects a gradient for every trainable
+    parameter) does not stop at the second step."""
+    for projection in projections:
+        projection.requires_grad_(False)
+
+
 def _projection(channels: int, dim: int, linear: bool) -> nn.Module:
     """A bias-free 1x1 Conv1d ``[B, channels, N] -> [B, dim, N]``, or ``nn.Identity``."""
     return nn.Conv1d(channels, dim, kernel_size=1, bias=False) if linear else nn.Identity()
@@ -45,7 +54,8 @@ class ConvNN(nn.Module):
     then sorted into raster order: with k = 9, padding 1 this is a 3x3 convolution); gather the
     neighbours' ``w_v`` values (plus coordinate channels when ``aggregate_position``), scale them by
     ``rho`` of their similarities, aggregate with ``aggregate = Conv1d(kernel k, stride k)``; crop the
-    padding, PixelShuffle back.
+    padding, PixelShuffle back. With ``rho="ones"`` linear ``w_q`` / ``w_k`` only select (the hard
+    top-k passes no gradient): they stay fixed random projections (:func:`freeze_selection`).
 
     As in the reference, every padded token takes part in the similarity (so the paper's profiler
     FLOPs are reproduced), but only the H * W unpadded tokens are gathered and aggregated. Defaults
@@ -103,6 +113,8 @@ class ConvNN(nn.Module):
         value_channels = channels + 2 if aggregate_position else channels
         self.w_q = _projection(select_channels, proj_dim or select_channels, linear)
         self.w_k = _projection(select_channels, proj_dim or select_channels, linear)
+        if linear and rho == "ones":
+            freeze_selection(self.w_q, self.w_k)
         self.w_v = _projection(value_channels, value_channels, linear)
         self.aggregate, self.pointwise = _aggregation(value_channels, out_total, k, aggregation, bias)
         if unit_init:

@@ -36,6 +36,7 @@ from convnn.knn import (
     token_rows,
 )
 from convnn.layers.attention import check_dropout, check_heads, check_positive, split_heads
+from convnn.layers.convnn import freeze_selection
 from convnn.layers.position import mix_position
 from convnn.layers.registry import register_layer
 
@@ -108,10 +109,12 @@ class ConvNNAttention(nn.Module):
     Options (paper defaults): ``k`` = 9 neighbours; ``similarity`` cosine|dot|euclidean (the paper's
     runs used "dot", the reference's "matmul", ``Q K^T / sqrt(d)``); ``projections`` linear|identity
     for ``w_q, w_k, w_v`` (bias-free ``Linear``; ``proj_dim`` sets the width of Q and K, default D);
-    ``rho`` softmax|ones; ``sampling`` all|random|spatial with ``num_candidates`` r (the paper: random,
-    r = 32); ``aggregation`` depthwise|separable|standard|sum (:func:`build_aggregation`) with
-    ``unit_init`` and ``bias``; ``self_first``: each token is its own first neighbour, then the k - 1
-    best other candidates (None = the paper's runs: False with "all", True with random/spatial);
+    ``rho`` softmax|ones (with "ones" linear ``w_q`` / ``w_k`` only select and are frozen:
+    :func:`~convnn.layers.convnn.freeze_selection`); ``sampling`` all|random|spatial with
+    ``num_candidates`` r (the paper: random, r = 32); ``aggregation``
+    depthwise|separable|standard|sum (:func:`build_aggregation`) with ``unit_init`` and ``bias``;
+    ``self_first``: each token is its own first neighbour, then the k - 1 best other candidates
+    (None = the paper's runs: False with "all", True with random/spatial);
     ``self_logit``: None scores the forced self neighbour by its similarity; a number gives it that
     constant score (the reference: 1.0, prepended to the k - 1 selected scores before the softmax);
     ``heads``; ``dropout`` (training mode only) on the k modulation weights (``dropout_on="weights"``,
@@ -200,6 +203,8 @@ class ConvNNAttention(nn.Module):
         self.self_logit, self.dropout_on = self_logit, dropout_on
         self.w_q = nn.Linear(select_dim, qk_dim, bias=False) if linear else nn.Identity()
         self.w_k = nn.Linear(select_dim, qk_dim, bias=False) if linear else nn.Identity()
+        if linear and rho == "ones":
+            freeze_selection(self.w_q, self.w_k)
         self.w_v = nn.Linear(in_channels, in_channels, bias=False) if linear else nn.Identity()
         self._own_keys = self.self_first and linear and self_logit is None
         self.aggregate = build_aggregation(in_channels, k, aggregation, bias, unit_init)

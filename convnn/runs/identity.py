@@ -36,6 +36,7 @@ BOOKKEEPING_KEYS = (
     "trainer.compile",
     "trainer.deterministic",
     "trainer.progress_bar",
+    "trainer.threads",
 )
 BUDGET_KEYS = ("epochs", "batch_size", "eval_batch_size", "data.subset", "data.train_size", "data.test_size")
 

@@ -13,11 +13,13 @@ from submitit.local.local import LocalExecutor, LocalJob
 
 class QueueExecutor(LocalExecutor):
     """``submit`` starts ``python -m submitit.core._submit`` directly, as job ``job_id`` seeing
-    ``cuda_visible_devices`` (both set by the caller before each ``submit``); the process is
-    ``process``. Its output goes to the job's submitit logs, as under submitit's own executors."""
+    ``cuda_visible_devices`` with ``threads`` torch threads where given (``OMP_NUM_THREADS``; all set
+    by the caller before each ``submit``); the process is ``process``. Its output goes to the job's
+    submitit logs, as under submitit's own executors."""
 
     job_id = ""
     cuda_visible_devices = ""
+    threads: int | None = None
     process: subprocess.Popen | None = None
 
     def _submit_command(self, command: str) -> LocalJob:
@@ -32,6 +34,7 @@ class QueueExecutor(LocalExecutor):
             "SUBMITIT_LOCAL_LOCALID": "0",
             "SUBMITIT_LOCAL_GLOBALID": "0",
             "CUDA_VISIBLE_DEVICES": self.cuda_visible_devices,
+            **({"OMP_NUM_THREADS": str(self.threads)} if self.threads else {}),
         }
         job.paths.folder.mkdir(parents=True, exist_ok=True)
         with job.paths.stdout.open("a") as out, job.paths.stderr.open("a") as err:

@@ -37,6 +37,7 @@ EPOCH_FIELDS = (
     "test_acc5",
     "test_loss_batchmean",
     "test_acc1_batchmean",
+    "test_images",
     "epoch_time_s",
     "images_per_s",
 )
@@ -108,7 +109,9 @@ RECORD_SCHEMA: dict[str, Spec] = {
     "device": STRING,
     "numerics": OBJECT,
     "data_feed": OBJECT,
+    "threads": OBJECT,
     "launcher": OBJECT,
+    "distributed": OBJECT,
     "seed": INTEGER,
     "budget": STRING,
     "effective_budget": OBJECT,
@@ -303,11 +306,12 @@ def summarize_epochs(epochs: list[dict[str, Any]]) -> tuple[dict[str, Any] | Non
 
     Ties in top-1 go to the earlier epoch; epochs without a finite top-1 never count as best. Both are
     ``None`` when no epoch has finished. The per-batch means (``test_loss_batchmean``,
-    ``test_acc1_batchmean``) are copied where the epochs have them.
+    ``test_acc1_batchmean``) and the number of test images evaluated (``test_images``) are copied
+    where the epochs have them.
     """
     if not epochs:
         return None, None
-    keys = ("test_loss", "test_acc1", "test_acc5", "test_loss_batchmean", "test_acc1_batchmean")
+    keys = tuple(k for k in EPOCH_FIELDS if k.startswith("test_"))
     last = epochs[-1]
     final = {k: last[k] for k in keys if k in last}
     scored = [

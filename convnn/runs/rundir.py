@@ -132,6 +132,7 @@ LEGACY_EXCLUDED = {
     "trainer.strategy",
     "trainer.compile",
     "trainer.progress_bar",
+    "trainer.threads",
 }
 LEGACY_EXCLUDED_PREFIXES = ("hydra.", "hydra/", "logger.", "checkpoint.")
 

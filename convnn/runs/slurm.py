@@ -30,13 +30,7 @@ def gpus_per_node(accelerator: str, devices: int) -> int:
     return devices if accelerator == "gpu" else 0
 
 
-def tasks_per_node(gpus: int | None) -> int:
-    """SLURM tasks per node: one per GPU (DDP), at least one (a CPU-only partition)."""
-    return max(1, gpus or 0)
-
-
 OmegaConf.register_new_resolver("convnn_gpus_per_node", gpus_per_node, replace=True)
-OmegaConf.register_new_resolver("convnn_tasks_per_node", tasks_per_node, replace=True)
 
 
 def job_info() -> dict[str, Any] | None:

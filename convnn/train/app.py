@@ -47,9 +47,16 @@ from convnn.train.config import ConfigError, TrainConfig, validate_config
 from convnn.train.device import describe_device, resolve_accelerator
 from convnn.train.quiet import filter_known_warnings
 from convnn.train.streams import drop_output_to_closed_pipes
+from convnn.train.threads import ThreadPlan
+from convnn.train.threads import apply as apply_threads
+from convnn.train.threads import plan as plan_threads
+from convnn.train.threads import prepare as prepare_threads
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from convnn.train.data import DataFeed
+    from convnn.train.distributed import Start
 
 CONFIG_DIR = paths.CONFIG_DIR
 PROG = "convnn-train"
@@ -156,7 +163,7 @@ def build_model_or_fail(cfg: DictConfig) -> tuple[nn.Module, int]:
 
 
 def _per_device_batch(cfg: TrainConfig) -> tuple[int, int]:
-    """``batch_size`` is global (the paper's 256); split evenly over devices x nodes."""
+    """``batch_size`` is global (the paper's 256): each of the devices x nodes ranks gets an equal part."""
     world = cfg.trainer.devices * cfg.trainer.num_nodes
     eval_batch = cfg.eval_batch_size or cfg.batch_size
     for key, value in (("batch_size", cfg.batch_size), ("eval_batch_size", eval_batch)):
@@ -165,52 +172,85 @@ def _per_device_batch(cfg: TrainConfig) -> tuple[int, int]:
     return cfg.batch_size // world, eval_batch // world
 
 
-def _is_rank_zero() -> bool:
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-    return rank_zero_only.rank == 0
-
-
 def checked_config(cfg: DictConfig) -> TrainConfig:
     """:func:`~convnn.train.config.validate_config`, with ``trainer.accelerator`` resolved for this
-    machine (``auto``: the GPU when one is visible); ``ConfigError`` with one line on a bad value."""
+    machine (``auto``: the GPU when one is visible); ``ConfigError`` with one line on a bad value. A CPU
+    run with an explicit ``data.num_workers`` gets its OpenMP wait policy first, before torch loads
+    (:func:`convnn.train.threads.prepare`)."""
     typed = validate_config(cfg)
+    if typed.trainer.accelerator != "gpu" and typed.data.num_workers is not None:
+        prepare_threads(_plan(typed, False, typed.data.num_workers))  # a passive wait: before torch loads
     typed.trainer.accelerator = resolve_accelerator(typed.trainer)
     return typed
 
 
 def _validated(cfg: DictConfig) -> TrainConfig:
+    """:func:`checked_config` and the SLURM task count (:func:`~convnn.train.distributed.
+    check_slurm_tasks`); ``RunError`` with one line on a bad value."""
+    from convnn.train.distributed import check_slurm_tasks
+
     try:
-        return checked_config(cfg)
-    except ConfigError as e:
+        typed = checked_config(cfg)
+        check_slurm_tasks(typed.trainer)
+    except (ConfigError, ValueError) as e:
         raise RunError(str(e)) from None
+    return typed
 
 
 def run(cfg: DictConfig) -> float | None:
     """Train one run described by the composed Hydra ``cfg``; returns the final test top-1 (%).
 
-    Rank 0 holds the run directory's lock (:class:`convnn.runs.lock.RunLock`) for the whole run. A
-    ``RunError`` that stops the run before it is accepted leaves the disk as it was: nothing is
-    written before (``.hydra/`` neither), and the empty directories Hydra made are removed
-    (:func:`_remove_empty_dirs`).
+    Rank 0 holds the run directory's lock (:class:`convnn.runs.lock.RunLock`) for the whole run and
+    decides what the launch does (:class:`~convnn.train.distributed.Start`); under DDP the other
+    ranks follow it (:mod:`convnn.train.distributed`). A ``RunError`` that stops the run before it is
+    accepted leaves the disk as it was: nothing is written before (``.hydra/`` neither), and the empty
+    directories Hydra made are removed (:func:`_remove_empty_dirs`).
     """
+    from convnn.train.distributed import Start, announce_start, follow_start, launch_rank
+
     filter_known_warnings()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if not _is_rank_zero():
-        return _run_locked(cfg, _validated(cfg), run_dir)
+    keep = _keep_above or Path(str(cfg.out_dir)).absolute()
     try:
         typed = _validated(cfg)
+    except RunError:
+        _remove_empty_dirs(run_dir, keep)
+        raise
+    if launch_rank(typed.trainer) != 0:
+        start = follow_start(typed.trainer)
+        if start.action == "train":
+            return _train(cfg, typed, run_dir, start, None)
+        return start.final
+    try:
         with _adopt_earlier_run(cfg, run_dir) or RunLock(run_dir) as lock:
             if lock.previous:
                 old = lock.previous
                 print(f"{PROG}: took over the stale lock of pid {old.get('pid')} on {old.get('host')}")
-            return _run_locked(cfg, typed, run_dir)
+            try:
+                start, state = _decide(cfg, typed, run_dir)
+            except BaseException:  # the SLURM tasks waiting for the decision stop too
+                announce_start(Start("stop"), typed.trainer)
+                raise
+            announce_start(start, typed.trainer)
+            if start.action == "finished":
+                return start.final
+            return _train(
+                cfg, typed, run_dir, start, state.record if start.resume_epoch is not None else None
+            )
     except RunLockedError as e:
-        _remove_empty_dirs(run_dir, _keep_above or Path(str(cfg.out_dir)).absolute())
+        announce_start(Start("stop"), typed.trainer)
+        _remove_empty_dirs(run_dir, keep)
         raise RunError(str(e), EXIT_BUSY) from None
     except RunError:
-        _remove_empty_dirs(run_dir, _keep_above or Path(str(cfg.out_dir)).absolute())
+        _remove_empty_dirs(run_dir, keep)
         raise
+
+
+def _plan(cfg: TrainConfig, gpu: bool, workers: int) -> ThreadPlan:
+    """This job's torch threads (:mod:`convnn.train.threads`) beside ``workers`` loader workers when
+    training on the GPU (``gpu``) or the CPU."""
+    t = cfg.trainer
+    return plan_threads(gpu, t.devices, t.threads, workers, cfg.data.num_workers is not None)
 
 
 def _remove_empty_dirs(run_dir: Path, keep: Path) -> None:
@@ -283,70 +323,122 @@ def _start_state(
     return state
 
 
-def _run_locked(cfg: DictConfig, typed: TrainConfig, run_dir: Path) -> float | None:
-    hc = HydraConfig.get()
-    record_path = run_dir / RECORD_NAME
+def _decide(cfg: DictConfig, typed: TrainConfig, run_dir: Path) -> tuple[Start, RunState]:
+    """Rank 0, holding the lock: what this launch does (:class:`Start`) and the run's state."""
+    from convnn.runs.checkpoints import LAST_CHECKPOINT
+    from convnn.train.distributed import Start
+
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    explicit_resume = any(o.split("=", 1)[0].lstrip("+") == "resume" for o in hc.overrides.task)
+    explicit_resume = any(
+        o.split("=", 1)[0].lstrip("+") == "resume" for o in HydraConfig.get().overrides.task
+    )
     state = _start_state(typed, run_dir, resolved, explicit_resume)
     if state.name == "finished":
         print(f"{PROG}: {run_dir} already finished; nothing to do (overwrite=true trains it again)")
-        if _is_rank_zero():
-            print_summary(state.record, run_dir)
-        return (state.record["final"] or {}).get("test_acc1")
+        print_summary(state.record, run_dir)
+        return Start("finished", final=(state.record["final"] or {}).get("test_acc1")), state
+    resume_epoch = None
+    if state.name == "unfinished":
+        resume_epoch = _checked_checkpoint(run_dir / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt", state.record)
+    return Start("train", resume_epoch=resume_epoch), state
 
+
+def _train(
+    cfg: DictConfig, typed: TrainConfig, run_dir: Path, start: Start, previous: dict[str, Any] | None
+) -> float | None:
+    """Build the model and data and train them as ``start`` says (every rank); rank 0 first clears a
+    fresh start's old outputs and creates the record (continuing ``previous`` on a resume)."""
     import lightning as L
 
+    from convnn.runs.checkpoints import LAST_CHECKPOINT
     from convnn.train.data import ImageDataModule, data_feed
-    from convnn.train.gpu import numerics_record, on_gpu
+    from convnn.train.distributed import launch_rank, session, synchronise_batchnorm, world_size
+    from convnn.train.gpu import on_gpu
 
+    lead = launch_rank(typed.trainer) == 0
+    world = world_size(typed.trainer)
     L.seed_everything(typed.seed, workers=True, verbose=False)
     model, image_size = build_model_or_fail(cfg)
-    batch, eval_batch = _per_device_batch(typed)
+    eval_batch = _per_device_batch(typed)[1] * world
     gpu = on_gpu(typed.trainer)
     feed = data_feed(typed.data, gpu, typed.trainer.devices)
-    data = ImageDataModule(typed.data, image_size, batch, eval_batch, seed=typed.seed, feed=feed)
+    threads = apply_threads(_plan(typed, gpu, feed.num_workers))
+    data = ImageDataModule(typed.data, image_size, typed.batch_size, eval_batch, seed=typed.seed, feed=feed)
     try:
         data.prepare_data()
         data.setup("fit")
     except (OSError, ValueError) as e:
         raise RunError(str(e)) from None
-    from convnn.runs.checkpoints import LAST_CHECKPOINT
-
-    ckpt = run_dir / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
-    resume_epoch = None
-    if state.name == "unfinished":
-        resume_epoch = _checked_checkpoint(ckpt, state.record)
-    if resume_epoch is None:
+    if len(data.test_set) < world:
+        raise RunError(f"invalid config: {len(data.test_set)} test images cannot be split over {world} ranks")
+    if lead and start.resume_epoch is None:
         _clear_outputs(run_dir)
         print(f"{PROG}: run directory {run_dir}")
-    fields = {
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    fields = _record_fields(typed, resolved, model, image_size, len(data.train_set), feed) if lead else {}
+    if lead:
+        fields["threads"] = threads.record()
+        print(f"{PROG}: training on {fields['device']}")
+    if world > 1 and typed.trainer.sync_batchnorm:
+        model, synced = synchronise_batchnorm(model, on_gpu(typed.trainer))
+        fields.get("distributed", {})["sync_batchnorm"] = synced > 0
+    if lead:
+        _save_hydra_config(run_dir, cfg)
+    record = RunRecord.create(run_dir / RECORD_NAME, fields, previous=previous, enabled=lead)
+    L.seed_everything(typed.seed, workers=True, verbose=False)
+    ckpt = run_dir / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
+    resume_from = ckpt if start.resume_epoch is not None else None
+    with session():
+        return _fit(typed, model, data, record, resolved, resume_from, start)
+
+
+def _record_fields(
+    typed: TrainConfig,
+    resolved: dict[str, Any],
+    model: nn.Module,
+    image_size: int,
+    train_size: int,
+    feed: DataFeed,
+) -> dict[str, Any]:
+    """What the record says of the run before it trains: config, identity, versions, where and how
+    it runs (``numerics``; ``data_feed``: ``feed``; ``distributed``: world size, per-rank batches,
+    images per training epoch of the ``train_size`` in the split, BatchNorm layers), size and cost."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from convnn.train.data import global_batch_sizes
+    from convnn.train.distributed import world_size
+    from convnn.train.gpu import numerics_record, on_gpu
+
+    world = world_size(typed.trainer)
+    batch, eval_batch = _per_device_batch(typed)
+    return {
         "config": resolved,
         "identity": run_identity(resolved),
         "experiment": typed.name,
-        "overrides": list(hc.overrides.task),
-        "run_dir": str(run_dir),
+        "overrides": list(HydraConfig.get().overrides.task),
+        "run_dir": str(HydraConfig.get().runtime.output_dir),
         "git_commit": git_commit(),
         "versions": _versions(),
         "device": describe_device(typed.trainer),
-        "numerics": numerics_record(typed.trainer, gpu),
+        "numerics": numerics_record(typed.trainer, on_gpu(typed.trainer)),
         "data_feed": feed.as_record(),
         "launcher": job_info() or {},
+        "distributed": {
+            "world_size": world,
+            "batch_size_per_rank": batch,
+            "eval_batch_size_per_rank": eval_batch,
+            "train_images_per_epoch": sum(
+                global_batch_sizes(train_size, typed.batch_size, world, train=True)
+            ),
+            "batchnorm_layers": sum(isinstance(m, _BatchNorm) for m in model.modules()),
+            "sync_batchnorm": False,
+            "ranks": [],
+        },
         "seed": typed.seed,
         "budget": typed.budget,
         "effective_budget": effective_budget(resolved),
         **_profile(model, typed, image_size),
     }
-    if _is_rank_zero():
-        print(f"{PROG}: training on {fields['device']}")
-    previous = state.record if resume_epoch is not None else None
-    if _is_rank_zero():
-        _save_hydra_config(run_dir, cfg)
-    record = RunRecord.create(record_path, fields, previous=previous, enabled=_is_rank_zero())
-    L.seed_everything(typed.seed, workers=True, verbose=False)
-    return _fit(
-        typed, model, data, record, resolved, ckpt if resume_epoch is not None else None, resume_epoch
-    )
 
 
 def _save_hydra_config(run_dir: Path, cfg: DictConfig) -> None:
@@ -374,15 +466,12 @@ def _checked_checkpoint(ckpt: Path, record: dict[str, Any]) -> int | None:
         return checkpoint_epochs(ckpt)
     except CheckpointError as e:
         message = f"{e}; overwrite=true starts the run afresh"
-        if _is_rank_zero():
-            RunRecord(ckpt.parent.parent / RECORD_NAME, record).fail(message, resumable=False)
+        RunRecord(ckpt.parent.parent / RECORD_NAME, record).fail(message, resumable=False)
         raise RunError(message, EXIT_FAILED) from None
 
 
 def _clear_outputs(run_dir: Path) -> None:
     """A fresh start: remove the checkpoints and CSV curves of an earlier run in ``run_dir``."""
-    if not _is_rank_zero():
-        return
     for stale in (run_dir / "checkpoints").glob("*.ckpt"):
         stale.unlink()
     (run_dir / "logs" / "metrics.csv").unlink(missing_ok=True)
@@ -404,14 +493,16 @@ def _fit(
     record: RunRecord,
     resolved: dict[str, Any],
     resume_from: Path | None,
-    resume_epoch: int | None,
+    start: Start,
 ) -> float | None:
     """Train ``model`` on ``data`` with Lightning, keeping ``record`` current; continues from
-    ``resume_from`` (a checkpoint after ``resume_epoch`` epochs) when given. Returns the final test
-    top-1 (%). Divergence, signals and errors close the record and raise ``RunError``."""
+    ``resume_from`` (a checkpoint after ``start.resume_epoch`` epochs) when given. Returns the final
+    test top-1 (%). Divergence, signals and errors close the record and raise ``RunError``. Under DDP
+    every rank runs this; only rank 0's record and logger write."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from convnn.train.callbacks import Diverged, RecordCallback, build_callbacks
+    from convnn.train.distributed import RankRoster
     from convnn.train.loggers import build_logger, close_logger, log_accounting
     from convnn.train.module import ImageClassifier
 
@@ -420,43 +511,51 @@ def _fit(
     if cfg.trainer.compile:
         model.compile()
     module = ImageClassifier(model, cfg.data.num_classes, cfg.epochs, cfg.optim, cfg.scheduler, cfg.seed)
-    recorder = RecordCallback(record, verbose=_is_rank_zero())
+    lead = record.enabled
+    recorder = RecordCallback(record, verbose=lead)
     logger = build_logger(
-        cfg.logger, run_dir, cfg.name, run_dir.name, resolved, keep_epochs=resume_epoch or 0
+        cfg.logger, run_dir, cfg.name, run_dir.name, resolved, keep_epochs=start.resume_epoch or 0
     )
+
+    def close() -> None:
+        if lead:
+            close_logger(logger, record.data)
+
     for hpc in remove_hpc_checkpoints(run_dir):  # every rank, before Lightning looks for one
         print(f"{PROG}: removed {hpc} (Lightning's auto-requeue checkpoint; submitit owns requeueing)")
-    trainer = _build_trainer(cfg, run_dir, logger, [recorder, *build_callbacks(cfg, run_dir / "checkpoints")])
-    log_accounting(logger, record.data)
+    callbacks = [recorder, RankRoster(record), *build_callbacks(cfg, run_dir / "checkpoints")]
+    trainer = _build_trainer(cfg, run_dir, logger, callbacks, start)
+    if lead:
+        log_accounting(logger, record.data)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
     except Diverged as e:
         record.diverge(e.epoch, str(e))
-        close_logger(logger, record.data)
+        close()
         raise RunError(f"diverged: {e}; lower optim.lr (overwrite=true reruns it)", EXIT_FAILED) from None
     except BaseException as e:
         if requeued_by_submitit(e):  # before the SIGINT check: Lightning marks any exit "interrupted"
             recorder.interrupt("SIGUSR2 (time limit or pre-emption: requeued by submitit, resumes)")
-            close_logger(logger, record.data)
+            close()
             raise
         sigint = isinstance(e, KeyboardInterrupt) or (type(e) is SystemExit and trainer.interrupted)
         if isinstance(e, SIGTERMException) or sigint:
             name, code = ("SIGINT", EXIT_SIGINT) if sigint else ("SIGTERM", EXIT_SIGTERM)
             recorder.interrupt(name)
-            close_logger(logger, record.data)
+            close()
             raise RunError(f"interrupted by {name}; continue it with resume=true", code) from None
         record.fail(" ".join(f"{type(e).__name__}: {e}".split()))
-        close_logger(logger, record.data)
+        close()
         if isinstance(e, OSError):  # a full disk, a corrupt image (also from a loader worker): one line
             last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise RunError(f"{last}; {_resume_hint(run_dir)}", EXIT_FAILED) from None
         raise
     record.finish()
-    close_logger(logger, record.data)
-    if _is_rank_zero() and not cfg.checkpoint.keep:
+    close()
+    if lead and not cfg.checkpoint.keep:
         for ckpt in (run_dir / "checkpoints").glob("*.ckpt"):
             ckpt.unlink()
-    if _is_rank_zero():
+    if lead:
         print_summary(record.data, run_dir)
     final = record.data["final"]
     return final["test_acc1"] if final else None
@@ -473,13 +572,15 @@ def _resume_hint(run_dir: Path) -> str:
     return "no checkpoint was written: resume=true starts it afresh"
 
 
-def _build_trainer(cfg: TrainConfig, run_dir: Path, logger: Any, callbacks: list) -> Any:
+def _build_trainer(cfg: TrainConfig, run_dir: Path, logger: Any, callbacks: list, start: Start) -> Any:
     """The Lightning ``Trainer`` for ``cfg``: the paper's gradient clipping, no sanity validation,
     checkpoints written atomically, deterministic on a GPU unless ``trainer.deterministic=false``
-    (:func:`~convnn.train.gpu.deterministic_mode`)."""
+    (:func:`~convnn.train.gpu.deterministic_mode`); under DDP :class:`~convnn.train.distributed.DDPStrategy`
+    (further ranks get ``start``) and the data module's own per-rank batches (no ``DistributedSampler``)."""
     import lightning as L
 
     from convnn.runs.checkpoints import AtomicCheckpointIO
+    from convnn.train.distributed import DDPStrategy, data_parallel
     from convnn.train.gpu import deterministic_mode, on_gpu
 
     t = cfg.trainer
@@ -487,7 +588,8 @@ def _build_trainer(cfg: TrainConfig, run_dir: Path, logger: Any, callbacks: list
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=DDPStrategy(start.env()) if data_parallel(t) else t.strategy,
+        use_distributed_sampler=False,
         precision="bf16-mixed" if t.precision == "bf16" else "32-true",
         deterministic=deterministic_mode(t, on_gpu(t)),
         max_epochs=cfg.epochs,

@@ -74,6 +74,8 @@ class TrainerConfig:
     compile: bool = False
     deterministic: bool | None = None  # null: "warn" on a GPU, off on the CPU (convnn.train.gpu)
     progress_bar: str = "rich"
+    sync_batchnorm: bool = True  # DDP: BatchNorm statistics over the global batch (one process's)
+    threads: int | None = None  # torch threads; None: chosen from the job's cores (convnn.train.threads)
 
 
 @dataclass
@@ -197,6 +199,7 @@ def _check_values(cfg: TrainConfig) -> None:
         ("data.subset.test", d.subset.test),
         ("data.train_size", d.train_size),
         ("data.test_size", d.test_size),
+        ("trainer.threads", t.threads),
     ):
         _at_least(key, value, 1, optional=True)
     _seed("seed", cfg.seed)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, Subset
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
@@ -81,6 +81,58 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+def global_batch_sizes(n: int, batch_size: int, world: int = 1, train: bool = False) -> list[int]:
+    """Sizes of the global batches an epoch of ``n`` images is cut into: ``batch_size`` each, the
+    last one short; in training (``train``) under DDP a short last batch keeps a multiple of
+    ``world`` images (every rank needs as many equal steps), or is left out when below ``world``."""
+    sizes = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+    return [s - s % world for s in sizes if s >= world] if train else sizes
+
+
+class RankBatches(Sampler[list[int]]):
+    """One rank's share of the global batches: ``[rank's indices]`` per step.
+
+    The indices of ``sampler`` (an epoch's order) are cut into global batches
+    (:func:`global_batch_sizes`); each global batch into ``world`` contiguous parts, part ``r`` for
+    rank ``r``, so the ranks together see exactly the global batches one process would. Training
+    parts are equal (see ``train`` there). Evaluation keeps every image once: parts differ by at
+    most one image and a rank without any of the last batch has one step fewer (no padding with
+    repeats, unlike ``DistributedSampler``). Rank ``r``'s ``j``-th batch is its part of global batch
+    ``j``. With ``world = 1`` these are the batches of ``DataLoader(batch_size=batch_size,
+    sampler=sampler)``. ``set_epoch`` goes to ``sampler`` (Lightning calls it on both every epoch).
+    """
+
+    def __init__(
+        self, sampler: Sampler[int], batch_size: int, rank: int = 0, world: int = 1, train: bool = False
+    ) -> None:
+        if not 0 <= rank < world or batch_size % world:
+            raise ValueError(f"rank {rank} of {world} cannot split global batches of {batch_size}")
+        self.sampler, self.rank, self.world = sampler, rank, world
+        self.sizes = global_batch_sizes(len(sampler), batch_size, world, train)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def _part(self, size: int) -> tuple[int, int]:
+        """``[start, stop)`` of this rank's part of a global batch of ``size``."""
+        small, extra = divmod(size, self.world)
+        start = self.rank * small + min(self.rank, extra)
+        return start, start + small + (self.rank < extra)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(self.sampler)
+        offset = 0
+        for size in self.sizes:
+            start, stop = self._part(size)
+            if stop > start:
+                yield order[offset + start : offset + stop]
+            offset += size
+
+    def __len__(self) -> int:
+        return sum(1 for size in self.sizes if self._part(size)[1] > self._part(size)[0])
 
 
 def build_transform(cfg: DataConfig, image_size: int, train: bool, on_device: bool = False) -> v2.Compose:
@@ -318,7 +370,10 @@ def fixed_subset(ds: Dataset, n: int | None, seed: int, key: str) -> Dataset:
 class ImageDataModule(L.LightningDataModule):
     """Train / test loaders for one ``DataConfig``; the test split doubles as Lightning's validation set.
 
-    Batches reach the model as ``([B, C, S, S] float, [B] int64)``. ``batch_size`` is per device.
+    Batches reach the model as ``([B, C, S, S] float, [B] int64)``. ``batch_size`` and
+    ``eval_batch_size`` are global: under DDP each rank loads its part of every global batch
+    (:class:`RankBatches`; the trainer's ``use_distributed_sampler`` must be off), so the global
+    batches are those of one process.
     ``feed`` (default: :func:`data_feed` for the CPU) sets the loaders and where images are resized
     and normalised; with ``feed.transforms == "device"`` the loaders yield the dataset-size images and
     :meth:`on_after_batch_transfer` finishes them on the device (:class:`DeviceTransform`).
@@ -366,12 +421,16 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set = fixed_subset(train, sub.train, sub.seed, "data.subset.train")
         self.test_set = fixed_subset(test, sub.test, sub.seed + 1, "data.subset.test")
 
-    def _loader(self, ds: Dataset, batch_size: int, sampler: Sampler | None) -> DataLoader:
+    def _ranks(self) -> tuple[int, int]:
+        """``(rank, world size)`` of the trainer (``(0, 1)`` without one)."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _loader(self, ds: Dataset, batches: RankBatches) -> DataLoader:
         feed = self.feed
         return DataLoader(
             ds,
-            batch_size=batch_size,
-            sampler=sampler,
+            batch_sampler=batches,
             num_workers=feed.num_workers,
             pin_memory=feed.pin_memory,
             persistent_workers=feed.persistent_workers,
@@ -385,13 +444,18 @@ class ImageDataModule(L.LightningDataModule):
         images, labels = batch
         return self.device_transform(images), labels
 
-    def train_dataloader(self) -> DataLoader:
+    def train_batches(self) -> RankBatches:
+        """This rank's training batches, in the order of epoch ``_start_epoch`` until Lightning sets one."""
         sampler = EpochShuffleSampler(len(self.train_set), self.seed)
         sampler.set_epoch(self._start_epoch)
-        return self._loader(self.train_set, self.batch_size, sampler)
+        return RankBatches(sampler, self.batch_size, *self._ranks(), train=True)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.train_batches())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_batch_size, None)
+        batches = RankBatches(SequentialSampler(self.test_set), self.eval_batch_size, *self._ranks())
+        return self._loader(self.test_set, batches)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

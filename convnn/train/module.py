@@ -9,6 +9,8 @@ and as the mean of per-batch means (``test_loss_batchmean``, ``test_acc1_batchme
 weighs the same, a short last batch included), which is how the paper's reference averaged them.
 The metrics accumulate as device tensors without a host sync per step (:mod:`convnn.train.metrics`);
 they are read once per epoch.
+Under DDP both are taken over all ranks: a batch is the global batch (``eval_batch_size``, the
+paper's 256) whichever ranks evaluated its parts, and ``test_images`` counts the images evaluated.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 from convnn.layers import reset_sampling
 from convnn.runs.records import logged_name
@@ -28,7 +32,6 @@ from convnn.train.config import OptimConfig, SchedulerConfig
 from convnn.train.metrics import TopKAccuracy, WeightedMean
 
 SPLITS = ("train", "test")
-BATCHMEAN = ("test_loss_batchmean", "test_acc1_batchmean")
 
 
 def seed_epoch(seed: int, epoch: int) -> None:
@@ -52,6 +55,43 @@ def lr_factor(epoch: int, epochs: int, cfg: SchedulerConfig, base_lr: float) -> 
     if cfg.name == "step":
         return cfg.gamma ** (done // cfg.step_size)
     return 1.0
+
+
+class GlobalBatchMeans(Metric):
+    """Test loss and top-1 as the mean of per-batch means, a batch being a global batch.
+
+    Each rank adds, per global batch ``j``, its images' loss sum, correct count and number
+    (``update``); ``compute`` adds them up over the ranks (a DDP sync: the rows are gathered, no
+    padding), then averages the per-batch loss and top-1 over the batches. Returns
+    ``{"test_loss_batchmean", "test_acc1_batchmean" (fraction), "test_images"}``.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("rows", default=[], dist_reduce_fx="cat")
+
+    def update(self, batch: int, loss: torch.Tensor, correct: torch.Tensor, count: int) -> None:
+        """Global batch ``batch``: ``loss`` (mean over this rank's ``count`` images, scalar),
+        ``correct`` (``[count]`` bool)."""
+        row = torch.empty(4, device=loss.device)  # float32: exact for indices and counts below 2**24
+        row[0], row[3] = batch, count  # fills: no host-to-device copy
+        row[1:3] = torch.stack([loss.detach().float() * count, correct.sum().float()])
+        self.rows.append(row[None])
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        rows = dim_zero_cat(self.rows).cpu().double()  # once per epoch; float64 sums on any device
+        batches = rows[:, 0].long()
+        sums = torch.zeros(int(batches.max()) + 1, 3, dtype=torch.float64)
+        sums.index_add_(0, batches, rows[:, 1:])
+        sums = sums[sums[:, 2] > 0]
+        means = sums[:, :2] / sums[:, 2:]
+        return {
+            "test_loss_batchmean": means[:, 0].mean(),
+            "test_acc1_batchmean": means[:, 1].mean(),
+            "test_images": sums[:, 2].sum(),
+        }
 
 
 class ImageClassifier(L.LightningModule):
@@ -84,8 +124,7 @@ class ImageClassifier(L.LightningModule):
             self.metrics[f"{split}_loss"] = WeightedMean()
             self.metrics[f"{split}_acc1"] = TopKAccuracy(1)
             self.metrics[f"{split}_acc5"] = TopKAccuracy(top5)
-        for name in BATCHMEAN:
-            self.metrics[name] = WeightedMean()
+        self.metrics["test_batches"] = GlobalBatchMeans()
         self.epoch_metrics: dict[str, float] = {}
         self._train_start = self._train_time = 0.0
         self._train_images = 0
@@ -95,24 +134,23 @@ class ImageClassifier(L.LightningModule):
         """``[B, C, H, W] -> [B, num_classes]`` logits."""
         return self.model(x)
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str, batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         loss = self.criterion(logits, y)
         self.metrics[f"{split}_loss"].update(loss.detach(), weight=y.numel())
         self.metrics[f"{split}_acc1"].update(logits.detach(), y)
         self.metrics[f"{split}_acc5"].update(logits.detach(), y)
-        if split == "test":
-            self.metrics["test_loss_batchmean"].update(loss.detach())
-            self.metrics["test_acc1_batchmean"].update((logits.detach().argmax(-1) == y).float().mean())
+        if split == "test":  # this rank's part of global batch ``batch_idx`` (RankBatches)
+            self.metrics["test_batches"].update(batch_idx, loss, logits.detach().argmax(-1) == y, y.numel())
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self._train_images += batch[1].numel()
-        return self._step(batch, "train")
+        return self._step(batch, "train", batch_idx)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+        self._step(batch, "test", batch_idx)
 
     def on_train_epoch_start(self) -> None:
         if self._reseeded_on_load:
@@ -132,12 +170,20 @@ class ImageClassifier(L.LightningModule):
         reset_sampling(self.model, self.seed)
 
     def _compute(self, split: str) -> dict[str, float]:
-        names = [f"{split}_{name}" for name in ("loss", "acc1", "acc5")]
         out = {}
-        for name in names + (list(BATCHMEAN) if split == "test" else []):
+        for name in [f"{split}_{name}" for name in ("loss", "acc1", "acc5")]:
             metric = self.metrics[name]
             out[name] = metric.compute().item() * (1.0 if "_loss" in name else 100.0)
             metric.reset()
+        if split == "test":
+            batches = self.metrics["test_batches"]
+            means = {k: v.item() for k, v in batches.compute().items()}
+            batches.reset()
+            out |= {
+                "test_loss_batchmean": means["test_loss_batchmean"],
+                "test_acc1_batchmean": means["test_acc1_batchmean"] * 100.0,
+                "test_images": int(means["test_images"]),
+            }
         return out
 
     def on_validation_epoch_end(self) -> None:

@@ -157,6 +157,14 @@ class LocalLauncher(BaseSubmititLauncher):
             return min(len(self.pool) // self.gpus_per_job, cap or len(self.pool))
         return cap or default_local_parallelism(int(self.params.get("cpus_per_task") or 1))
 
+    def cpu_threads(self) -> int | None:
+        """Torch threads of each CPU job: its share of the machine's cores among the jobs running at
+        once, so side-by-side jobs do not oversubscribe the cores; ``None`` (the job decides) where
+        ``OMP_NUM_THREADS`` is set."""
+        if os.environ.get("OMP_NUM_THREADS"):
+            return None
+        return max(1, len(os.sched_getaffinity(0)) // self.slots())
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
         """Run ``job_overrides`` through the queue; every job's ``JobReturn``, in order."""
         from submitit.core.utils import JobPaths
@@ -209,6 +217,7 @@ class LocalLauncher(BaseSubmititLauncher):
         log.info(f"\t#{index}{shown} : {' '.join(filter_overrides(overrides))}")
         executor.job_id = f"{os.getpid()}_{index}"
         executor.cuda_visible_devices = ",".join(gpus)
+        executor.threads = self.cpu_threads() if not gpus else None
         job = executor.submit(
             self, overrides, "hydra.sweep.dir", index, f"job_id_for_{index}", Singleton.get_state()
         )

@@ -10,8 +10,17 @@
 // in torch.topk; rows holding NaN or +-inf take an exact scalar path.
 //
 // index_add_rows: out[index[r]] += src[r] for every row r, in row order (deterministic); threads
-// split the columns, never the rows. torch's CPU index_add_ dispatches one kernel per row (~35 ns
-// each, 5-6x slower on ConvNN's gather backward of ~300k rows of 64 values).
+// own interleaved blocks of output rows, never input rows, so every output row receives its rows in
+// order at any thread count. torch's CPU index_add_ dispatches one kernel per row (~35 ns each, 5-6x
+// slower on ConvNN's gather backward of ~300k rows of 64 values).
+//
+// The step kernels (select_chunks, gather_aggregate, gather_scaled_sum, selected_pairs_grad and their
+// backward passes) run the k-NN core's cache-sized chunks / token steps on all intra-op threads at
+// once: each chunk or step is one work item on one thread (its library calls, oneDNN and BLAS, run
+// single-threaded inside the parallel region), so an item computes the same bits whatever the thread
+// count. What several steps add into one tensor (an index-add, a weight gradient) is merged in step
+// order after each wave of one step per thread. Results are bitwise identical at every thread count,
+// and to the Python loops of convnn/knn/ops.py and selection.py that they stand in for.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -22,16 +31,23 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
 constexpr int64_t kLanes = 32;
 constexpr int64_t kRankMax = 64;
+// oneDNN runs a 1x1 convolution well from a batch of 16 images (convnn/knn/ops.py: CONV_BATCH)
+constexpr int64_t kConvBatch = 16;
+// index_add_rows: output rows per block a thread owns (interleaved, so any index pattern spreads)
+constexpr int64_t kOwnedRows = 16;
 
 // (a, ia) ranks before (b, ib): NaN first, then the larger value, then the lower index.
 template <typename T>
@@ -205,6 +221,85 @@ std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& scores, int64_t k
   return {values, indices};
 }
 
+// ---- work distribution ------------------------------------------------------------------------
+
+// The intra-op threads this process uses here (1 inside a parallel region).
+int64_t thread_count() { return at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads()); }
+
+// work(item, slot) for every item in [0, items), each on one thread, taken in order from a shared
+// counter (a thread that runs late takes fewer); `slot` < min(items, thread_count()) is the thread's
+// own (for its buffers). With more than one thread it always runs inside a parallel region, so library
+// calls in `work` run single-threaded and an item computes the same bits at every thread count.
+// Autograd is off in `work` (the tensors may require grad; the work threads do not share the caller's
+// grad mode).
+template <typename F>
+void for_each_item(int64_t items, const F& work) {
+  const int64_t threads = thread_count();
+  if (threads == 1) {
+    at::NoGradGuard no_grad;
+    for (int64_t item = 0; item < items; ++item) work(item, 0);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t slot, int64_t) {
+    if (slot >= items) return;
+    at::NoGradGuard no_grad;
+    for (int64_t item = next++; item < items; item = next++) work(item, slot);
+  });
+}
+
+// The steps [0, steps) in waves of up to `slots` steps, one per thread: compute(step, slot) for the
+// steps of a wave (step first + i in slot i), then merge(first, count) of its slots 0 .. count - 1, in
+// step order.
+template <typename C, typename M>
+void in_waves(int64_t steps, int64_t slots, const C& compute, const M& merge) {
+  for (int64_t first = 0; first < steps; first += slots) {
+    const int64_t count = std::min(slots, steps - first);
+    for_each_item(count, [&](int64_t i, int64_t) { compute(first + i, i); });
+    at::NoGradGuard no_grad;
+    merge(first, count);
+  }
+}
+
+// A list of (index [R] int64, src [R, C]) row sets to add into out [L, C] in list order.
+using RowSets = std::vector<std::pair<at::Tensor, at::Tensor>>;
+
+// out[index[r]] += src[r] for the rows of every set in `sets`, in order; each thread owns the output
+// rows of every thread_count()-th block of kOwnedRows rows, so each output row receives its rows in
+// list order whatever the thread count. The indices are in range (the callers gathered rows by them
+// or checked them).
+void add_row_sets(at::Tensor& out, const RowSets& sets) {
+  const int64_t c = out.size(1);
+  int64_t total = 0;
+  for (const auto& set : sets) total += set.first.numel();
+  const int64_t owners = total * c >= (1 << 15) ? thread_count() : 1;  // small: one thread
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "add_row_sets", [&] {
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    auto own = [&](int64_t owner) {
+      for (const auto& [index, src] : sets) {
+        const int64_t* ix = index.const_data_ptr<int64_t>();
+        const scalar_t* from = src.const_data_ptr<scalar_t>();
+        const int64_t rows = index.numel();
+        for (int64_t r = 0; r < rows; ++r) {
+          if (owners > 1 && (ix[r] / kOwnedRows) % owners != owner) continue;
+          scalar_t* to = dst + ix[r] * c;
+          const scalar_t* add = from + r * c;
+          for (int64_t j = 0; j < c; ++j) to[j] += add[j];
+        }
+      }
+    };
+    if (owners == 1) return own(0);
+    at::parallel_for(0, owners, 1, [&](int64_t owner, int64_t) { own(owner); });
+  });
+}
+
+void check_rows(const at::Tensor& index, int64_t length, const char* op) {
+  if (index.numel() == 0) return;
+  const int64_t low = index.min().item<int64_t>(), high = index.max().item<int64_t>();
+  TORCH_CHECK(low >= 0 && high < length, op, ": index ", low < 0 ? low : high, " out of range [0, ",
+              length, ")");
+}
+
 // out [L, C] += rows src [R, C] at index [R] (int64), all contiguous.
 void index_add_rows(at::Tensor& out, const at::Tensor& index, const at::Tensor& src) {
   TORCH_CHECK(out.device().is_cpu() && out.dim() == 2 && out.is_contiguous(),
@@ -213,27 +308,306 @@ void index_add_rows(at::Tensor& out, const at::Tensor& index, const at::Tensor& 
               "index_add_rows needs src [R, ", out.size(1), "] of out's dtype, got ", src.sizes());
   TORCH_CHECK(index.dim() == 1 && index.size(0) == src.size(0) && index.scalar_type() == at::kLong,
               "index_add_rows needs an int64 index [", src.size(0), "], got ", index.sizes());
-  const auto rows_in = src.contiguous();
-  const auto idx = index.contiguous();
-  const int64_t rows = idx.size(0), length = out.size(0), c = out.size(1);
-  const int64_t* ix = idx.const_data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r) {
-    TORCH_CHECK(ix[r] >= 0 && ix[r] < length, "index_add_rows: index ", ix[r], " out of range [0, ", length, ")");
+  check_rows(index, out.size(0), "index_add_rows");
+  add_row_sets(out, {{index.contiguous(), src.contiguous()}});
+}
+
+// The parts [first, first + step) of [0, total): (first, stop) of part `i`.
+std::pair<int64_t, int64_t> part(int64_t i, int64_t step, int64_t total) {
+  return {i * step, std::min(total, (i + 1) * step)};
+}
+
+// out [L, c] += the gathered rows' gradients of the token steps first .. first + count - 1 at their rows
+// of flat [T, k], in step order; slots[i] holds step first + i's [its tokens * k, c] rows at its front.
+void add_step_rows(at::Tensor& out, const at::Tensor& flat, const at::Tensor& slots, int64_t first,
+                   int64_t count, int64_t step) {
+  const int64_t tokens = flat.size(0), k = flat.size(1), c = out.size(1);
+  RowSets sets;
+  for (int64_t i = 0; i < count; ++i) {
+    const auto [start, stop] = part(first + i, step, tokens);
+    sets.emplace_back(flat.narrow(0, start, stop - start).reshape(-1),
+                      slots[i].view({-1, c}).narrow(0, 0, (stop - start) * k));
   }
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t width = std::max<int64_t>(16, ((c + threads - 1) / threads + 15) / 16 * 16);
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "index_add_rows", [&] {
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    const scalar_t* from = rows_in.const_data_ptr<scalar_t>();
-    at::parallel_for(0, (c + width - 1) / width, 1, [&](int64_t begin, int64_t end) {
-      const int64_t first = begin * width, last = std::min(c, end * width);
-      for (int64_t r = 0; r < rows; ++r) {
-        scalar_t* to = dst + ix[r] * c;
-        const scalar_t* add = from + r * c;
-        for (int64_t j = first; j < last; ++j) to[j] += add[j];
+  add_row_sets(out, sets);
+}
+
+// Per-thread buffers [threads, rows, width] of `like`'s dtype.
+at::Tensor slots_of(const at::Tensor& like, int64_t threads, int64_t rows, int64_t width) {
+  return at::empty({threads, rows, width}, like.options());
+}
+
+// ---- selection --------------------------------------------------------------------------------
+
+// `rows [S, F] @ weight [C', F]^T + bias -> [S, C']` as convnn/knn/ops.py's _rows_conv: a oneDNN 1x1
+// convolution over the channels-last view [16, F, S / 16, 1] when S is a multiple of 16, else linear.
+at::Tensor rows_conv(const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const int64_t s = rows.size(0), f = rows.size(1);
+  if (s % kConvBatch) return at::linear(rows, weight, bias);
+  const auto view = rows.view({kConvBatch, s / kConvBatch, 1, f}).permute({0, 3, 1, 2});
+  const auto out = at::conv2d(view, weight.view({weight.size(0), f, 1, 1}), bias);
+  return out.permute({0, 2, 3, 1}).reshape({s, -1});
+}
+
+// The top-`picks` keys of every query row, chunk by chunk (convnn/knn/selection.py: _select on the
+// oneDNN / BLAS path). q [B, N, h] prepared query rows (float32), keys [B, M', h] prepared keys
+// zero-padded to a multiple of 16 rows (m real), ids [N] token index of each query, starts: the
+// chunks' first query. Chunks of a multiple of 16 queries are scored by rows_conv (`onednn`) or the
+// GEMM, a short tail by matmul; `dot` divides the scores by sqrt(h). self_first: all candidates
+// (candidates None) -> own [B, N] = the query's own score, then masked; with candidates, the query's
+// own candidate entries are masked. Returns (values [B, N, picks], positions [B, N, picks], own [B, N]
+// or [0]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_chunks(
+    const at::Tensor& q, const at::Tensor& keys, int64_t m, const at::Tensor& ids, int64_t picks, bool dot,
+    const std::optional<at::Tensor>& candidates, bool self_first, at::IntArrayRef starts, bool onednn) {
+  TORCH_CHECK(q.dim() == 3 && keys.dim() == 3 && q.scalar_type() == at::kFloat &&
+                  keys.scalar_type() == at::kFloat && keys.size(1) % kConvBatch == 0 && m <= keys.size(1),
+              "select_chunks needs float32 q [B, N, h] and keys [B, M', h] (M' a multiple of 16), got ",
+              q.sizes(), " and ", keys.sizes());
+  TORCH_CHECK(picks >= 1 && picks <= kLanes && picks <= m, "select_chunks needs 1 <= picks <= ", kLanes);
+  const int64_t batch = q.size(0), n = q.size(1), h = q.size(2);
+  const auto id = ids.contiguous();
+  const int64_t* token = id.const_data_ptr<int64_t>();
+  const bool own_entry = self_first && !candidates.has_value();
+  auto values = at::empty({batch, n, picks}, q.options());
+  auto positions = at::empty({batch, n, picks}, q.options().dtype(at::kLong));
+  auto own = at::empty({own_entry ? batch : 0, n}, q.options());
+  at::Tensor cand;
+  if (candidates.has_value()) cand = candidates->contiguous();
+  const float lowest = std::numeric_limits<float>::lowest();
+  const double root = std::sqrt(static_cast<double>(h));
+  const int64_t chunks = static_cast<int64_t>(starts.size());
+  int64_t widest = 0;  // the longest chunk
+  for (int64_t c = 0; c < chunks; ++c) widest = std::max(widest, (c + 1 < chunks ? starts[c + 1] : n) - starts[c]);
+  // the GEMM's scores go into a buffer per thread, reused by its chunks (a fresh one per chunk costs
+  // its page faults again)
+  auto buffers = onednn ? at::Tensor() : slots_of(q, std::min(thread_count(), batch * chunks), widest, keys.size(1));
+  for_each_item(batch * chunks, [&](int64_t item, int64_t slot) {
+    const int64_t b = item / chunks, c = item % chunks;
+    const int64_t start = starts[c], stop = c + 1 < chunks ? starts[c + 1] : n, rows = stop - start;
+    const auto query = q.select(0, b).narrow(0, start, rows);
+    at::Tensor scores;  // [rows, >= m], unit stride along the keys
+    if (rows % kConvBatch == 0) {
+      if (onednn) {
+        scores = rows_conv(query, keys.select(0, b), std::nullopt);
+      } else {
+        scores = buffers[slot].narrow(0, 0, rows);
+        at::mm_out(scores, query, keys.select(0, b).t());
       }
-    });
+      if (dot) scores.div_(root);
+    } else {
+      scores = at::matmul(query.unsqueeze(0), keys.narrow(0, b, 1).narrow(1, 0, m).transpose(-1, -2))[0];
+      if (dot) scores = scores / root;
+    }
+    float* s = scores.data_ptr<float>();
+    const int64_t stride = scores.stride(0);
+    float* out_v = values.data_ptr<float>() + (b * n + start) * picks;
+    int64_t* out_i = positions.data_ptr<int64_t>() + (b * n + start) * picks;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = s + r * stride;
+      const int64_t self = token[start + r];
+      if (own_entry) {
+        own.data_ptr<float>()[b * n + start + r] = row[self];
+        row[self] = lowest;
+      } else if (self_first) {
+        const int64_t* cs = cand.const_data_ptr<int64_t>();
+        for (int64_t j = 0; j < m; ++j) {
+          if (cs[j] == self) row[j] = lowest;
+        }
+      }
+      select_row(row, m, picks, out_v + r * picks, out_i + r * picks);
+    }
   });
+  return {values, positions, own};
+}
+
+// ---- aggregation steps ------------------------------------------------------------------------
+
+
+// convnn::gather_aggregate (convnn/knn/ops.py): out [T, C'] = rows_conv(scale * v_rows[flat], weight,
+// bias) in steps of `step` tokens. v_rows [L, C], flat [T, k], weight [C', k C], scale [T, k] or None.
+at::Tensor gather_aggregate(const at::Tensor& v_rows, const at::Tensor& flat, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                            int64_t step) {
+  const int64_t tokens = flat.size(0), k = flat.size(1), c = v_rows.size(1);
+  auto out = at::empty({tokens, weight.size(0)}, v_rows.options());
+  const int64_t steps = (tokens + step - 1) / step;
+  auto buffers = slots_of(v_rows, std::min(thread_count(), steps), std::min(step, tokens) * k, c);
+  for_each_item(steps, [&](int64_t i, int64_t slot) {
+    const auto [first, stop] = part(i, step, tokens);
+    const auto index = flat.narrow(0, first, stop - first);
+    auto rows = buffers[slot].narrow(0, 0, index.numel());
+    at::index_select_out(rows, v_rows, 0, index.reshape(-1));
+    auto token_rows = rows.view({stop - first, k, c});
+    if (scale.has_value()) token_rows.mul_(scale->narrow(0, first, stop - first).unsqueeze(-1));
+    out.narrow(0, first, stop - first).copy_(rows_conv(rows.view({stop - first, k * c}), weight, bias));
+  });
+  return out;
+}
+
+// Gradients of rows_conv for grad [S, C'] into grad_rows [S, F] and (weight_grad) weight' [C', F]: by
+// oneDNN's convolution backward (`onednn`, S a multiple of 16) or two GEMMs (convnn/knn/ops.py:
+// _rows_conv_backward).
+void rows_conv_backward(const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& grad,
+                        at::Tensor& grad_rows, at::Tensor& grad_weight, bool weight_grad, bool onednn) {
+  const int64_t s = rows.size(0), f = rows.size(1);
+  if (s % kConvBatch || !onednn) {
+    at::mm_out(grad_rows, grad, weight);
+    if (weight_grad) at::mm_out(grad_weight, grad.t(), rows);
+    return;
+  }
+  auto view = [](const at::Tensor& t) {
+    return t.view({kConvBatch, t.size(0) / kConvBatch, 1, t.size(1)}).permute({0, 3, 1, 2});
+  };
+  const auto [conv_grad_rows, conv_grad_weight, unused] = at::convolution_backward(
+      view(grad), view(rows), weight.view({weight.size(0), f, 1, 1}), std::nullopt, {1, 1}, {0, 0}, {1, 1},
+      false, {0, 0}, 1, {true, weight_grad, false});
+  grad_rows.copy_(conv_grad_rows.permute({0, 2, 3, 1}).reshape({s, f}));
+  if (weight_grad) grad_weight.copy_(conv_grad_weight.view(weight.sizes()));
+}
+
+// Gradients of gather_aggregate for grad [T, C']: (v_rows' [L, C], weight' [C', k C], scale' [T, k]),
+// each empty where not asked for (scale' also without scale); the conv's gradients per step by
+// rows_conv_backward (`onednn`), the weight's summed over the steps in order.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_aggregate_backward(
+    const at::Tensor& grad, const at::Tensor& v_rows, const at::Tensor& flat, const at::Tensor& weight,
+    const std::optional<at::Tensor>& scale, bool rows_grad, bool weight_grad, bool scale_grad, int64_t step,
+    bool onednn) {
+  const int64_t tokens = flat.size(0), k = flat.size(1), c = v_rows.size(1), out_c = weight.size(0);
+  scale_grad = scale_grad && scale.has_value();
+  auto grad_v = rows_grad ? at::zeros(v_rows.sizes(), v_rows.options()) : v_rows.new_empty({0});
+  auto grad_w = weight_grad ? at::zeros_like(weight) : weight.new_empty({0});
+  auto grad_s = scale_grad ? at::empty({tokens, k}, v_rows.options()) : v_rows.new_empty({0});
+  const int64_t steps = (tokens + step - 1) / step, slots = std::min(thread_count(), steps);
+  const int64_t width = std::min(step, tokens) * k;
+  auto rows_of = slots_of(v_rows, slots, width, c);
+  auto scaled_of = scale.has_value() ? slots_of(v_rows, slots, width, c) : at::Tensor();
+  auto grad_rows_of = slots_of(v_rows, slots, std::min(step, tokens), k * c);
+  auto weight_of = weight_grad ? slots_of(weight, slots, out_c, k * c) : at::Tensor();
+  auto compute = [&](int64_t i, int64_t slot) {
+    const auto [first, stop] = part(i, step, tokens);
+    const int64_t size = stop - first;
+    auto rows = rows_of[slot].narrow(0, 0, size * k);
+    at::index_select_out(rows, v_rows, 0, flat.narrow(0, first, size).reshape(-1));
+    const auto step_grad = grad.narrow(0, first, size);
+    auto conv_rows = rows;  // the conv saw the scaled rows; the rows stay for the scale's gradient
+    if (scale.has_value()) {
+      conv_rows = scaled_of[slot].narrow(0, 0, size * k);
+      auto scaled = conv_rows.view({size, k, c});
+      at::mul_out(scaled, rows.view({size, k, c}), scale->narrow(0, first, size).unsqueeze(-1));
+    }
+    auto grad_rows = grad_rows_of[slot].narrow(0, 0, size);
+    auto partial = weight_grad ? weight_of[slot] : at::Tensor();
+    rows_conv_backward(conv_rows.view({size, k * c}), weight, step_grad, grad_rows, partial, weight_grad, onednn);
+    if (scale_grad) {
+      auto product = conv_rows.view({size, k, c});
+      at::mul_out(product, grad_rows.view({size, k, c}), rows.view({size, k, c}));
+      auto out = grad_s.narrow(0, first, size);
+      at::sum_out(out, product, {-1});
+    }
+    if (rows_grad && scale.has_value()) {
+      grad_rows.view({size, k, c}).mul_(scale->narrow(0, first, size).unsqueeze(-1));
+    }
+  };
+  auto merge = [&](int64_t first, int64_t count) {
+    if (rows_grad) add_step_rows(grad_v, flat, grad_rows_of, first, count, step);
+    for (int64_t i = 0; weight_grad && i < count; ++i) grad_w.add_(weight_of[i]);
+  };
+  in_waves(steps, slots, compute, merge);
+  return {grad_v, grad_w, grad_s};
+}
+
+// convnn::gather_scaled_sum (convnn/knn/ops.py): out[t] = sum_j w[t, j] scale[j] v_rows[flat[t, j]] in
+// steps of `step` tokens. v_rows [L, d], flat [T, k], w [T, k], scale [k, d] -> [T, d].
+at::Tensor gather_scaled_sum(const at::Tensor& v_rows, const at::Tensor& flat, const at::Tensor& w,
+                             const at::Tensor& scale, int64_t step) {
+  const int64_t tokens = flat.size(0), k = flat.size(1), d = v_rows.size(1);
+  auto out = at::empty({tokens, d}, v_rows.options());
+  const int64_t steps = (tokens + step - 1) / step;
+  auto buffers = slots_of(v_rows, std::min(thread_count(), steps), std::min(step, tokens) * k, d);
+  for_each_item(steps, [&](int64_t i, int64_t slot) {
+    const auto [first, stop] = part(i, step, tokens);
+    const int64_t size = stop - first;
+    auto rows = buffers[slot].narrow(0, 0, size * k);
+    at::index_select_out(rows, v_rows, 0, flat.narrow(0, first, size).reshape(-1));
+    auto result = out.narrow(0, first, size).unsqueeze(1);
+    at::bmm_out(result, w.narrow(0, first, size).unsqueeze(1), rows.view({size, k, d}).mul_(scale));
+  });
+  return out;
+}
+
+// Gradients of gather_scaled_sum for grad [T, d]: (v_rows' [L, d], w' [T, k], scale' [k, d]), each
+// empty where not asked for.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_scaled_sum_backward(
+    const at::Tensor& grad, const at::Tensor& v_rows, const at::Tensor& flat, const at::Tensor& w,
+    const at::Tensor& scale, bool rows_grad, bool w_grad, bool scale_grad, int64_t step) {
+  const int64_t tokens = flat.size(0), k = flat.size(1), d = v_rows.size(1);
+  auto grad_v = rows_grad ? at::zeros(v_rows.sizes(), v_rows.options()) : v_rows.new_empty({0});
+  auto grad_w = w_grad ? at::zeros_like(w) : w.new_empty({0});
+  auto grad_scale = scale_grad ? at::zeros_like(scale) : scale.new_empty({0});
+  const int64_t steps = (tokens + step - 1) / step, slots = std::min(thread_count(), steps);
+  const int64_t width = std::min(step, tokens) * k;
+  auto rows_of = slots_of(v_rows, slots, width, d);
+  auto scaled_of = rows_grad ? slots_of(v_rows, slots, width, d) : at::Tensor();
+  auto scale_of = scale_grad ? slots_of(scale, slots, k, d) : at::Tensor();
+  auto compute = [&](int64_t i, int64_t slot) {
+    const auto [first, stop] = part(i, step, tokens);
+    const int64_t size = stop - first;
+    auto gathered = rows_of[slot].narrow(0, 0, size * k);
+    at::index_select_out(gathered, v_rows, 0, flat.narrow(0, first, size).reshape(-1));
+    auto rows = gathered.view({size, k, d});
+    const auto step_grad = grad.narrow(0, first, size), step_w = w.narrow(0, first, size);
+    auto product = rows.mul_(step_grad.unsqueeze(1));  // g[t] * rows[t, j], in the gather buffer
+    if (scale_grad) {  // sum_t w[t, j] g[t] * rows[t, j]: k products [1, S] @ [S, d]
+      auto partial = scale_of[slot].unsqueeze(1);
+      at::bmm_out(partial, step_w.t().unsqueeze(1), product.transpose(0, 1));
+    }
+    if (w_grad) grad_w.narrow(0, first, size).copy_((product * scale).sum(2));
+    if (rows_grad) {  // w[t, j] * scale[j] * g[t] into row flat[t, j]
+      auto scaled = scaled_of[slot].narrow(0, 0, size * k).view({size, k, d});
+      at::mul_out(scaled, step_w.unsqueeze(2), scale);
+      scaled.mul_(step_grad.unsqueeze(1));
+    }
+  };
+  auto merge = [&](int64_t first, int64_t count) {
+    if (rows_grad) add_step_rows(grad_v, flat, scaled_of, first, count, step);
+    for (int64_t i = 0; scale_grad && i < count; ++i) grad_scale.add_(scale_of[i]);
+  };
+  in_waves(steps, slots, compute, merge);
+  return {grad_v, grad_w, grad_scale};
+}
+
+// convnn::selected_pairs_grad (convnn/knn/ops.py): for the pairs (i, flat[b, i, j]) of q [B, N, h]
+// and the key rows k_rows [B M, h] with gradient grad [B, N, p]: q' [B, N, h] = sum_j g_ij k_j and
+// k' [B M, h] with the rows g_ij q_i added in order, in steps of `step` queries (all images).
+std::tuple<at::Tensor, at::Tensor> selected_pairs_grad(const at::Tensor& q, const at::Tensor& k_rows,
+                                                       const at::Tensor& flat, const at::Tensor& grad,
+                                                       int64_t step) {
+  const int64_t batch = flat.size(0), n = flat.size(1), p = flat.size(2), h = q.size(2);
+  auto grad_q = at::empty_like(q);
+  auto grad_k = at::zeros(k_rows.sizes(), k_rows.options());
+  const int64_t steps = (n + step - 1) / step, slots = std::min(thread_count(), steps);
+  auto rows_of = slots_of(q, slots, batch * std::min(step, n) * p, h);
+  std::vector<at::Tensor> index_of(slots);
+  auto compute = [&](int64_t i, int64_t slot) {
+    const auto [first, stop] = part(i, step, n);
+    const int64_t size = stop - first;
+    index_of[slot] = flat.narrow(1, first, size).reshape(-1);
+    auto rows = rows_of[slot].narrow(0, 0, batch * size * p);
+    at::index_select_out(rows, k_rows, 0, index_of[slot]);
+    const auto g = grad.narrow(1, first, size).unsqueeze(-1);  // [B, c, p, 1]
+    auto pairs = rows.view({batch, size, p, h});
+    grad_q.narrow(1, first, size).copy_(pairs.mul_(g).sum(2));
+    at::mul_out(pairs, q.narrow(1, first, size).unsqueeze(2), g);  // g_ij q_i, in the same buffer
+  };
+  auto merge = [&](int64_t, int64_t count) {
+    RowSets sets;
+    for (int64_t i = 0; i < count; ++i) {
+      sets.emplace_back(index_of[i], rows_of[i].narrow(0, 0, index_of[i].numel()));
+    }
+    add_row_sets(grad_k, sets);
+  };
+  in_waves(steps, slots, compute, merge);
+  return {grad_q, grad_k};
 }
 
 }  // namespace
@@ -241,9 +615,29 @@ void index_add_rows(at::Tensor& out, const at::Tensor& index, const at::Tensor& 
 TORCH_LIBRARY(convnn_native, m) {
   m.def("topk_rows(Tensor scores, int k) -> (Tensor, Tensor)");
   m.def("index_add_rows(Tensor(a!) out, Tensor index, Tensor src) -> ()");
+  m.def(
+      "select_chunks(Tensor q, Tensor keys, int m, Tensor ids, int picks, bool dot, Tensor? candidates,"
+      " bool self_first, int[] starts, bool onednn) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "gather_aggregate(Tensor v_rows, Tensor flat, Tensor weight, Tensor? bias, Tensor? scale, int step)"
+      " -> Tensor");
+  m.def(
+      "gather_aggregate_backward(Tensor grad, Tensor v_rows, Tensor flat, Tensor weight, Tensor? scale,"
+      " bool rows_grad, bool weight_grad, bool scale_grad, int step, bool onednn) -> (Tensor, Tensor, Tensor)");
+  m.def("gather_scaled_sum(Tensor v_rows, Tensor flat, Tensor w, Tensor scale, int step) -> Tensor");
+  m.def(
+      "gather_scaled_sum_backward(Tensor grad, Tensor v_rows, Tensor flat, Tensor w, Tensor scale,"
+      " bool rows_grad, bool w_grad, bool scale_grad, int step) -> (Tensor, Tensor, Tensor)");
+  m.def("selected_pairs_grad(Tensor q, Tensor k_rows, Tensor flat, Tensor grad, int step) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(convnn_native, CPU, m) {
   m.impl("topk_rows", &topk_rows);
   m.impl("index_add_rows", &index_add_rows);
+  m.impl("select_chunks", &select_chunks);
+  m.impl("gather_aggregate", &gather_aggregate);
+  m.impl("gather_aggregate_backward", &gather_aggregate_backward);
+  m.impl("gather_scaled_sum", &gather_scaled_sum);
+  m.impl("gather_scaled_sum_backward", &gather_scaled_sum_backward);
+  m.impl("selected_pairs_grad", &selected_pairs_grad);
 }

@@ -1,0 +1,125 @@
+"""The native step kernels (convnn/knn/csrc/kernels.cpp: select_chunks, gather_aggregate,
+gather_scaled_sum, their backward passes and selected_pairs_grad) against the Python loops of
+convnn/knn/ops.py and selection.py they stand in for: bitwise equal, forward and backward, at 1 and 2
+torch threads, with many steps per call so the threads' waves and their in-order merges run."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from convnn.knn import gather_aggregate, gather_scaled_sum, knn_select, native, ops
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler to build the kernels"
+)
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """Run the native side at ``request.param`` torch threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def native_and_loops(fn, monkeypatch, kernels: set[str]) -> tuple:
+    """``fn()`` with the native kernels (asserted to run: ``kernels``, names in ``convnn_native``), then
+    with the Python loops."""
+    assert native.available()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with_kernels = fn()
+    ran = {
+        e.key.removeprefix("convnn_native::")
+        for e in prof.key_averages()
+        if e.key.startswith("convnn_native::")
+    }
+    assert kernels <= ran, ran
+    with monkeypatch.context() as patch:
+        patch.setattr(native, "available", lambda: False)
+        loops = fn()
+    return with_kernels, loops
+
+
+def assert_bitwise(ours: tuple, reference: tuple) -> None:
+    assert len(ours) == len(reference)
+    for i, (a, b) in enumerate(zip(ours, reference, strict=True)):
+        assert a.shape == b.shape and a.dtype == b.dtype, i
+        assert torch.equal(a, b), f"output {i}: max difference {(a - b).abs().max().item()}"
+
+
+def leaves(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Fresh leaf copies of the floating-point ``tensors`` that require a gradient; the rest as given."""
+    return [
+        t.detach().clone().requires_grad_() if t is not None and t.is_floating_point() else t for t in tensors
+    ]
+
+
+def forward_backward(op, inputs: list, grad: torch.Tensor) -> tuple:
+    """``op(*inputs)`` and the gradients of every input that requires one for ``grad``."""
+    inputs = leaves(*inputs)
+    out = op(*inputs)
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    return (out.detach(), *torch.autograd.grad(out, wanted, grad))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_gather_aggregate_equals_the_python_steps(dtype, scaled, threads, monkeypatch):
+    """600 tokens of k = 9 neighbours among 500 rows of 8 channels, steps of 16 tokens (38 steps: one
+    short); rows repeat across steps, so the index-add merges overlap."""
+    monkeypatch.setattr(ops, "STEP_ELEMENTS", 16 * 9 * 8)
+    generator = torch.Generator().manual_seed(1)
+    v = torch.randn(500, 8, generator=generator, dtype=dtype)
+    flat = torch.randint(0, 500, (600, 9), generator=generator)
+    weight = torch.randn(12, 9 * 8, generator=generator, dtype=dtype)
+    bias = torch.randn(12, generator=generator, dtype=dtype)
+    scale = torch.rand(600, 9, generator=generator, dtype=dtype) if scaled else None
+    grad = torch.randn(600, 12, generator=generator, dtype=dtype)
+
+    def run():
+        return forward_backward(gather_aggregate, [v, flat, weight, bias, scale], grad)
+
+    assert_bitwise(*native_and_loops(run, monkeypatch, {"gather_aggregate", "gather_aggregate_backward"}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gather_scaled_sum_equals_the_python_steps(dtype, threads, monkeypatch):
+    monkeypatch.setattr(ops, "STEP_ELEMENTS", 16 * 9 * 8)
+    generator = torch.Generator().manual_seed(2)
+    v = torch.randn(500, 8, generator=generator, dtype=dtype)
+    flat = torch.randint(0, 500, (600, 9), generator=generator)
+    w = torch.rand(600, 9, generator=generator, dtype=dtype)
+    scale = torch.randn(9, 8, generator=generator, dtype=dtype)
+    grad = torch.randn(600, 8, generator=generator, dtype=dtype)
+
+    def run():
+        return forward_backward(gather_scaled_sum, [v, flat, w, scale], grad)
+
+    assert_bitwise(*native_and_loops(run, monkeypatch, {"gather_scaled_sum", "gather_scaled_sum_backward"}))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "dot", "euclidean"])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_selection_and_its_gradient_equal_the_python_chunks(kind, sampled, threads, monkeypatch):
+    """All keys or 60 sampled candidates of 2 images of 300 tokens (chunks of 48 queries and a tail
+    of 12; cosine and dot scored natively, euclidean by the Python chunks either way): neighbours,
+    values and the selected pairs' gradients of q and k (steps of 4 queries)."""
+    monkeypatch.setattr(ops, "STEP_ELEMENTS", 2 * 4 * 9 * 16)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 300, 16, generator=generator)
+    candidates = torch.randperm(300, generator=generator)[:60] if sampled else None
+    grad = torch.randn(2, 300, 9, generator=generator)
+
+    def run():
+        (q,) = leaves(x)
+        keys = q[:, candidates] if sampled else q
+        values, idx = knn_select(q, keys, 9, kind=kind, candidates=candidates, chunk_size=48)
+        return values.detach(), idx, *torch.autograd.grad(values, q, grad)
+
+    kernels = {"selected_pairs_grad"} | (
+        {"select_chunks"} if kind != "euclidean" else set()
+    )  # by oneDNN / GEMM
+    assert_bitwise(*native_and_loops(run, monkeypatch, kernels))
