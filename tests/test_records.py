@@ -209,6 +209,11 @@ def test_every_record_convnn_train_writes_passes_the_schema(tmp_path):
         "git_commit": None, "versions": {"torch": "2"}, "device": "cpu", "launcher": {}, "seed": 0,
         "numerics": {"deterministic": False, "precision": "32-true", "float32": {}},
         "data_feed": {"num_workers": 0, "pin_memory": False, "persistent_workers": False, "transforms": "c"},
+        "threads": {"cores": 2, "threads": 2, "workers": 2, "threads_from": "auto", "workers_from": "auto",
+                    "affinity": [0, 1], "slurm_cpus_per_task": None, "wait_policy": None},
+        "distributed": {"world_size": 1, "batch_size_per_rank": 8, "eval_batch_size_per_rank": 8,
+                        "train_images_per_epoch": 64, "batchnorm_layers": 0, "sync_batchnorm": False,
+                        "ranks": []},
         "budget": "full", "effective_budget": {}, "params": 10, "trainable_params": 10, "gflops": 0.5,
         "gflops_profiler": 0.6, "unsupported_ops": {},
     }  # fmt: skip
