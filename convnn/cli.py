@@ -34,12 +34,15 @@ def fail(prog: str, message: str) -> SystemExit:
     return SystemExit(EXIT_BAD_INPUT)
 
 
-def compose_or_fail(prog: str, config_name: str, args: Sequence[str]) -> DictConfig | None:
+def compose_or_fail(
+    prog: str, config_name: str, args: Sequence[str], hydra: bool = False
+) -> DictConfig | None:
     """Compose ``config_name`` (in ``configs/``) with the overrides ``args`` once, before Hydra does, so a
     composition error (an unknown key, a missing group option, a value of the wrong type) stops with
     one line (:func:`fail`). With ``-m`` the sweep's first job is composed (each sweep's first value;
-    ``hydra`` overrides are Hydra's). Returns the config (without the ``hydra`` node); ``None`` when
-    ``args`` hold other flags, or sweeps or ``hydra`` overrides without ``-m``: left to Hydra."""
+    ``hydra`` overrides are Hydra's). Returns the config (with the ``hydra`` node only when ``hydra``);
+    ``None`` when ``args`` hold other flags, or sweeps or ``hydra`` overrides without ``-m``: left to
+    Hydra."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -70,7 +73,7 @@ def compose_or_fail(prog: str, config_name: str, args: Sequence[str]) -> DictCon
     try:
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
             try:
-                return compose(config_name, overrides=args)
+                return compose(config_name, overrides=args, return_hydra_config=hydra)
             except (HydraException, OmegaConfBaseException) as e:
                 message = _composition_message(e, args, lambda o: compose(config_name, overrides=o))
                 raise fail(prog, message) from None

@@ -6,7 +6,6 @@ from omegaconf import OmegaConf, open_dict
 
 from convnn import paths
 from convnn.layers import available_layers, layer_entry
-from convnn.runs.rundir import run_subdir
 from convnn.train.app import CONFIG_DIR, preflight
 from convnn.train.config import ConfigError, check_layer_options, validate_config
 
@@ -109,7 +108,8 @@ def test_experiment_group_is_the_top_level_experiments_folder():
     assert EXPERIMENTS == paths.EXPERIMENTS_DIR and (EXPERIMENTS / "paper" / "table1.yaml").is_file()
     cfg, hydra_cfg = compose_train("experiment=quickstart")
     assert cfg.name == "quickstart" and hydra_cfg["sweep_dir"] == "runs/quickstart"
-    assert hydra_cfg["run_dir"] == "runs/quickstart/default"
+    assert hydra_cfg["run_dir"].startswith("runs/quickstart/resnet18-branching-cifar10,")
+    assert hydra_cfg["run_dir"].endswith(",seed=0")
     assert (cfg.model.name, cfg.layer.name, cfg.layer.ratio, cfg.data.name, cfg.epochs) == (
         "resnet18", "branching", 0.5, "cifar10", 2,
     )  # fmt: skip
@@ -126,18 +126,24 @@ def test_nested_experiments_compose_and_name_their_run_directory(path):
     assert hydra_cfg["sweep_dir"] == f"runs/{choice}"
 
 
-def test_run_subdir_is_deterministic_and_ignores_where_and_how():
-    a = run_subdir(["layer=branching", "layer.ratio=0.5", "seed=1", "data.root=/data", "resume=true"])
-    b = run_subdir(["resume=false", "seed=1", "layer.ratio=0.5", "logger=wandb", "layer=branching"])
-    assert a == b == "layer.ratio=0.5,layer=branching,seed=1"
-    assert (
-        run_subdir([])
-        == run_subdir(["experiment=paper/table1", "trainer=gpu", "hydra.verbose=true"])
-        == "default"
-    )
-    assert run_subdir(["model=a/b"]) == "model=a-b"
-    long = run_subdir([f"layer.opt{i}=value{i}" for i in range(40)])
-    assert len(long) == 200 and long != run_subdir([f"layer.opt{i}=value{i}" for i in range(39)])
+def test_the_run_directory_depends_on_identity_and_seed_only():
+    """Overrides that leave the identity and seed alone (an explicit default seed, bookkeeping keys,
+    a key given twice, ``0.5`` written ``0.50``) name the same directory; any real change another."""
+    base = ["layer=branching", "layer.ratio=0.5"]
+    run_dir = compose_train(*base)[1]["run_dir"]
+    for same in (
+        ["seed=0"],
+        ["trainer.deterministic=true"],
+        ["data.format=imagefolder"],
+        ["layer.ratio=0.25", "layer.ratio=0.50"],
+        ["epochs=2", "epochs=150"],
+        ["data.root=/elsewhere", "resume=false", "logger=wandb", "trainer.progress_bar=none", "budget=full"],
+    ):
+        assert compose_train(*base, *same)[1]["run_dir"] == run_dir, same
+    others = [["seed=1"], ["layer.ratio=0.25"], ["epochs=3"], ["optim.lr=1e-3"], ["budget=smoke"]]
+    named = {compose_train(*base, *other)[1]["run_dir"] for other in others}
+    assert len(named) == len(others) and run_dir not in named
+    assert compose_train(*base, "experiment=paper/table1")[1]["run_dir"].startswith("runs/paper/table1/")
 
 
 @pytest.mark.parametrize(

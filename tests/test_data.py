@@ -128,3 +128,37 @@ def test_epoch_sampler_order_depends_only_on_seed_and_epoch():
     again = EpochShuffleSampler(50, seed=1)
     again.set_epoch(1)
     assert list(again) == second
+
+
+def test_an_empty_class_folder_is_named_with_its_split(tmp_path):
+    root = _image_folder(tmp_path / "cifar10")
+    for image in (root / "test" / "dog").iterdir():
+        image.unlink()
+    (root / "test" / "dog" / "notes.txt").write_text("no image")  # a file ImageFolder does not read
+    cfg = _cifar_cfg(root, num_classes=3, image_size=8)
+    build_dataset(cfg, train=True, image_size=8)  # the train split is whole
+    with pytest.raises(FileNotFoundError) as e:
+        build_dataset(cfg, train=False, image_size=8)
+    split = root / "test"
+    assert str(e.value).startswith(
+        f"cifar10: 1 class folder(s) of the test split '{split}' hold no image: ['{split / 'dog'}']"
+    )
+
+
+@pytest.mark.parametrize("present", ["train", "test"])
+def test_an_imagefolder_copy_missing_a_split_names_it_and_never_downloads(tmp_path, monkeypatch, present):
+    root = _image_folder(tmp_path / "cifar10")
+    missing = {"train": "test", "test": "train"}[present]
+    for path in sorted((root / missing).rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    (root / missing).rmdir()
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download torchvision's CIFAR files")
+
+    monkeypatch.setattr(datasets.CIFAR10, "download", no_download)
+    dm = ImageDataModule(_cifar_cfg(root, num_classes=3, image_size=8), 8, batch_size=4, eval_batch_size=4)
+    dm.prepare_data()  # an ImageFolder copy: nothing to download
+    with pytest.raises(FileNotFoundError) as e:
+        dm.setup()
+    assert str(e.value).startswith(f"cifar10: the {missing} split folder '{root / missing}' is missing; ")

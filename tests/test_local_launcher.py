@@ -19,7 +19,7 @@ from convnn.runs.lock import lock_holder
 from convnn.runs.records import read_record
 from hydra_plugins.convnn_sweeper.local_launcher import default_local_parallelism
 from tests.test_launch import sweep_command
-from tests.test_slurm import EXPERIMENT
+from tests.test_slurm import EXPERIMENT, only
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 JOB_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
@@ -149,7 +149,8 @@ def test_pool_detection_sizes_and_hand_out() -> None:
 
 def _sweep_until_a_job_runs(tmp_path: Path, sweeper: str, job: str) -> tuple[subprocess.Popen, Path, dict]:
     """A real local sweep (one job at a time, its own process group) of the tiny VGG with ``sweeper``,
-    once job ``job`` (its run directory name) holds its run's lock: the process, runs folder, holder."""
+    once job ``job`` (a glob of its run directory's name, as for :func:`tests.test_slurm.only`) holds its
+    run's lock: the process, runs folder, holder."""
     search = tmp_path / "configs"
     (search / "experiment").mkdir(parents=True)
     (search / "experiment" / "tiny.yaml").write_text(
@@ -167,7 +168,8 @@ def _sweep_until_a_job_runs(tmp_path: Path, sweeper: str, job: str) -> tuple[sub
     )
     deadline, holder = time.monotonic() + 300, None
     while holder is None and time.monotonic() < deadline and sweep.poll() is None:
-        holder = lock_holder(out / "tiny" / job)  # the job's own process holds its run's lock
+        found = list((out / "tiny").glob(job)) if (out / "tiny").is_dir() else []
+        holder = lock_holder(found[0]) if found else None  # the job's own process holds its run's lock
         time.sleep(0.1)
     assert holder is not None, f"job {job} never started"
     return sweep, out, holder
@@ -178,7 +180,7 @@ def test_a_sigkilled_job_fails_alone_and_the_sweep_goes_on_to_its_summary(tmp_pa
     only after the kill) and finishes, the sweep prints its summary naming the signal and the job's
     log, and exits 1."""
     sweeper = "{rows: {doomed: 'seed=0 epochs=1000', rest: seed=1}}"
-    sweep, out, holder = _sweep_until_a_job_runs(tmp_path, sweeper, "epochs=1000,seed=0")
+    sweep, out, holder = _sweep_until_a_job_runs(tmp_path, sweeper, "*epochs=1000,*seed=0")
     os.kill(holder["pid"], signal.SIGKILL)
     stdout, stderr = sweep.communicate(timeout=600)
 
@@ -193,7 +195,7 @@ def test_a_sigkilled_job_fails_alone_and_the_sweep_goes_on_to_its_summary(tmp_pa
     log = Path(failed.rsplit("; see ", 1)[1])
     assert log.is_file() and log.name.endswith("_0_log.err")
     assert "Traceback" not in stderr and "UncompletedJobError" not in stdout + stderr
-    record = read_record(out / "tiny" / "seed=1" / "results.json")
+    record = read_record(only(out / "tiny" / "*,seed=1") / "results.json")
     assert record["status"] == "finished"
     launched = record["launcher"]  # the job as the record names it: which local job, GPUs, log
     assert (launched["scheduler"], launched["gpus"]) == ("local", "")  # a CPU job sees no GPU
@@ -205,9 +207,9 @@ def test_ctrl_c_stops_the_queue_and_the_running_job_records_it(tmp_path: Path) -
     """SIGINT to the sweep's process group, as Ctrl-C in its terminal: the running job records itself
     interrupted, no other job starts, the summary lists them as not launched, exit 130."""
     sweep, out, _ = _sweep_until_a_job_runs(
-        tmp_path, "{params: {seed: '0,1,2'}, rows: {long: epochs=1000}}", "epochs=1000,seed=0"
+        tmp_path, "{params: {seed: '0,1,2'}, rows: {long: epochs=1000}}", "*epochs=1000,*seed=0"
     )
-    record = out / "tiny" / "epochs=1000,seed=0" / "results.json"
+    record = only(out / "tiny" / "*,seed=0") / "results.json"
     while not (record.is_file() and read_record(record)["epochs"]):  # training: its handlers are set
         time.sleep(0.1)
     os.killpg(sweep.pid, signal.SIGINT)
@@ -219,6 +221,6 @@ def test_ctrl_c_stops_the_queue_and_the_running_job_records_it(tmp_path: Path) -
     assert all(
         line.endswith(": not launched: the sweep was stopped; re-run it to continue") for line in summary[2:]
     )
-    record = read_record(out / "tiny" / "epochs=1000,seed=0" / "results.json")
+    record = read_record(record)
     assert (record["status"], record["error"]) == ("interrupted", "interrupted by SIGINT")
-    assert not (out / "tiny" / "epochs=1000,seed=1").exists()
+    assert not list((out / "tiny").glob("*,seed=1"))

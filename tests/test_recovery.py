@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 
-from convnn.runs import rundir
+from convnn.paths import CONFIG_DIR
 from convnn.runs.checkpoints import AtomicCheckpointIO, CheckpointError, checkpoint_epochs
 from convnn.runs.errors import EXIT_BUSY
 from convnn.runs.records import read_record
@@ -26,7 +28,11 @@ TINY = [*TINY_DATA, *TINY_VGG, "layer=conv2d", *QUIET]
 
 
 def run_dir_of(out: Path, *overrides: str) -> Path:
-    return out / "default" / rundir.run_subdir(list(overrides))
+    """The run directory ``convnn-train out_dir=<out> <overrides>`` uses (composed as it composes)."""
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"out_dir={out}", *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return Path(str(cfg.hydra.run.dir))
 
 
 def fails(out: Path, *overrides: str, monkeypatch, capsys) -> tuple[int, str]:
@@ -287,3 +293,21 @@ def test_a_corrupt_record_is_named_and_kept(tmp_path, monkeypatch, capsys):
     assert (run_dir / "results.json").read_text() == '{"status": "fini'
     convnn_train(tmp_path, *TINY, "epochs=1", "overwrite=true", monkeypatch=monkeypatch)
     assert read_record(run_dir)["status"] == "finished"
+
+
+def test_a_closed_output_pipe_does_not_end_the_training(tmp_path):
+    """``convnn-train ... 2>&1 | head -n 1``: head exits after the first line, so every later write
+    (epoch lines on stdout, warnings on stderr, the summary) meets a closed pipe; the run trains on,
+    its record says finished and it exits 0."""
+    overrides = [*TINY, "epochs=2"]
+    command = " ".join([sys.executable, "-m", "convnn.train.app", f"out_dir={tmp_path}", *overrides])
+    done = subprocess.run(
+        ["bash", "-c", f"{command} 2>&1 | head -n 1; exit ${{PIPESTATUS[0]}}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.stdout.startswith("convnn-train: run directory ") and done.stdout.count("\n") == 1
+    assert done.returncode == 0
+    record = read_record(run_dir_of(tmp_path, *overrides))
+    assert (record["status"], len(record["epochs"]), record["error"]) == ("finished", 2, None)

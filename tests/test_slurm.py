@@ -142,9 +142,17 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 240.0) -> Any
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def only(pattern: Path) -> Path:
+    """The one run directory matching ``pattern``, a glob in its last part (``root / "*,seed=0"``: run
+    directories are named by run identity and seed, and these sweeps hold one run per seed)."""
+    [found] = pattern.parent.glob(pattern.name)
+    return found
+
+
 def record_of(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "results.json"
-    return read_record(path) if path.is_file() else None
+    """The record in ``run_dir`` (may be a pattern as for :func:`only`), or ``None`` before there is one."""
+    paths = [p / "results.json" for p in run_dir.parent.glob(run_dir.name) if (p / "results.json").is_file()]
+    return read_record(paths[0]) if paths else None
 
 
 def record_where(run_dir: Path, check: Callable[[dict[str, Any]], bool]) -> Callable[[], Any]:
@@ -218,9 +226,9 @@ def time_limited(
         "hydra.launcher.max_num_timeout=3",
         "overwrite=true",  # the requeued job must resume all the same
     )
-    watcher = RecordWatcher(out / "timeout" / "default")
+    watcher = RecordWatcher(out / "timeout" / "*,seed=0")
     watcher.start()
-    yield process, out / "timeout" / "default", watcher
+    yield process, out / "timeout" / "*,seed=0", watcher
     watcher.stop.set()
     cancel("timeout")
     if process.poll() is None:
@@ -255,7 +263,7 @@ def test_array_sweep_records_jobs_and_a_rerun_skips_them(search: Path, pair: tup
     """Items 1, 2, 7: the default launcher config on a CPU-only node; both records finished, each with
     its SLURM job id, array index, node and submitit log, which sacct and the log files confirm."""
     root, _ = pair
-    records = [read_record(root / f"seed={seed}") for seed in (0, 1)]
+    records = [read_record(only(root / f"*,seed={seed}")) for seed in (0, 1)]
     assert [r["status"] for r in records] == ["finished", "finished"]
     slurm = [r["launcher"] for r in records]
     array = slurm[0]["array_job_id"]
@@ -279,7 +287,7 @@ def test_array_sweep_records_jobs_and_a_rerun_skips_them(search: Path, pair: tup
     assert "sweep summary: 0 finished, 2 skipped, 0 failed" in again.stdout
     assert "sweep output dir" not in again.stdout + again.stderr  # nothing submitted
     assert set(queue()) <= before
-    assert [read_record(root / f"seed={seed}")["launcher"] for seed in (0, 1)] == slurm
+    assert [read_record(only(root / f"*,seed={seed}"))["launcher"] for seed in (0, 1)] == slurm
 
 
 def test_a_ddp_job_runs_one_srun_task_per_device_to_a_record_naming_both(
@@ -335,7 +343,7 @@ def test_lightning_hpc_checkpoint_is_never_restored(search: Path, pair: tuple[Pa
     SLURM whenever ``ckpt_path=None``) in a run directory started afresh (``overwrite=true``) is
     removed and not restored: the run trains its epoch instead of taking the file's marked history."""
     root, _ = pair
-    run_dir = root / "seed=0"
+    run_dir = only(root / "*,seed=0")
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     marked = 0
     for state in ckpt["callbacks"].values():
@@ -364,8 +372,8 @@ def test_cancelled_job_is_reported_resumed_and_never_launched_twice(search: Path
     """Items 3 and 6: while task 0 runs and task 1 waits (array_parallelism=1), a re-launch submits
     nothing; scancel of task 0 mid-run fails the sweep with the job's state, not a hang; a re-run
     resumes task 0 from its checkpoint (its first epochs kept exactly) and skips the finished task 1."""
-    long_dir = tmp_path / "cancel" / "data.train_size=2048,epochs=12,seed=0"
-    quick_dir = tmp_path / "cancel" / "seed=1"
+    long_dir = tmp_path / "cancel" / "*,seed=0"  # a pattern until the run exists (see only)
+    quick_dir = tmp_path / "cancel" / "*,seed=1"
     with running(search, tmp_path, "cancel", "hydra.launcher.array_parallelism=1") as process:
         first = wait_for("task 0's first epoch", record_where(long_dir, lambda r: len(r["epochs"]) >= 1))
         job, array = first["launcher"]["job_id"], first["launcher"]["array_job_id"]
@@ -375,6 +383,7 @@ def test_cancelled_job_is_reported_resumed_and_never_launched_twice(search: Path
         relaunched = sweep(search, tmp_path, "cancel")
         assert relaunched.returncode == 0, relaunched.stderr[-3000:]
         lines = relaunched.stdout.splitlines()
+        assert lines.pop(0) == "projected cost: no jobs to launch"
         assert lines[0] == "sweep summary: 0 finished, 2 skipped, 0 failed"
         assert sorted(line.rsplit(" ", 1)[1] for line in lines[1:]) == [f"{array}_0", f"{array}_1"]
         assert all(": queued or running: SLURM job" in line for line in lines[1:])
@@ -387,21 +396,21 @@ def test_cancelled_job_is_reported_resumed_and_never_launched_twice(search: Path
     assert "sweep summary: 1 finished, 0 skipped, 1 failed" in output
     assert "failed    seed=0 epochs=12 data.train_size=2048 experiment=cancel" in output
     assert ": interrupted by SIGTERM; continue it with resume=true" in output
-    cancelled = read_record(long_dir)
+    cancelled = read_record(only(long_dir))
     assert (cancelled["status"], cancelled["error"]) == ("interrupted", "interrupted by SIGTERM")
     kept = cancelled["epochs"]
     assert 1 <= len(kept) < 12
-    assert read_record(quick_dir)["status"] == "finished"
+    assert read_record(only(quick_dir))["status"] == "finished"
 
     result = sweep(search, tmp_path, "cancel")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sweep summary: 1 finished, 1 skipped, 0 failed" in result.stdout
-    resumed = read_record(long_dir)
+    resumed = read_record(only(long_dir))
     assert resumed["status"] == "finished"
     assert [row["epoch"] for row in resumed["epochs"]] == list(range(1, 13))
     assert resumed["epochs"][: len(kept)] == kept  # restored from the checkpoint, not retrained
     err = Path(resumed["launcher"]["log"]).with_suffix(".err").read_text()
-    assert RESTORED in err and str(long_dir / "checkpoints" / "last.ckpt") in err
+    assert RESTORED in err and str(only(long_dir) / "checkpoints" / "last.ckpt") in err
 
 
 def test_a_job_that_dies_without_a_result_is_reported(search: Path, tmp_path: Path) -> None:
@@ -420,8 +429,8 @@ def test_a_job_that_dies_without_a_result_is_reported(search: Path, tmp_path: Pa
     assert process.returncode == 1, output[-3000:]
     assert "sweep summary: 1 finished, 0 skipped, 1 failed" in output
     assert f"SlurmJobError: SLURM job {array}_0 left the queue without a result" in output
-    assert read_record(tmp_path / "pair" / "seed=1")["status"] == "finished"
-    assert not (tmp_path / "pair" / "seed=0").exists()
+    assert read_record(only(tmp_path / "pair" / "*,seed=1"))["status"] == "finished"
+    assert not list((tmp_path / "pair").glob("*,seed=0"))
 
 
 def test_time_limit_requeues_and_resumes_from_the_last_checkpoint(time_limited: Any) -> None:

@@ -391,10 +391,13 @@ def make_claims(name: str, source: str, out_dir: Path | None = None, note: str |
         raise ValueError(f"unknown claims={name!r}; allowed: {sorted(REPRODUCTIONS)}")
     rep = REPRODUCTIONS[name]
     out_dir = OUT_DIR / rep.name if out_dir is None else out_dir
-    records = [r for r in load_records(source) if r.get("budget") == rep.budget]
+    loaded = load_records(source)  # once: an unreadable record is warned about once
+    records = [r for r in loaded if r.get("budget") == rep.budget]
     written = []
     for table, ids in rep.tables.items():
-        written += make_table(table, source, out_dir, rep.budget, dataset=rep.dataset, note=note, row_ids=ids)
+        written += make_table(
+            table, source, out_dir, rep.budget, dataset=rep.dataset, note=note, row_ids=ids, loaded=loaded
+        )
     command = f"convnn-tables claims={name} source={display_source(source)}"
     written += [make_figure(fig, records, out_dir, source, note, command) for fig in rep.figures]
     lines = table_lines(rep, records)

@@ -5,7 +5,8 @@ project; ``source`` defaults to the runs folder of the experiment behind the tab
 (``<out_dir>/paper/table1`` for ``table=table1``, ``out_dir`` as in ``convnn-train``). Each paper row
 (``results/paper/<table>.csv``) is matched to the records whose resolved ``model``, ``layer``,
 ``data.name`` and ``optim.lr`` equal those Hydra composes from the row's overrides; matched runs are
-averaged over seeds. Missing cells stay missing. Nothing here trains.
+averaged over seeds (one run recorded twice stops it, naming both directories). Missing cells stay
+missing. Nothing here trains.
 
     convnn-tables table=table1                       # runs/paper/table1 -> results/reproduced/table1.*
     convnn-tables table=all source=wandb:<entity>/convnn

@@ -25,6 +25,7 @@ from convnn.provenance import made_by  # noqa: E402
 from convnn.report.authors import curve, read_runs  # noqa: E402
 from convnn.report.tables import display_source  # noqa: E402
 from convnn.runs.identity import select as lookup  # noqa: E402 - config["a"]["b"] for "a.b", None if missing
+from convnn.runs.records import check_unique  # noqa: E402
 
 Record = dict[str, Any]
 SMOOTH_WINDOW = 10  # the paper's moving average for loss curves
@@ -415,7 +416,8 @@ def make_figure(
     the title states the runs' budget, seeds and source (and ``note``), the PNG's ``Description`` how
     it was made (:func:`convnn.provenance.made_by` of ``command``, by default ``convnn-tables
     figure=<name> source=<source>``). A ``cost`` figure has a second row of panels with the GFLOPs of
-    every point."""
+    every point. Records holding one run twice are refused (:func:`convnn.runs.records.check_unique`)."""
+    check_unique(records)
     fig = draw_figure(name, records, source, note)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.png"

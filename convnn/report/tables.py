@@ -4,7 +4,8 @@
 Records (``results.json``, see :mod:`convnn.runs.records`) come from a local directory or a wandb
 project. Each paper row (``results/paper/<table>.csv``) is matched to the records whose resolved
 ``model``, ``layer``, ``data.name`` and ``optim.lr`` equal those Hydra composes from the row's
-overrides; matched runs are averaged over seeds. Missing cells stay missing. Nothing here trains.
+overrides; matched runs are averaged over seeds (one run recorded twice stops it, naming both
+directories). Missing cells stay missing. Nothing here trains.
 
     convnn-tables table=table1 source=runs/paper/table1            # -> results/reproduced/table1.{md,csv,tex}
     convnn-tables table=table2 profile=true                        # params / GFLOPs columns, no training
@@ -33,7 +34,14 @@ from convnn.paths import CONFIG_DIR, PAPER_DIR
 from convnn.provenance import made_by
 from convnn.report.authors import compare_at
 from convnn.runs.identity import identity_diff, row_identity, select, setup_identity
-from convnn.runs.records import EPOCH_FIELDS, LOGGED_ONCE, collect_records, logged_name, summarize_epochs
+from convnn.runs.records import (
+    EPOCH_FIELDS,
+    LOGGED_ONCE,
+    check_unique,
+    collect_records,
+    logged_name,
+    summarize_epochs,
+)
 
 OUT_DIR = Path("results") / "reproduced"  # relative: the working directory's, never the package's
 TABLES = ("table1", "table2", "table3", "table4", "table5", "resnet50")
@@ -511,11 +519,13 @@ def make_table(
     setup: str | None = None,
     row_ids: Sequence[str] | None = None,
     epoch: int | None = None,
+    loaded: Sequence[Record] | None = None,
 ) -> list[Path]:
     """Regenerate ``table`` (only ``dataset``'s rows when given, written as ``<table>-<dataset>``;
-    only the rows ``row_ids`` when given) from the records in ``source`` and/or by profiling into
-    ``out_dir``; ``note`` joins the header. ``epoch``: every run as it stood after that epoch
-    (written as ``<name>-epoch<N>``), compared with the authors' runs at that epoch."""
+    only the rows ``row_ids`` when given) from the records in ``source`` (``loaded``: those records,
+    read already) and/or by profiling into ``out_dir``; ``note`` joins the header. ``epoch``: every
+    run as it stood after that epoch (written as ``<name>-epoch<N>``), compared with the authors' runs
+    at that epoch."""
     rows = read_paper(table)
     if row_ids is not None:
         unknown = sorted(set(row_ids) - {r["row"] for r in rows})
@@ -527,7 +537,9 @@ def make_table(
         rows = [r for r in rows if r["dataset"] == dataset]
         if not rows:
             raise ValueError(f"{table} has no rows for dataset {dataset!r}; datasets: {datasets}")
-    records = with_budget_label(load_records(source), budget) if source else []
+    if loaded is None and source:
+        loaded = load_records(source)
+    records = with_budget_label(loaded, budget) if loaded is not None else []
     if epoch is not None:
         if epoch < 1:
             raise ValueError(f"epoch={epoch}; allowed: an epoch number >= 1")
@@ -537,6 +549,7 @@ def make_table(
     chosen = {id(r) for r in select_budget([r for rs in matched.values() for r in rs], None, setup)}
     matched = {row: [r for r in rs if id(r) in chosen] for row, rs in matched.items()}
     used = [r for rs in matched.values() for r in rs]
+    check_unique(used)
     lines = build_table(rows, matched, profile_rows(rows) if profile else None)
     given = {
         "table": table,

@@ -66,9 +66,24 @@ def run_identity(config: Mapping[str, Any]) -> dict[str, Any]:
     return ident
 
 
+def canonical(value: Any) -> Any:
+    """``value`` with every number a float (``0`` and ``0.0`` are one value, as ``==`` says; bools
+    stay bools), tuples as lists, nested containers alike."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {k: canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [canonical(v) for v in value]
+    return value
+
+
 def identity_key(config: Mapping[str, Any]) -> str:
-    """A short stable hash of :func:`run_identity` (16 hex digits), for grouping and file names."""
-    text = json.dumps(run_identity(config), sort_keys=True, default=str)
+    """A short stable hash of :func:`run_identity` (16 hex digits), for grouping and file names; equal
+    identities (``==``, so ``layer.ratio=0`` and ``0.0`` alike) have equal keys."""
+    text = json.dumps(canonical(run_identity(config)), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -75,6 +75,8 @@ class RunLock:
             os.close(fd)  # the holder released and removed it between our open and flock: retry
 
     def __enter__(self) -> RunLock:
+        if self._fd is not None:  # held already (e.g. after :meth:`move`): entering again keeps it
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = self._open_locked()
         old = _read_holder(fd)
@@ -89,6 +91,12 @@ class RunLock:
         os.fsync(fd)
         self._fd = fd
         return self
+
+    def move(self, run_dir: str | Path) -> None:
+        """Rename the held run directory to ``run_dir`` (which must be missing or empty), keeping the
+        lock: the lock file moves with its directory. ``OSError`` when ``run_dir`` is not empty."""
+        os.rename(self.path.parent, run_dir)
+        self.path = Path(run_dir) / LOCK_NAME
 
     def release(self) -> None:
         """Remove the lock file and drop the lock (idempotent)."""

@@ -6,14 +6,15 @@
 
 Order of work: validate the config, build the model (so bad options stop with a one-line message
 before any data is read), profile it, then train with Lightning and keep ``results.json`` (see
-``convnn.runs.records``) up to date in the run directory ``<out_dir>/<experiment>/<overrides>``.
+``convnn.runs.records``) up to date in the run directory ``<out_dir>/<experiment>/<run name>`` (the
+name a function of the run identity and seed, :func:`convnn.runs.rundir.run_name`). Users' guide:
+docs/runs.md.
 """
 
 from __future__ import annotations
 
 import logging
 import platform
-import shutil
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -24,9 +25,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from convnn import paths
-from convnn.cli import compose_or_fail, fail
+from convnn.cli import MULTIRUN, compose_or_fail, fail
 from convnn.provenance import git_commit
-from convnn.runs import rundir  # noqa: F401 - registers the resolvers configs/train.yaml uses
 from convnn.runs.errors import (
     EXIT_BUSY,
     EXIT_FAILED,
@@ -37,7 +37,8 @@ from convnn.runs.errors import (
 )
 from convnn.runs.identity import effective_budget, run_identity
 from convnn.runs.lock import RunLock, RunLockedError
-from convnn.runs.records import RECORD_NAME, RunRecord
+from convnn.runs.records import RECORD_NAME, RunRecord, atomic_write
+from convnn.runs.rundir import earlier_run_dirs  # also registers the resolvers configs/train.yaml uses
 from convnn.runs.slurm import job_info, lightning_plugins, remove_hpc_checkpoints, requeued_by_submitit
 from convnn.runs.sweep import RunState, run_state
 from convnn.train import help  # noqa: F401 - registers the resolver of the --help page
@@ -45,6 +46,7 @@ from convnn.train.allocator import keep_freed_memory, tuning_wanted
 from convnn.train.config import ConfigError, TrainConfig, validate_config
 from convnn.train.device import describe_device, resolve_accelerator
 from convnn.train.quiet import filter_known_warnings
+from convnn.train.streams import drop_output_to_closed_pipes
 from convnn.train.threads import ThreadPlan
 from convnn.train.threads import apply as apply_threads
 from convnn.train.threads import plan as plan_threads
@@ -60,16 +62,69 @@ CONFIG_DIR = paths.CONFIG_DIR
 PROG = "convnn-train"
 
 
+_keep_above: Path | None = None
+"""The nearest directory above this command's run directory that existed before Hydra made it
+(set by :func:`preflight`; else ``out_dir`` is kept): a refused run removes the empty directories
+made below it."""
+
+
+def _check_syntax(args: list[str]) -> None:
+    """One line for an override Hydra's grammar cannot parse (Hydra prints five), with the fix for
+    the usual cause: non-ASCII characters (``out_dir=/data/résumé``) must be quoted."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            parser.parse_overrides([arg])
+        except HydraException as e:
+            key, _, value = arg.partition("=")
+            hint = (
+                f"; quote values with non-ASCII characters: '{key}=\"{value}\"'"
+                if not value.isascii()
+                else ""
+            )
+            reason = str(e).strip().splitlines()[0]
+            raise fail(PROG, f"cannot parse override {arg!r} ({reason}){hint}") from None
+
+
 def preflight(args: list[str]) -> None:
     """Compose the config once before Hydra does (:func:`convnn.cli.compose_or_fail`: composition
-    errors in one line) and check that ``out_dir`` is writable. Multirun, sweeps and Hydra flags are
-    left to Hydra."""
-    cfg = compose_or_fail(PROG, "train", args)
+    errors in one line), after checking each override's syntax (:func:`_check_syntax`), and check that
+    ``out_dir`` is writable; for a single run also the values the config check refuses, before
+    anything is written. Other flags, sweeps and ``hydra`` overrides are left to Hydra."""
+    global _keep_above
+    _keep_above = None
+    _check_syntax(args)
+    cfg = compose_or_fail(PROG, "train", args, hydra=True)
     if cfg is None:
         return
     problem = unwritable(Path(str(cfg.out_dir)))
     if problem:
         raise fail(PROG, f"out_dir={str(cfg.out_dir)!r} is not writable ({problem})")
+    if any(a in MULTIRUN for a in args):  # each job is checked when it starts
+        return
+    HydraConfig.instance().set_config(cfg)
+    try:  # before Hydra makes the run directory: a refused value touches nothing on disk
+        checked_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    except ConfigError as e:
+        raise fail(PROG, str(e)) from None
+    _keep_above = _existing_ancestor(cfg)
+
+
+def _existing_ancestor(cfg: DictConfig) -> Path | None:
+    """The nearest existing directory above the run directory ``cfg`` (composed with its ``hydra``
+    node, set as the Hydra config) names; ``None`` when the name cannot be worked out yet."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        run_dir = Path(str(cfg.hydra.run.dir)).absolute()
+    except OmegaConfBaseException:
+        return None
+    return next(p for p in run_dir.parents if p.exists())
 
 
 def _versions() -> dict[str, str]:
@@ -117,34 +172,57 @@ def _per_device_batch(cfg: TrainConfig) -> tuple[int, int]:
     return cfg.batch_size // world, eval_batch // world
 
 
+def checked_config(cfg: DictConfig) -> TrainConfig:
+    """:func:`~convnn.train.config.validate_config`, with ``trainer.accelerator`` resolved for this
+    machine (``auto``: the GPU when one is visible); ``ConfigError`` with one line on a bad value. A CPU
+    run with an explicit ``data.num_workers`` gets its OpenMP wait policy first, before torch loads
+    (:func:`convnn.train.threads.prepare`)."""
+    typed = validate_config(cfg)
+    if typed.trainer.accelerator != "gpu" and typed.data.num_workers is not None:
+        prepare_threads(_plan(typed, False, typed.data.num_workers))  # a passive wait: before torch loads
+    typed.trainer.accelerator = resolve_accelerator(typed.trainer)
+    return typed
+
+
+def _validated(cfg: DictConfig) -> TrainConfig:
+    """:func:`checked_config` and the SLURM task count (:func:`~convnn.train.distributed.
+    check_slurm_tasks`); ``RunError`` with one line on a bad value."""
+    from convnn.train.distributed import check_slurm_tasks
+
+    try:
+        typed = checked_config(cfg)
+        check_slurm_tasks(typed.trainer)
+    except (ConfigError, ValueError) as e:
+        raise RunError(str(e)) from None
+    return typed
+
+
 def run(cfg: DictConfig) -> float | None:
     """Train one run described by the composed Hydra ``cfg``; returns the final test top-1 (%).
 
     Rank 0 holds the run directory's lock (:class:`convnn.runs.lock.RunLock`) for the whole run and
     decides what the launch does (:class:`~convnn.train.distributed.Start`); under DDP the other
-    ranks follow it (:mod:`convnn.train.distributed`). A ``RunError`` raised before the record exists
-    removes the run directory Hydra made for it.
+    ranks follow it (:mod:`convnn.train.distributed`). A ``RunError`` that stops the run before it is
+    accepted leaves the disk as it was: nothing is written before (``.hydra/`` neither), and the empty
+    directories Hydra made are removed (:func:`_remove_empty_dirs`).
     """
-    from convnn.train.distributed import Start, announce_start, check_slurm_tasks, follow_start, launch_rank
+    from convnn.train.distributed import Start, announce_start, follow_start, launch_rank
 
     filter_known_warnings()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    keep = _keep_above or Path(str(cfg.out_dir)).absolute()
     try:
-        typed = validate_config(cfg)
-        if typed.trainer.accelerator != "gpu" and typed.data.num_workers is not None:
-            prepare_threads(_plan(typed, False, typed.data.num_workers))  # a passive wait: before torch loads
-        typed.trainer.accelerator = resolve_accelerator(typed.trainer)  # auto: the GPU when one is visible
-        check_slurm_tasks(typed.trainer)
-    except (ConfigError, ValueError) as e:
-        raise RunError(str(e)) from None
+        typed = _validated(cfg)
+    except RunError:
+        _remove_empty_dirs(run_dir, keep)
+        raise
     if launch_rank(typed.trainer) != 0:
         start = follow_start(typed.trainer)
         if start.action == "train":
             return _train(cfg, typed, run_dir, start, None)
         return start.final
-    existed = (run_dir / RECORD_NAME).exists()
     try:
-        with RunLock(run_dir) as lock:
+        with _adopt_earlier_run(cfg, run_dir) or RunLock(run_dir) as lock:
             if lock.previous:
                 old = lock.previous
                 print(f"{PROG}: took over the stale lock of pid {old.get('pid')} on {old.get('host')}")
@@ -161,10 +239,10 @@ def run(cfg: DictConfig) -> float | None:
             )
     except RunLockedError as e:
         announce_start(Start("stop"), typed.trainer)
+        _remove_empty_dirs(run_dir, keep)
         raise RunError(str(e), EXIT_BUSY) from None
     except RunError:
-        if not existed and not (run_dir / RECORD_NAME).exists():
-            _remove_unused_run_dir(run_dir)
+        _remove_empty_dirs(run_dir, keep)
         raise
 
 
@@ -175,10 +253,44 @@ def _plan(cfg: TrainConfig, gpu: bool, workers: int) -> ThreadPlan:
     return plan_threads(gpu, t.devices, t.threads, workers, cfg.data.num_workers is not None)
 
 
-def _remove_unused_run_dir(run_dir: Path) -> None:
-    """Remove ``run_dir`` when it holds nothing but what Hydra wrote for it (``.hydra/``)."""
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra"}:
-        shutil.rmtree(run_dir, ignore_errors=True)
+def _remove_empty_dirs(run_dir: Path, keep: Path) -> None:
+    """Remove ``run_dir`` if it is empty (what Hydra made for a refused run) and the empty directories
+    above it, up to ``keep`` (kept)."""
+    for path in (run_dir, *run_dir.parents):
+        if path == keep or keep not in path.parents:
+            return
+        try:
+            path.rmdir()
+        except OSError:  # not empty (another run, another process): kept
+            return
+
+
+def _adopt_earlier_run(cfg: DictConfig, run_dir: Path) -> RunLock | None:
+    """A run of this identity and seed in another directory of the experiment (one named by its
+    override text by older versions, or by an older readable part: :func:`convnn.runs.rundir.
+    earlier_run_dirs`) is moved to ``run_dir`` (still empty), holding its lock; that lock, held, is
+    returned. ``None`` when there is no such run (or another process holds it: the move is left to it)."""
+    if any(run_dir.iterdir()):
+        return None
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for earlier in earlier_run_dirs(run_dir, list(HydraConfig.get().overrides.task)):
+        if not (earlier / RECORD_NAME).is_file():
+            continue
+        if run_state(earlier, resolved).name in ("new", "stale", "corrupt"):
+            continue
+        lock = RunLock(earlier)
+        try:
+            lock.__enter__()
+            if not (earlier / RECORD_NAME).is_file():  # another process moved it meanwhile
+                raise FileNotFoundError(earlier / RECORD_NAME)
+            lock.move(run_dir)
+        except (RunLockedError, OSError):
+            lock.release()
+            _remove_empty_dirs(earlier, earlier.parent)
+            return None
+        print(f"{PROG}: moved {earlier} to {run_dir} (run directories are named by run identity and seed)")
+        return lock
+    return None
 
 
 def _start_state(
@@ -223,8 +335,8 @@ def _decide(cfg: DictConfig, typed: TrainConfig, run_dir: Path) -> tuple[Start, 
     state = _start_state(typed, run_dir, resolved, explicit_resume)
     if state.name == "finished":
         print(f"{PROG}: {run_dir} already finished; nothing to do (overwrite=true trains it again)")
-        print_summary(state.record)
-        return Start("finished", final=state.record["final"]["test_acc1"]), state
+        print_summary(state.record, run_dir)
+        return Start("finished", final=(state.record["final"] or {}).get("test_acc1")), state
     resume_epoch = None
     if state.name == "unfinished":
         resume_epoch = _checked_checkpoint(run_dir / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt", state.record)
@@ -270,6 +382,8 @@ def _train(
     if world > 1 and typed.trainer.sync_batchnorm:
         model, synced = synchronise_batchnorm(model, on_gpu(typed.trainer))
         fields.get("distributed", {})["sync_batchnorm"] = synced > 0
+    if lead:
+        _save_hydra_config(run_dir, cfg)
     record = RunRecord.create(run_dir / RECORD_NAME, fields, previous=previous, enabled=lead)
     L.seed_everything(typed.seed, workers=True, verbose=False)
     ckpt = run_dir / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
@@ -325,6 +439,19 @@ def _record_fields(
         "effective_budget": effective_budget(resolved),
         **_profile(model, typed, image_size),
     }
+
+
+def _save_hydra_config(run_dir: Path, cfg: DictConfig) -> None:
+    """``<run_dir>/.hydra/``: the job's config, Hydra's config and the overrides, as Hydra writes them,
+    written here once the run is accepted (``hydra.output_subdir`` is null so Hydra writes nothing)."""
+    hydra_cfg = HydraConfig.instance().cfg
+    for name, node in (
+        ("config.yaml", cfg),
+        ("hydra.yaml", hydra_cfg),
+        ("overrides.yaml", hydra_cfg.hydra.overrides.task),
+    ):
+        text = OmegaConf.to_yaml(node)
+        atomic_write(run_dir / ".hydra" / name, lambda f, text=text: f.write(text))
 
 
 def _checked_checkpoint(ckpt: Path, record: dict[str, Any]) -> int | None:
@@ -421,7 +548,7 @@ def _fit(
         close()
         if isinstance(e, OSError):  # a full disk, a corrupt image (also from a loader worker): one line
             last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise RunError(f"{last}; resume=true continues from the last checkpoint", EXIT_FAILED) from None
+            raise RunError(f"{last}; {_resume_hint(run_dir)}", EXIT_FAILED) from None
         raise
     record.finish()
     close()
@@ -429,9 +556,20 @@ def _fit(
         for ckpt in (run_dir / "checkpoints").glob("*.ckpt"):
             ckpt.unlink()
     if lead:
-        print_summary(record.data)
+        print_summary(record.data, run_dir)
     final = record.data["final"]
     return final["test_acc1"] if final else None
+
+
+def _resume_hint(run_dir: Path) -> str:
+    """What ``resume=true`` does for the run in ``run_dir`` that just failed: continue from its last
+    checkpoint where one was written, else start afresh (named as such, never a missing file)."""
+    from convnn.runs.checkpoints import LAST_CHECKPOINT
+
+    ckpt = run_dir / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
+    if ckpt.is_file():
+        return f"resume=true continues from {ckpt}"
+    return "no checkpoint was written: resume=true starts it afresh"
 
 
 def _build_trainer(cfg: TrainConfig, run_dir: Path, logger: Any, callbacks: list, start: Start) -> Any:
@@ -468,28 +606,37 @@ def _build_trainer(cfg: TrainConfig, run_dir: Path, logger: Any, callbacks: list
     )
 
 
-def print_summary(record: dict[str, Any]) -> None:
-    """A rich table of one run record: what ran, its size and cost, and its test results."""
+def _shown(value: Any, spec: str) -> str:
+    """``value`` formatted with ``spec``, or ``-`` where the record has none (a field may be absent
+    or null in a valid record)."""
+    return "-" if value is None else format(value, spec)
+
+
+def print_summary(record: dict[str, Any], run_dir: Path) -> None:
+    """A rich table of one run record (in ``run_dir``, where it is now: a moved run's record keeps
+    the path it was written at): what ran, its size and cost, and its test results."""
     from rich.console import Console
     from rich.table import Table
 
     cfg = record["config"]
     final, best = record.get("final") or {}, record.get("best") or {}
+    gflops = f"{_shown(record.get('gflops'), '.3f')} / {_shown(record.get('gflops_profiler'), '.3f')}"
     rows = [
-        ("run", record["run_dir"]),
+        ("run", str(run_dir)),
         ("status", record["status"]),
         ("model / layer / data", f"{cfg['model']['name']} / {cfg['layer']['name']} / {cfg['data']['name']}"),
-        ("budget", f"{record['budget']} ({len(record['epochs'])} of {cfg['epochs']} epochs)"),
-        ("params", f"{record['params']:,}"),
-        ("GFLOPs fvcore / profiler", f"{record['gflops']:.3f} / {record['gflops_profiler']:.3f}"),
+        ("budget", f"{record.get('budget')} ({len(record['epochs'])} of {cfg['epochs']} epochs)"),
+        ("params", _shown(record.get("params"), ",")),
+        ("GFLOPs fvcore / profiler", gflops),
     ]
     if final:
+        acc = f"{_shown(final.get('test_acc1'), '.2f')} / {_shown(final.get('test_acc5'), '.2f')}"
         rows += [
-            ("final test loss", f"{final['test_loss']:.3f}"),
-            ("final test acc@1 / @5 (%)", f"{final['test_acc1']:.2f} / {final['test_acc5']:.2f}"),
-            ("best test acc@1 (%)", f"{best['test_acc1']:.2f} (epoch {best['epoch']})"),
+            ("final test loss", _shown(final.get("test_loss"), ".3f")),
+            ("final test acc@1 / @5 (%)", acc),
+            ("best test acc@1 (%)", f"{_shown(best.get('test_acc1'), '.2f')} (epoch {best.get('epoch')})"),
         ]
-    rows.append(("wall time (s)", f"{record['wall_time_s']:.1f}"))
+    rows.append(("wall time (s)", _shown(record.get("wall_time_s"), ".1f")))
     table = Table(title="convnn-train summary", show_header=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
@@ -517,6 +664,7 @@ def _hydra_app(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Console entry point ``convnn-train``."""
+    drop_output_to_closed_pipes()
     try:
         tuning_wanted()
     except ValueError as e:

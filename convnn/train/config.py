@@ -8,6 +8,7 @@ allowed. ``model`` and ``layer`` stay free-form here: their keys are builder arg
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ LOGGERS = ("none", "csv", "wandb")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "step")
+MAX_SEED = 2**32 - 1  # numpy's seed range, which Lightning's seed_everything enforces
 
 
 class ConfigError(ValueError):
@@ -152,8 +154,14 @@ def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
 def _at_least(key: str, value: float | None, low: float, optional: bool = False) -> None:
     if value is None and optional:
         return
-    if value is None or value < low:
-        raise _fail(key, value, f">= {low}" + (" or null" if optional else ""))
+    if value is None or not math.isfinite(value) or value < low:
+        finite = "a finite value " if value is not None and not math.isfinite(value) else ""
+        raise _fail(key, value, f"{finite}>= {low}" + (" or null" if optional else ""))
+
+
+def _seed(key: str, value: int) -> None:
+    if not 0 <= value <= MAX_SEED:
+        raise _fail(key, value, f"an integer in [0, {MAX_SEED}]")
 
 
 def _check_values(cfg: TrainConfig) -> None:
@@ -194,10 +202,12 @@ def _check_values(cfg: TrainConfig) -> None:
         ("trainer.threads", t.threads),
     ):
         _at_least(key, value, 1, optional=True)
-    if not o.lr > 0:
-        raise _fail("optim.lr", o.lr, "> 0")
-    if o.grad_clip is not None and not o.grad_clip > 0:
-        raise _fail("optim.grad_clip", o.grad_clip, "> 0 or null (no clipping)")
+    _seed("seed", cfg.seed)
+    _seed("data.subset.seed", d.subset.seed)
+    if not (math.isfinite(o.lr) and o.lr > 0):
+        raise _fail("optim.lr", o.lr, "> 0 (finite)")
+    if o.grad_clip is not None and not (math.isfinite(o.grad_clip) and o.grad_clip > 0):
+        raise _fail("optim.grad_clip", o.grad_clip, "> 0 (finite) or null (no clipping)")
     if not 0 <= o.label_smoothing < 1:
         raise _fail("optim.label_smoothing", o.label_smoothing, "[0, 1)")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
@@ -207,8 +217,10 @@ def _check_values(cfg: TrainConfig) -> None:
     for key, values in (("data.mean", d.mean), ("data.std", d.std)):
         if len(values) != d.in_channels:
             raise _fail(key, values, f"{d.in_channels} values (one per data.in_channels)")
-    if not all(v > 0 for v in d.std):
-        raise _fail("data.std", d.std, "values > 0")
+    if not all(math.isfinite(v) for v in d.mean):
+        raise _fail("data.mean", d.mean, "finite values")
+    if not all(math.isfinite(v) and v > 0 for v in d.std):
+        raise _fail("data.std", d.std, "finite values > 0")
     if d.name != "synthetic" and not d.root:
         raise _fail("data.root", d.root, "a directory (set data.root= or $CONVNN_DATA_ROOT)")
     if "name" not in cfg.layer:

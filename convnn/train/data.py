@@ -27,6 +27,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, Subset
 from torchvision import datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
 
 from convnn.train.config import DataConfig
@@ -248,7 +249,9 @@ def data_feed(cfg: DataConfig, gpu: bool, devices: int = 1) -> DataFeed:
 
 
 def _uses_imagefolder(cfg: DataConfig) -> bool:
-    """Whether ``cfg`` reads an ImageFolder tree (``data.format``, or ``auto`` and the split dirs exist)."""
+    """Whether ``cfg`` reads an ImageFolder tree: ``data.format``, or for ``auto`` a split folder
+    (``train/`` or ``test/``) under ``data.root`` (one alone is a broken copy, reported by
+    :func:`_imagefolder` naming the missing folder, never a reason to download torchvision's files)."""
     if cfg.name == "synthetic":
         return False
     if cfg.format != "auto":
@@ -256,7 +259,7 @@ def _uses_imagefolder(cfg: DataConfig) -> bool:
     if cfg.name not in TORCHVISION_CIFAR:
         return True
     root = Path(cfg.root)
-    return (root / cfg.train_split).is_dir() and (root / cfg.test_split).is_dir()
+    return (root / cfg.train_split).is_dir() or (root / cfg.test_split).is_dir()
 
 
 class CorruptImageError(OSError):
@@ -274,12 +277,30 @@ def load_image(path: str) -> Image.Image:
         ) from None
 
 
-def _imagefolder(cfg: DataConfig, split: str, transform: v2.Compose) -> datasets.ImageFolder:
-    path = Path(cfg.root) / split
+def _without_images(path: Path) -> list[str]:
+    """The class folders under ``path`` (an ImageFolder split) holding no image ImageFolder reads."""
+    return [
+        str(folder)
+        for folder in sorted(p for p in path.iterdir() if p.is_dir())
+        if not any(
+            f.is_file() and has_file_allowed_extension(f.name, IMG_EXTENSIONS) for f in folder.rglob("*")
+        )
+    ]
+
+
+def _imagefolder(cfg: DataConfig, train: bool, transform: v2.Compose) -> datasets.ImageFolder:
+    path = Path(cfg.root) / (cfg.train_split if train else cfg.test_split)
+    name = "train" if train else "test"
     if not path.is_dir():
         raise FileNotFoundError(
-            f"{cfg.name}: no ImageFolder split {str(path)!r}; data.root={cfg.root!r} must hold "
-            f"{cfg.train_split}/ and {cfg.test_split}/ folders with one sub-folder per class"
+            f"{cfg.name}: the {name} split folder {str(path)!r} is missing; data.root={cfg.root!r} must "
+            f"hold {cfg.train_split}/ and {cfg.test_split}/ folders with one sub-folder per class"
+        )
+    empty = _without_images(path)
+    if empty:
+        raise FileNotFoundError(
+            f"{cfg.name}: {len(empty)} class folder(s) of the {name} split {str(path)!r} hold no image: "
+            f"{empty}; add images ({', '.join(IMG_EXTENSIONS)}) or remove the folder(s)"
         )
     ds = datasets.ImageFolder(str(path), transform=transform, loader=load_image)
     if len(ds.classes) != cfg.num_classes:
@@ -318,7 +339,7 @@ def build_dataset(
         )
         return _TransformedTensors(base, transform)
     if _uses_imagefolder(cfg):
-        return _imagefolder(cfg, cfg.train_split if train else cfg.test_split, transform)
+        return _imagefolder(cfg, train, transform)
     return _torchvision_cifar(cfg, train, transform, download=False)
 
 
