@@ -165,6 +165,7 @@ def test_index_add_rows_rejects_an_index_out_of_range():
 
 
 @needs_kernel
+@pytest.mark.slow  # builds the extension twice more (about 45 s on 2 cores)
 @pytest.mark.parametrize("capability", ["AVX2", "DEFAULT"])
 def test_kernels_built_for_other_instruction_sets_agree(capability, tmp_path):
     """The AVX2 and plain C++ paths of the kernels (this machine runs the AVX-512 one), built fresh."""
