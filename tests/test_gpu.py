@@ -298,7 +298,7 @@ def test_startup_check_touches_no_gpu_rng(monkeypatch):
 @pytest.mark.parametrize(
     ("gpu", "devices", "cpus", "options", "want"),
     [
-        (False, 1, 16, {}, DataFeed(2, False, True, "cpu")),
+        (False, 1, 16, {}, DataFeed(0, False, False, "cpu")),
         (True, 1, 16, {}, DataFeed(8, True, True, "device")),
         (True, 4, 16, {}, DataFeed(3, True, True, "device")),
         (True, 1, 2, {}, DataFeed(1, True, True, "device")),

@@ -84,7 +84,7 @@ def test_workers_beside_every_core_busy_with_threads_wait_passively(affinity):
     [
         (
             ["data.num_workers=null"],
-            {"threads": 1, "workers": 2, "workers_from": "auto", "wait_policy": None},
+            {"threads": 1, "workers": 0, "workers_from": "auto", "wait_policy": None},
         ),
         pytest.param(
             ["data.num_workers=1"],

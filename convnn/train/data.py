@@ -228,8 +228,10 @@ class DataFeed:
 
 #: Loader workers per GPU at most, when ``data.num_workers`` is unset.
 MAX_GPU_WORKERS = 8
-#: Loader workers of a CPU run when ``data.num_workers`` is unset (the CPU computes the model too).
-CPU_WORKERS = 2
+#: Loader workers of a CPU run when ``data.num_workers`` is unset: none, the torch threads take every
+#: core and the batches are decoded between steps (workers on the same cores made the quickstart
+#: slower: see docs/performance.md).
+CPU_WORKERS = 0
 
 
 def data_feed(cfg: DataConfig, gpu: bool, devices: int = 1) -> DataFeed:
