@@ -60,23 +60,14 @@ def test_a_record_without_its_commit_is_caught() -> None:
 # copied unchanged from elsewhere (a header would change them): their folder's README names the source
 COPIED = {RESULTS / "paper" / "authors" / name for name in ("curves.csv", "runs.csv")}
 # written before the header line existed, with the command that rewrites each (then drop it here)
-BEFORE_HEADERS = {p: "make mini" for p in (RESULTS / "reproduced" / "mini").glob("*") if p.is_file()}
-BEFORE_HEADERS[RESULTS / "paper" / "accounting.md"] = "python scripts/make_accounting.py"
 RESULT_FILES = sorted(
     p for p in RESULTS.rglob("*") if p.is_file() and p.name != "README.md" and p not in COPIED
 )
 
 
-def _marks(path: Path) -> list[pytest.MarkDecorator]:
-    if path in BEFORE_HEADERS:
-        reason = f"written before header lines; `{BEFORE_HEADERS[path]}` rewrites it"
-        return [pytest.mark.xfail(strict=True, reason=reason)]
-    return []
-
-
 @pytest.mark.parametrize(
     "path",
-    [pytest.param(p, id=str(p.relative_to(RESULTS)), marks=_marks(p)) for p in RESULT_FILES],
+    [pytest.param(p, id=str(p.relative_to(RESULTS))) for p in RESULT_FILES],
 )
 def test_every_result_file_says_how_it_was_made(path: Path) -> None:
     """README.md files are indexes written by hand; every other file under results/ has a header line
