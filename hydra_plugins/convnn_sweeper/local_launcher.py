@@ -161,9 +161,11 @@ class LocalLauncher(BaseSubmititLauncher):
         """Torch threads of each CPU job: its share of the machine's cores among the jobs running at
         once, so side-by-side jobs do not oversubscribe the cores; ``None`` (the job decides) where
         ``OMP_NUM_THREADS`` is set."""
+        from convnn.train.threads import job_cores
+
         if os.environ.get("OMP_NUM_THREADS"):
             return None
-        return max(1, len(os.sched_getaffinity(0)) // self.slots())
+        return max(1, job_cores()[0] // self.slots())
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
         """Run ``job_overrides`` through the queue; every job's ``JobReturn``, in order."""
