@@ -206,7 +206,11 @@ def test_a_huge_learning_rate_diverges_and_is_recorded_as_such(tmp_path, monkeyp
 
 def _train_process(out: Path, *overrides: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "convnn.train.app", f"out_dir={out}", *overrides]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default in the run, even where this runner inherited it ignored (a shell's background job)
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    )
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
