@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -160,6 +162,22 @@ def test_local_launcher_parallelism_fits_the_machine() -> None:
     assert default_local_parallelism(1, cpus=16, mem_gib=24) == 6  # memory: one job per 4 GiB
     assert default_local_parallelism(8, cpus=16, mem_gib=256) == 2
     assert default_local_parallelism(4, cpus=2, mem_gib=2) == 1
+
+
+def test_local_launcher_parallelism_counts_the_cores_the_process_may_use() -> None:
+    """Pinned to one core (``taskset``), or given one CPU by SLURM, the launcher runs one job at a
+    time, whatever ``os.cpu_count()`` says."""
+    probe = (
+        "from hydra_plugins.convnn_sweeper.local_launcher import default_local_parallelism as d;"
+        "print(d(1, mem_gib=64))"
+    )
+    pinned = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert pinned.stdout.strip() == "1"
+    env = {**os.environ, "SLURM_CPUS_PER_TASK": "1"}
+    slurm = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env)
+    assert slurm.stdout.strip() == "1"
 
 
 def test_listings_and_summary_name_every_job_that_does_not_finish() -> None:

@@ -37,6 +37,7 @@ from omegaconf import OmegaConf
 
 from convnn.runs.errors import EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM
 from convnn.runs.gpus import GpuPool, GpuPoolError, gpu_pool
+from convnn.train.threads import job_cores
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,10 @@ ConfigStore.instance().store(
 def default_local_parallelism(
     cpus_per_task: int, cpus: int | None = None, mem_gib: float | None = None
 ) -> int:
-    """CPU jobs the machine holds at once: its cores over ``cpus_per_task``, and at most one per
-    ``GIB_PER_LOCAL_JOB`` GiB of memory; at least 1."""
-    cpus = cpus or os.cpu_count() or 1
+    """CPU jobs the machine holds at once: the cores this process may use (its affinity, at most
+    SLURM's allocation: :func:`~convnn.train.threads.job_cores`) over ``cpus_per_task``, and at most
+    one per ``GIB_PER_LOCAL_JOB`` GiB of memory; at least 1."""
+    cpus = cpus or job_cores()[0]
     if mem_gib is None:
         mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return max(1, min(cpus // max(1, cpus_per_task), int(mem_gib // GIB_PER_LOCAL_JOB)))
@@ -161,8 +163,6 @@ class LocalLauncher(BaseSubmititLauncher):
         """Torch threads of each CPU job: its share of the machine's cores among the jobs running at
         once, so side-by-side jobs do not oversubscribe the cores; ``None`` (the job decides) where
         ``OMP_NUM_THREADS`` is set."""
-        from convnn.train.threads import job_cores
-
         if os.environ.get("OMP_NUM_THREADS"):
             return None
         return max(1, job_cores()[0] // self.slots())
