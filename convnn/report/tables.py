@@ -138,17 +138,16 @@ def summarize(records: Sequence[Record]) -> dict[str, Any]:
 
 
 def at_epoch(record: Record, epoch: int) -> Record:
-    """``record`` as it stood after ``epoch``: its first ``epoch`` epoch rows, that epoch's test values as
-    final and the best of those epochs as best; a run that never reached ``epoch`` counts as unfinished
-    (status ``running``), one that reached it with finite test values as finished there."""
+    """``record`` as it stood after ``epoch``: its first ``epoch`` epoch rows, with ``final`` and ``best``
+    as the record would hold them had it ended there (:func:`~convnn.runs.records.summarize_epochs`); a
+    run that never reached ``epoch`` counts as unfinished (status ``running``), one that reached it with
+    finite test values as finished there."""
     rows = [e for e in record.get("epochs") or [] if isinstance(e.get("epoch"), int) and e["epoch"] <= epoch]
     last = rows[-1] if rows and rows[-1]["epoch"] == epoch else None
     if last is None or not all(math.isfinite(last.get(m, math.nan)) for m in ("test_loss", "test_acc1")):
         status = "diverged" if record.get("status") == "diverged" and last is not None else "running"
         return {**record, "status": status, "epochs": rows, "final": None, "best": None}
-    final = {k: last[k] for k in ("test_loss", "test_acc1", "test_acc5", *BATCHMEAN_METRICS) if k in last}
-    top = max(rows, key=lambda e: (e.get("test_acc1", -math.inf), -e["epoch"]))
-    best = {"epoch": top["epoch"], "test_loss": top.get("test_loss"), "test_acc1": top.get("test_acc1")}
+    final, best = summarize_epochs(rows)
     return {**record, "status": "finished", "epochs": rows, "final": final, "best": best}
 
 
