@@ -95,6 +95,20 @@ def test_cpu_jobs_side_by_side_share_the_cores_unless_omp_num_threads_is_set(tmp
     assert json.loads((out / "job-7.json").read_text())["threads"] == "3"
 
 
+def test_a_cpu_ddp_job_counts_one_process_per_device(tmp_path: Path) -> None:
+    """``trainer.devices=2`` on the CPU: each job's two processes share its cores, so the sweep runs
+    fewer jobs at once and gives each process fewer threads than for one-process jobs."""
+    app, out = _app(tmp_path)
+    unset = {k: v for k, v in JOB_ENV.items() if k != "OMP_NUM_THREADS"}
+    result = _run_app(app, "job=5,6", "trainer.devices=2", env=unset)
+    assert result.returncode == 0, result.stderr[-3000:]
+    slots = default_local_parallelism(2)
+    tasks = ", 2 processes each"
+    assert f"hydra/launcher=local: {slots} jobs at a time (CPU jobs{tasks})" in result.stdout + result.stderr
+    share = str(max(1, len(os.sched_getaffinity(0)) // slots // 2))
+    assert [json.loads((out / f"job-{j}.json").read_text())["threads"] for j in (5, 6)] == [share] * 2
+
+
 def test_a_pool_of_four_runs_eight_jobs_four_at_a_time_never_sharing_a_gpu(tmp_path: Path) -> None:
     app, out = _app(tmp_path)
     result = _run_app(

@@ -50,13 +50,15 @@ STOP_CODES = (EXIT_SIGINT, EXIT_SIGTERM)  # a job stopped by a signal stops the 
 class LocalLauncherConf:
     """``gpus_per_node``: GPUs per job (``configs/hydra/launcher/local.yaml`` derives it from the
     trainer); ``visible_gpus``: the pool (null: ``CUDA_VISIBLE_DEVICES`` or every GPU the machine
-    shows); ``cpus_per_task``: cores per CPU job, for the default cap."""
+    shows); ``cpus_per_task``: cores per process of a CPU job, for the default cap; ``tasks_per_node``:
+    processes per job (``trainer.devices``: a CPU DDP job runs one per device)."""
 
     _target_: str = "hydra_plugins.convnn_sweeper.local_launcher.LocalLauncher"
     submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"
     gpus_per_node: int = 0
     visible_gpus: Optional[List[Any]] = None  # noqa: UP006, UP045
     cpus_per_task: int = 1
+    tasks_per_node: int = 1
 
 
 ConfigStore.instance().store(
@@ -151,21 +153,27 @@ class LocalLauncher(BaseSubmititLauncher):
     def gpus_per_job(self) -> int:
         return int(self.params.get("gpus_per_node") or 0)
 
+    @property
+    def tasks_per_job(self) -> int:
+        return max(1, int(self.params.get("tasks_per_node") or 1))
+
     def slots(self) -> int:
-        """Jobs run at once: the pool over the GPUs per job (GPU jobs), or the cores and memory (CPU
-        jobs); ``hydra.sweeper.local_parallelism`` caps both."""
+        """Jobs run at once: the pool over the GPUs per job (GPU jobs), or the cores and memory over
+        the cores of a job's processes (CPU jobs); ``hydra.sweeper.local_parallelism`` caps both."""
         cap = OmegaConf.select(self.config, "hydra.sweeper.local_parallelism", default=None)
         if self.gpus_per_job:
             return min(len(self.pool) // self.gpus_per_job, cap or len(self.pool))
-        return cap or default_local_parallelism(int(self.params.get("cpus_per_task") or 1))
+        per_task = int(self.params.get("cpus_per_task") or 1)
+        return cap or default_local_parallelism(per_task * self.tasks_per_job)
 
     def cpu_threads(self) -> int | None:
-        """Torch threads of each CPU job: its share of the machine's cores among the jobs running at
-        once, so side-by-side jobs do not oversubscribe the cores; ``None`` (the job decides) where
+        """Torch threads of each process of a CPU job: the job's share of the machine's cores among
+        the jobs running at once, split between its processes (a CPU DDP job's ``tasks_per_node``), so
+        side-by-side jobs do not oversubscribe the cores; ``None`` (the job decides) where
         ``OMP_NUM_THREADS`` is set."""
         if os.environ.get("OMP_NUM_THREADS"):
             return None
-        return max(1, job_cores()[0] // self.slots())
+        return max(1, job_cores()[0] // self.slots() // self.tasks_per_job)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
         """Run ``job_overrides`` through the queue; every job's ``JobReturn``, in order."""
@@ -176,8 +184,9 @@ class LocalLauncher(BaseSubmititLauncher):
         assert self.config is not None
         slots, pool = self.slots(), GpuPool(self.pool)
         each = f", {self.gpus_per_job} GPU{'s' * (self.gpus_per_job > 1)} each of {self.pool}"
+        tasks = f", {self.tasks_per_job} processes each" if self.tasks_per_job > 1 else ""
         log.info(
-            f"hydra/launcher=local: {slots} jobs at a time{each if self.gpus_per_job else ' (CPU jobs)'}"
+            f"hydra/launcher=local: {slots} jobs at a time{each if self.gpus_per_job else f' (CPU jobs{tasks})'}"
         )
         executor = QueueExecutor(self.params["submitit_folder"])
         JobPaths.get_first_id_independent_folder(executor.folder).mkdir(parents=True, exist_ok=True)
