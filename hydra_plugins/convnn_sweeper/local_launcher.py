@@ -185,9 +185,8 @@ class LocalLauncher(BaseSubmititLauncher):
         slots, pool = self.slots(), GpuPool(self.pool)
         each = f", {self.gpus_per_job} GPU{'s' * (self.gpus_per_job > 1)} each of {self.pool}"
         tasks = f", {self.tasks_per_job} processes each" if self.tasks_per_job > 1 else ""
-        log.info(
-            f"hydra/launcher=local: {slots} jobs at a time{each if self.gpus_per_job else f' (CPU jobs{tasks})'}"
-        )
+        kind = each if self.gpus_per_job else f" (CPU jobs{tasks})"
+        log.info(f"hydra/launcher=local: {slots} jobs at a time{kind}")
         executor = QueueExecutor(self.params["submitit_folder"])
         JobPaths.get_first_id_independent_folder(executor.folder).mkdir(parents=True, exist_ok=True)
         pending = deque(enumerate(job_overrides, start=initial_job_idx))
