@@ -22,6 +22,7 @@ CLIENT_CONF=/etc/slurm/slurm.conf
 MUNGE_SOCKET=/run/munge/munge.socket.2
 MYSQL_SOCKET=/run/mysqld/mysqld.sock
 NODE=$(hostname -s)
+FRESH=0 # set by start: no daemon of the cluster was running
 export SLURM_CONF=$STATE/etc/slurm.conf # slurmdbd reads slurmdbd.conf from the same directory
 
 say() { echo "slurm_cluster: $*" >&2; }
@@ -30,13 +31,15 @@ die() {
 	exit 1
 }
 
-pid_of() { # the pid recorded for daemon $1 if that process is alive, else nothing
+pid_of() { # the pid recorded for daemon $1 if that process is alive (a zombie is not), else nothing
 	local file="$STATE/run/$1.pid"
 	[[ -s $file ]] || return 0
 	local pid
 	pid=$(<"$file")
-	if kill -0 "$pid" 2>/dev/null; then echo "$pid"; fi
+	if [[ $(ps -o stat= -p "$pid" 2>/dev/null) == [^Z]* ]]; then echo "$pid"; fi
 }
+
+running() { [[ -n $(pid_of "$1") ]]; }
 
 install_packages() {
 	local missing=()
@@ -165,31 +168,35 @@ start_slurmdbd() {
 	wait_for slurmdbd 30 sacctmgr -n list cluster
 }
 
-start_slurmctld() {
-	slurmctld
+start_slurmctld() { # -c: a cluster started afresh drops the jobs a killed one left in its saved state
+	if ((FRESH)); then slurmctld -c; else slurmctld; fi
 	wait_for slurmctld 30 scontrol ping
 }
 
-start_slurmd() {
+start_slurmd() { # its pid file first names the process that forks the daemon
 	slurmd
-	wait_for slurmd 10 test -s "$STATE/run/slurmd.pid"
+	wait_for slurmd 10 running slurmd
 }
 
 node_idle() { [[ $(sinfo -h -n "$NODE" -o %T) == idle* ]]; }
 
 start() {
 	[[ $(id -u) == 0 ]] || die "run as root (it installs packages and starts system daemons)"
-	local running=0
-	for d in "${DAEMONS[@]}"; do [[ -n $(pid_of "$d") ]] && running=$((running + 1)); done
-	if ((running == ${#DAEMONS[@]})); then
+	local up=0
+	for d in "${DAEMONS[@]}"; do running "$d" && up=$((up + 1)); done
+	if ((up == ${#DAEMONS[@]})); then
 		say "already running (node $NODE $(sinfo -h -n "$NODE" -o %T))"
 		return 0
 	fi
 	install_packages
 	resolve_hostname
-	((running)) || write_configs
+	FRESH=$((up == 0))
+	if ((FRESH)); then
+		write_configs
+		say "starting afresh: jobs left by a cluster that was not stopped are dropped"
+	fi
 	for d in "${DAEMONS[@]}"; do
-		if [[ -z $(pid_of "$d") ]]; then
+		if ! running "$d"; then
 			"start_$d"
 			say "$d started (pid $(pid_of "$d"))"
 		fi

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -257,6 +258,34 @@ def test_cluster_script_start_is_idempotent(cluster: None) -> None:
     daemons = dict(line.split(": ") for line in status.stdout.splitlines() if ": " in line)
     assert set(daemons) == {"munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd"}
     assert all(pid.isdigit() for pid in daemons.values())
+
+
+def test_cluster_script_starts_a_killed_cluster_afresh(cluster: None) -> None:
+    """Every daemon SIGKILLed while a job runs (a CI run ended mid-suite): ``start`` brings the node
+    back idle, the dead cluster's job is dropped from the queue and its process ended."""
+    state = Path(os.environ.get("CONVNN_SLURM_DIR", "/var/lib/convnn-slurm"))
+    if not os.access(state, os.W_OK):
+        pytest.skip("the cluster was not started by scripts/slurm_cluster.sh here")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "slurm_cluster.sh"
+    marker = f"sleep {600 + os.getpid() % 1000}"  # names this test's job process alone
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--job-name=convnn-test-stale", f"--wrap={marker}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    wait_for(f"job {job} to run", lambda: queue().get(job) == "RUNNING", timeout=60)
+    for daemon in ("slurmd", "slurmctld", "slurmdbd", "mariadbd", "munged"):
+        os.kill(int((state / "run" / f"{daemon}.pid").read_text()), signal.SIGKILL)
+    started = subprocess.run([str(script), "start"], capture_output=True, text=True, timeout=150)
+    assert started.returncode == 0, started.stderr
+    assert "starting afresh" in started.stderr and "up: node" in started.stderr, started.stderr
+    assert job not in queue()
+    wait_for(
+        "the dead cluster's job process to end",
+        lambda: subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 1,
+        timeout=60,
+    )
 
 
 def test_array_sweep_records_jobs_and_a_rerun_skips_them(search: Path, pair: tuple[Path, str]) -> None:
