@@ -13,7 +13,7 @@ the fraction of the machine's matmul throughput the step reaches (ConvNN's selec
 so its nominal work overstates the step's by its similarity's share). ``convnn-train``'s allocator
 setting is applied, as in a training run. Writes ``<out>/models-<device>.{json,md}``.
 
-    python scripts/bench_models.py --threads 1,2      # about 25 min on 2 idle CPU cores
+    python scripts/bench_models.py --threads 1,2      # 5-20 min on 2 idle CPU cores
     python scripts/bench_models.py --batch 64 --repeats 2 --ratios 0,1 --quick   # prints only
 """
 
