@@ -75,6 +75,10 @@ def _rows_conv_backward(
 #: the step stays in cache).
 STEP_ELEMENTS = 1 << 20
 
+#: Tokens per step at most: narrow rows make long steps (64 channels x 9 neighbours: 1,820 tokens),
+#: whose backward products run slower than those of steps of 1,024 tokens or fewer (AVX2 CPUs).
+MAX_STEP_TOKENS = 1024
+
 
 def _gathered_steps(v_rows: Tensor, flat: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
     """``(start, step, rows)`` per step of :func:`_step` tokens: the step's indices ``flat[start:
@@ -101,8 +105,9 @@ def _like_or_empty(*pairs: tuple[Tensor, bool], zeros: bool = False) -> tuple[Te
 
 def _step(flat: Tensor, v_rows: Tensor) -> int:
     """Tokens per step of :func:`gather_aggregate` / :func:`gather_scaled_sum`: about
-    :data:`STEP_ELEMENTS` gathered values, a multiple of :data:`CONV_BATCH`."""
-    tokens = STEP_ELEMENTS // (flat.shape[1] * v_rows.shape[1])
+    :data:`STEP_ELEMENTS` gathered values, at most :data:`MAX_STEP_TOKENS`, a multiple of
+    :data:`CONV_BATCH`."""
+    tokens = min(STEP_ELEMENTS // (flat.shape[1] * v_rows.shape[1]), MAX_STEP_TOKENS)
     return max(CONV_BATCH, tokens - tokens % CONV_BATCH)
 
 
