@@ -260,7 +260,7 @@ def test_cluster_script_start_is_idempotent(cluster: None) -> None:
     assert all(pid.isdigit() for pid in daemons.values())
 
 
-def test_cluster_script_starts_a_killed_cluster_afresh(cluster: None) -> None:
+def test_cluster_script_starts_a_killed_cluster_afresh(cluster: None, tmp_path: Path) -> None:
     """Every daemon SIGKILLed while a job runs (a CI run ended mid-suite): ``start`` brings the node
     back idle, the dead cluster's job is dropped from the queue and its process ended."""
     state = Path(os.environ.get("CONVNN_SLURM_DIR", "/var/lib/convnn-slurm"))
@@ -269,7 +269,13 @@ def test_cluster_script_starts_a_killed_cluster_afresh(cluster: None) -> None:
     script = Path(__file__).resolve().parent.parent / "scripts" / "slurm_cluster.sh"
     marker = f"sleep {600 + os.getpid() % 1000}"  # names this test's job process alone
     job = subprocess.run(
-        ["sbatch", "--parsable", "--job-name=convnn-test-stale", f"--wrap={marker}"],
+        [
+            "sbatch",
+            "--parsable",
+            "--job-name=convnn-test-stale",
+            f"--output={tmp_path}/%j.out",
+            f"--wrap={marker}",
+        ],
         capture_output=True,
         text=True,
         check=True,
