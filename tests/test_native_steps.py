@@ -123,3 +123,11 @@ def test_selection_and_its_gradient_equal_the_python_chunks(kind, sampled, threa
         {"select_chunks"} if kind != "euclidean" else set()
     )  # by oneDNN / GEMM
     assert_bitwise(*native_and_loops(run, monkeypatch, kernels))
+
+
+def test_narrow_rows_make_steps_of_at_most_max_step_tokens():
+    """64 channels x 9 neighbours would fill STEP_ELEMENTS with 1,820 tokens; a step holds at most
+    MAX_STEP_TOKENS (a multiple of 16), while wide rows keep their cache-sized steps."""
+    flat = torch.zeros(32 * 1024, 9, dtype=torch.long)
+    assert ops._step(flat, torch.empty(1, 64)) == ops.MAX_STEP_TOKENS == 1024
+    assert ops._step(flat, torch.empty(1, 256)) == 448  # (1 << 20) // (9 * 256) = 455, to 16s

@@ -246,27 +246,32 @@ def pair(search: Path, tmp_path_factory: pytest.TempPathFactory, time_limited: A
     return out / "pair", result.stdout + result.stderr
 
 
-def test_cluster_script_start_is_idempotent(cluster: None) -> None:
-    """``start`` on a running cluster returns at once; ``status`` lists every daemon's pid."""
-    script = Path(__file__).resolve().parent.parent / "scripts" / "slurm_cluster.sh"
-    if not os.access(os.environ.get("CONVNN_SLURM_DIR", "/var/lib/convnn-slurm"), os.W_OK):
+CLUSTER_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "slurm_cluster.sh"
+
+
+@pytest.fixture
+def cluster_state(cluster: None) -> Path:
+    """The state folder of the cluster ``scripts/slurm_cluster.sh`` started (skips where it did not)."""
+    state = Path(os.environ.get("CONVNN_SLURM_DIR", "/var/lib/convnn-slurm"))
+    if not os.access(state, os.W_OK):
         pytest.skip("the cluster was not started by scripts/slurm_cluster.sh here")
-    started = subprocess.run([str(script), "start"], capture_output=True, text=True, timeout=30)
+    return state
+
+
+def test_cluster_script_start_is_idempotent(cluster_state: Path) -> None:
+    """``start`` on a running cluster returns at once; ``status`` lists every daemon's pid."""
+    started = subprocess.run([str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True, timeout=30)
     assert started.returncode == 0 and "already running" in started.stderr, started.stderr
-    status = subprocess.run([str(script), "status"], capture_output=True, text=True, timeout=30)
+    status = subprocess.run([str(CLUSTER_SCRIPT), "status"], capture_output=True, text=True, timeout=30)
     assert status.returncode == 0, status.stdout + status.stderr
     daemons = dict(line.split(": ") for line in status.stdout.splitlines() if ": " in line)
     assert set(daemons) == {"munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd"}
     assert all(pid.isdigit() for pid in daemons.values())
 
 
-def test_cluster_script_starts_a_killed_cluster_afresh(cluster: None, tmp_path: Path) -> None:
+def test_cluster_script_starts_a_killed_cluster_afresh(cluster_state: Path, tmp_path: Path) -> None:
     """Every daemon SIGKILLed while a job runs (a CI run ended mid-suite): ``start`` brings the node
     back idle, the dead cluster's job is dropped from the queue and its process ended."""
-    state = Path(os.environ.get("CONVNN_SLURM_DIR", "/var/lib/convnn-slurm"))
-    if not os.access(state, os.W_OK):
-        pytest.skip("the cluster was not started by scripts/slurm_cluster.sh here")
-    script = Path(__file__).resolve().parent.parent / "scripts" / "slurm_cluster.sh"
     marker = f"sleep {600 + os.getpid() % 1000}"  # names this test's job process alone
     job = subprocess.run(
         [
@@ -282,8 +287,8 @@ def test_cluster_script_starts_a_killed_cluster_afresh(cluster: None, tmp_path: 
     ).stdout.strip()
     wait_for(f"job {job} to run", lambda: queue().get(job) == "RUNNING", timeout=60)
     for daemon in ("slurmd", "slurmctld", "slurmdbd", "mariadbd", "munged"):
-        os.kill(int((state / "run" / f"{daemon}.pid").read_text()), signal.SIGKILL)
-    started = subprocess.run([str(script), "start"], capture_output=True, text=True, timeout=150)
+        os.kill(int((cluster_state / "run" / f"{daemon}.pid").read_text()), signal.SIGKILL)
+    started = subprocess.run([str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True, timeout=150)
     assert started.returncode == 0, started.stderr
     assert "starting afresh" in started.stderr and "up: node" in started.stderr, started.stderr
     assert job not in queue()
