@@ -1,10 +1,13 @@
 """The native step kernels (convnn/knn/csrc/kernels.cpp: select_chunks, gather_aggregate,
 gather_scaled_sum, their backward passes and selected_pairs_grad) against the Python loops of
 convnn/knn/ops.py and selection.py they stand in for: bitwise equal, forward and backward, at 1 and 2
-torch threads, with many steps per call so the threads' waves and their in-order merges run."""
+torch threads, with many steps per call so the steps' in-order merges run while other steps compute."""
 
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -131,3 +134,27 @@ def test_narrow_rows_make_steps_of_at_most_max_step_tokens():
     flat = torch.zeros(32 * 1024, 9, dtype=torch.long)
     assert ops._step(flat, torch.empty(1, 64)) == ops.MAX_STEP_TOKENS == 1024
     assert ops._step(flat, torch.empty(1, 256)) == 448  # (1 << 20) // (9 * 256) = 455, to 16s
+
+
+def test_a_failing_step_raises_at_two_threads_instead_of_stalling_the_merges():
+    """A bad row index in step 30 of 38 fails that step's gather; the steps after it, which wait to
+    merge in step order, stop waiting, and the op raises the gather's error (a subprocess with a
+    deadline, so a stalled wait fails the test instead of hanging the suite)."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from convnn.knn import native
+        assert native.available()
+        torch.set_num_threads(2)
+        flat = torch.randint(0, 500, (600, 9))
+        flat[30 * 16, 4] = 10_000
+        args = (torch.randn(600, 12), torch.randn(500, 8), flat, torch.randn(12, 72), None)
+        try:
+            torch.ops.convnn_native.gather_aggregate_backward(*args, True, True, False, 16, False)
+        except (IndexError, RuntimeError) as error:
+            print("raised:", error)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "raised: index out of range" in done.stdout, done.stdout

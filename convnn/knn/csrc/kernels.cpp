@@ -18,8 +18,8 @@
 // backward passes) run the k-NN core's cache-sized chunks / token steps on all intra-op threads at
 // once: each chunk or step is one work item on one thread (its library calls, oneDNN and BLAS, run
 // single-threaded inside the parallel region), so an item computes the same bits whatever the thread
-// count. What several steps add into one tensor (an index-add, a weight gradient) is merged in step
-// order after each wave of one step per thread. Results are bitwise identical at every thread count,
+// count. What several steps add into one tensor (an index-add, a weight gradient) is added by the
+// thread that computed the step, one step at a time in step order, while the other threads compute. Results are bitwise identical at every thread count,
 // and to the Python loops of convnn/knn/ops.py and selection.py that they stand in for.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -248,44 +249,48 @@ void for_each_item(int64_t items, const F& work) {
   });
 }
 
-// The steps [0, steps) in waves of up to `slots` steps, one per thread: compute(step, slot) for the
-// steps of a wave (step first + i in slot i), then merge(first, count) of its slots 0 .. count - 1, in
-// step order.
+// compute(step, slot) for every step in [0, steps) (for_each_item), then merge(step, slot) on the same
+// thread once every earlier step has merged: merges run one at a time in step order, each while the
+// step's results are still in its thread's cache and while the other threads compute. A failure in
+// one step ends the waits of the others, and for_each_item rethrows it.
 template <typename C, typename M>
-void in_waves(int64_t steps, int64_t slots, const C& compute, const M& merge) {
-  for (int64_t first = 0; first < steps; first += slots) {
-    const int64_t count = std::min(slots, steps - first);
-    for_each_item(count, [&](int64_t i, int64_t) { compute(first + i, i); });
-    at::NoGradGuard no_grad;
-    merge(first, count);
-  }
+void in_step_order(int64_t steps, const C& compute, const M& merge) {
+  std::atomic<int64_t> merged{0};
+  std::atomic<bool> failed{false};
+  for_each_item(steps, [&](int64_t i, int64_t slot) {
+    if (failed.load()) return;
+    try {
+      compute(i, slot);
+      while (merged.load(std::memory_order_acquire) != i) {
+        if (failed.load()) return;
+        std::this_thread::yield();
+      }
+      merge(i, slot);
+      merged.store(i + 1, std::memory_order_release);
+    } catch (...) {
+      failed = true;
+      throw;
+    }
+  });
 }
 
-// A list of (index [R] int64, src [R, C]) row sets to add into out [L, C] in list order.
-using RowSets = std::vector<std::pair<at::Tensor, at::Tensor>>;
-
-// out[index[r]] += src[r] for the rows of every set in `sets`, in order; each thread owns the output
-// rows of every thread_count()-th block of kOwnedRows rows, so each output row receives its rows in
-// list order whatever the thread count. The indices are in range (the callers gathered rows by them
-// or checked them).
-void add_row_sets(at::Tensor& out, const RowSets& sets) {
-  const int64_t c = out.size(1);
-  int64_t total = 0;
-  for (const auto& set : sets) total += set.first.numel();
-  const int64_t owners = total * c >= (1 << 15) ? thread_count() : 1;  // small: one thread
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "add_row_sets", [&] {
+// out[index[r]] += src[r] for the rows r of index [R] (int64) and src [R, C], in order; each thread
+// owns the output rows of every thread_count()-th block of kOwnedRows rows, so each output row
+// receives its rows in order whatever the thread count. The indices are in range (the callers
+// gathered rows by them or checked them).
+void add_rows(at::Tensor& out, const at::Tensor& index, const at::Tensor& src) {
+  const int64_t c = out.size(1), rows = index.numel();
+  const int64_t owners = rows * c >= (1 << 15) ? thread_count() : 1;  // small: one thread
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "add_rows", [&] {
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const int64_t* ix = index.const_data_ptr<int64_t>();
+    const scalar_t* from = src.const_data_ptr<scalar_t>();
     auto own = [&](int64_t owner) {
-      for (const auto& [index, src] : sets) {
-        const int64_t* ix = index.const_data_ptr<int64_t>();
-        const scalar_t* from = src.const_data_ptr<scalar_t>();
-        const int64_t rows = index.numel();
-        for (int64_t r = 0; r < rows; ++r) {
-          if (owners > 1 && (ix[r] / kOwnedRows) % owners != owner) continue;
-          scalar_t* to = dst + ix[r] * c;
-          const scalar_t* add = from + r * c;
-          for (int64_t j = 0; j < c; ++j) to[j] += add[j];
-        }
+      for (int64_t r = 0; r < rows; ++r) {
+        if (owners > 1 && (ix[r] / kOwnedRows) % owners != owner) continue;
+        scalar_t* to = dst + ix[r] * c;
+        const scalar_t* add = from + r * c;
+        for (int64_t j = 0; j < c; ++j) to[j] += add[j];
       }
     };
     if (owners == 1) return own(0);
@@ -309,7 +314,7 @@ void index_add_rows(at::Tensor& out, const at::Tensor& index, const at::Tensor& 
   TORCH_CHECK(index.dim() == 1 && index.size(0) == src.size(0) && index.scalar_type() == at::kLong,
               "index_add_rows needs an int64 index [", src.size(0), "], got ", index.sizes());
   check_rows(index, out.size(0), "index_add_rows");
-  add_row_sets(out, {{index.contiguous(), src.contiguous()}});
+  add_rows(out, index.contiguous(), src.contiguous());
 }
 
 // The parts [first, first + step) of [0, total): (first, stop) of part `i`.
@@ -317,18 +322,12 @@ std::pair<int64_t, int64_t> part(int64_t i, int64_t step, int64_t total) {
   return {i * step, std::min(total, (i + 1) * step)};
 }
 
-// out [L, c] += the gathered rows' gradients of the token steps first .. first + count - 1 at their rows
-// of flat [T, k], in step order; slots[i] holds step first + i's [its tokens * k, c] rows at its front.
-void add_step_rows(at::Tensor& out, const at::Tensor& flat, const at::Tensor& slots, int64_t first,
-                   int64_t count, int64_t step) {
-  const int64_t tokens = flat.size(0), k = flat.size(1), c = out.size(1);
-  RowSets sets;
-  for (int64_t i = 0; i < count; ++i) {
-    const auto [start, stop] = part(first + i, step, tokens);
-    sets.emplace_back(flat.narrow(0, start, stop - start).reshape(-1),
-                      slots[i].view({-1, c}).narrow(0, 0, (stop - start) * k));
-  }
-  add_row_sets(out, sets);
+// out [L, c] += the gathered rows' gradients of token step i (of `step` tokens) at its rows of flat
+// [T, k]; `rows` holds them at its front ([the step's tokens * k, c]).
+void add_step_rows(at::Tensor& out, const at::Tensor& flat, const at::Tensor& rows, int64_t i, int64_t step) {
+  const auto [start, stop] = part(i, step, flat.size(0));
+  const auto index = flat.narrow(0, start, stop - start).reshape(-1);
+  add_rows(out, index, rows.view({-1, out.size(1)}).narrow(0, 0, index.numel()));
 }
 
 // Per-thread buffers [threads, rows, width] of `like`'s dtype.
@@ -508,11 +507,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_aggregate_backward(
       grad_rows.view({size, k, c}).mul_(scale->narrow(0, first, size).unsqueeze(-1));
     }
   };
-  auto merge = [&](int64_t first, int64_t count) {
-    if (rows_grad) add_step_rows(grad_v, flat, grad_rows_of, first, count, step);
-    for (int64_t i = 0; weight_grad && i < count; ++i) grad_w.add_(weight_of[i]);
+  auto merge = [&](int64_t i, int64_t slot) {
+    if (rows_grad) add_step_rows(grad_v, flat, grad_rows_of[slot], i, step);
+    if (weight_grad) grad_w.add_(weight_of[slot]);
   };
-  in_waves(steps, slots, compute, merge);
+  in_step_order(steps, compute, merge);
   return {grad_v, grad_w, grad_s};
 }
 
@@ -568,11 +567,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_scaled_sum_backward(
       scaled.mul_(step_grad.unsqueeze(1));
     }
   };
-  auto merge = [&](int64_t first, int64_t count) {
-    if (rows_grad) add_step_rows(grad_v, flat, scaled_of, first, count, step);
-    for (int64_t i = 0; scale_grad && i < count; ++i) grad_scale.add_(scale_of[i]);
+  auto merge = [&](int64_t i, int64_t slot) {
+    if (rows_grad) add_step_rows(grad_v, flat, scaled_of[slot], i, step);
+    if (scale_grad) grad_scale.add_(scale_of[slot]);
   };
-  in_waves(steps, slots, compute, merge);
+  in_step_order(steps, compute, merge);
   return {grad_v, grad_w, grad_scale};
 }
 
@@ -599,14 +598,10 @@ std::tuple<at::Tensor, at::Tensor> selected_pairs_grad(const at::Tensor& q, cons
     grad_q.narrow(1, first, size).copy_(pairs.mul_(g).sum(2));
     at::mul_out(pairs, q.narrow(1, first, size).unsqueeze(2), g);  // g_ij q_i, in the same buffer
   };
-  auto merge = [&](int64_t, int64_t count) {
-    RowSets sets;
-    for (int64_t i = 0; i < count; ++i) {
-      sets.emplace_back(index_of[i], rows_of[i].narrow(0, 0, index_of[i].numel()));
-    }
-    add_row_sets(grad_k, sets);
+  auto merge = [&](int64_t, int64_t slot) {
+    add_rows(grad_k, index_of[slot], rows_of[slot].narrow(0, 0, index_of[slot].numel()));
   };
-  in_waves(steps, slots, compute, merge);
+  in_step_order(steps, compute, merge);
   return {grad_q, grad_k};
 }
 
