@@ -55,6 +55,11 @@ def test_ties_rank_by_lower_index_and_nan_ranks_first():
     long_ties[1, 250] = 1.0
     _, indices = native.topk_last(long_ties, 4)
     assert indices.tolist() == [[0, 1, 2, 3], [250, 0, 1, 2]]
+    for m in (32, 64):  # short rows (M <= 64), ties everywhere: inside the top k and across its edge
+        coarse = torch.randint(0, 4, (300, m), generator=torch.Generator().manual_seed(m)).float()
+        values, indices = native.topk_last(coarse, 8)
+        ref_values, ref_indices = coarse.sort(dim=-1, descending=True, stable=True)
+        assert torch.equal(values, ref_values[:, :8]) and torch.equal(indices, ref_indices[:, :8])
     special = torch.randn(2, 200, generator=torch.Generator().manual_seed(0))
     special[0, 17], special[0, 40], special[1, 5] = float("nan"), float("inf"), float("-inf")
     values, indices = native.topk_last(special, 5)

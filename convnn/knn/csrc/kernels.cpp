@@ -5,9 +5,10 @@
 // row is split into kLanes strided groups (entry j in group j % kLanes) whose maxima are elementwise
 // maxima of consecutive kLanes-wide slices (vectorised, no reductions). The k-th largest group
 // maximum is a lower bound ("floor") of the row's k-th largest entry, so only the entries >= floor in
-// groups whose maximum reaches it are ranked (found by a bit mask per slice), by sorted insertion. Short rows (M <= kRankMax) count
-// each entry's rank directly. Ties rank by index (the lower first); NaN ranks above every number, as
-// in torch.topk; rows holding NaN or +-inf take an exact scalar path.
+// groups whose maximum reaches it are ranked (found by a bit mask per slice), by sorted insertion.
+// Short rows (M <= kRankMax) rank each entry by counting the larger ones, all entries at once. Ties
+// rank by index (the lower first); NaN ranks above every number, as in torch.topk; rows holding NaN
+// or +-inf take an exact scalar path.
 //
 // index_add_rows: out[index[r]] += src[r] for every row r, in row order (deterministic); threads
 // own interleaved blocks of output rows, never input rows, so every output row receives its rows in
@@ -83,19 +84,43 @@ void select_exact(const T* row, int64_t m, int64_t k, T* v, int64_t* ix) {
   }
 }
 
-// Short finite rows: every entry's rank counted directly, all entries at once (vectorised).
+// Offer the finite entry (x, index) to the sorted best-first list v / ix of `filled` <= k entries,
+// all of lower index than `index`: it enters where it ranks before the k-th (a tie keeps the earlier).
 template <typename T>
-void select_by_rank(const T* row, int64_t m, int64_t k, T* v, int64_t* ix) {
-  int32_t rank[kRankMax] = {};
-  for (int32_t t = 0; t < m; ++t) {
-    const T x = row[t];
-    for (int32_t j = 0; j < m; ++j) rank[j] += (x > row[j]) | ((x == row[j]) & (t < j));
+inline void consider(T x, int64_t index, T* v, int64_t* ix, int64_t& filled, int64_t k) {
+  if (filled == k && !(x > v[k - 1])) return;
+  int64_t pos = filled < k ? filled++ : k - 1;
+  while (pos > 0 && x > v[pos - 1]) {
+    v[pos] = v[pos - 1];
+    ix[pos] = ix[pos - 1];
+    --pos;
   }
-  for (int32_t j = 0; j < m; ++j) {
-    if (rank[j] < k) {
-      v[rank[j]] = row[j];
-      ix[rank[j]] = j;
+  v[pos] = x;
+  ix[pos] = index;
+}
+
+// Short finite rows: each entry's rank = the count of larger entries, counted for all entries at once
+// (vectorised compares); a tie inside the top k (two entries of one rank) falls back to the in-order
+// scan, which ranks the lower index first.
+template <typename T>
+void select_short(const T* row, int64_t m, int64_t k, T* v, int64_t* ix) {
+  alignas(64) T larger[kRankMax] = {};
+  for (int64_t t = 0; t < m; ++t) {
+    const T x = row[t];
+    for (int64_t j = 0; j < m; ++j) larger[j] += x > row[j] ? T(1) : T(0);
+  }
+  uint64_t taken = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    if (larger[j] >= T(k)) continue;
+    const auto rank = static_cast<int64_t>(larger[j]);
+    if (taken >> rank & 1) {
+      int64_t filled = 0;
+      for (int64_t t = 0; t < m; ++t) consider(row[t], t, v, ix, filled, k);
+      return;
     }
+    taken |= uint64_t(1) << rank;
+    v[rank] = row[j];
+    ix[rank] = j;
   }
 }
 
@@ -133,7 +158,7 @@ void select_row(const T* row, int64_t m, int64_t k, T* v, int64_t* ix) {
     for (int64_t t = 0; t < m; ++t) {
       if (!std::isfinite(row[t])) return select_exact(row, m, k, v, ix);
     }
-    return select_by_rank(row, m, k, v, ix);
+    return select_short(row, m, k, v, ix);
   }
   // group maxima; `spread` (sum of x - x) turns NaN at any NaN or infinite entry
   alignas(64) T maxima[kLanes];
@@ -173,17 +198,6 @@ void select_row(const T* row, int64_t m, int64_t k, T* v, int64_t* ix) {
   // rank the entries >= floor in index order (so a tie never displaces an earlier entry), found by a
   // bit mask per kLanes-wide slice
   int64_t filled = 0;
-  auto consider = [&](T x, int64_t t) {  // finite, later index than every listed entry
-    if (filled == k && !(x > v[k - 1])) return;
-    int64_t pos = filled < k ? filled++ : k - 1;
-    while (pos > 0 && x > v[pos - 1]) {
-      v[pos] = v[pos - 1];
-      ix[pos] = ix[pos - 1];
-      --pos;
-    }
-    v[pos] = x;
-    ix[pos] = t;
-  };
   int64_t start = 0;
   for (; start + kLanes <= m; start += kLanes) {
     const T* slice = row + start;
@@ -191,11 +205,11 @@ void select_row(const T* row, int64_t m, int64_t k, T* v, int64_t* ix) {
     while (bits) {
       const int64_t t = __builtin_ctz(bits);
       bits &= bits - 1;
-      consider(slice[t], start + t);
+      consider(slice[t], start + t, v, ix, filled, k);
     }
   }
   for (int64_t t = start; t < m; ++t) {
-    if (row[t] >= floor) consider(row[t], t);
+    if (row[t] >= floor) consider(row[t], t, v, ix, filled, k);
   }
 }
 
