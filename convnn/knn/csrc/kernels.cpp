@@ -20,8 +20,9 @@
 // once: each chunk or step is one work item on one thread (its library calls, oneDNN and BLAS, run
 // single-threaded inside the parallel region), so an item computes the same bits whatever the thread
 // count. What several steps add into one tensor (an index-add, a weight gradient) is added by the
-// thread that computed the step, one step at a time in step order, while the other threads compute. Results are bitwise identical at every thread count,
-// and to the Python loops of convnn/knn/ops.py and selection.py that they stand in for.
+// thread that computed the step, one step at a time in step order, while the other threads compute.
+// Results are bitwise identical at every thread count, and to the Python loops of convnn/knn/ops.py
+// and selection.py that they stand in for.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -60,12 +61,13 @@ inline bool ranks_before(T a, int64_t ia, T b, int64_t ib) {
   return ia < ib;
 }
 
-// Insert (x, index) into the sorted best-first list v / ix of `filled` <= k entries (the k-th falls
-// off when full), given that it ranks before the current k-th entry when the list is full.
-template <typename T>
-inline void insert(T* v, int64_t* ix, int64_t& filled, int64_t k, T x, int64_t index) {
+// Insert (x, index) into the list v / ix of `filled` <= k entries, sorted best first by `before(x,
+// index, y, other)` (the k-th falls off when full), given that it ranks before the current k-th entry
+// when the list is full.
+template <typename T, typename Before>
+inline void insert(T* v, int64_t* ix, int64_t& filled, int64_t k, T x, int64_t index, const Before& before) {
   int64_t pos = filled < k ? filled++ : k - 1;
-  while (pos > 0 && ranks_before(x, index, v[pos - 1], ix[pos - 1])) {
+  while (pos > 0 && before(x, index, v[pos - 1], ix[pos - 1])) {
     v[pos] = v[pos - 1];
     ix[pos] = ix[pos - 1];
     --pos;
@@ -80,7 +82,7 @@ void select_exact(const T* row, int64_t m, int64_t k, T* v, int64_t* ix) {
   int64_t filled = 0;
   for (int64_t j = 0; j < m; ++j) {
     if (filled == k && !ranks_before(row[j], j, v[k - 1], ix[k - 1])) continue;
-    insert(v, ix, filled, k, row[j], j);
+    insert(v, ix, filled, k, row[j], j, ranks_before<T>);
   }
 }
 
@@ -89,19 +91,12 @@ void select_exact(const T* row, int64_t m, int64_t k, T* v, int64_t* ix) {
 template <typename T>
 inline void consider(T x, int64_t index, T* v, int64_t* ix, int64_t& filled, int64_t k) {
   if (filled == k && !(x > v[k - 1])) return;
-  int64_t pos = filled < k ? filled++ : k - 1;
-  while (pos > 0 && x > v[pos - 1]) {
-    v[pos] = v[pos - 1];
-    ix[pos] = ix[pos - 1];
-    --pos;
-  }
-  v[pos] = x;
-  ix[pos] = index;
+  insert(v, ix, filled, k, x, index, [](T a, int64_t, T b, int64_t) { return a > b; });
 }
 
 // Short finite rows: each entry's rank = the count of larger entries, counted for all entries at once
-// (vectorised compares); a tie inside the top k (two entries of one rank) falls back to the in-order
-// scan, which ranks the lower index first.
+// (vectorised compares); a tie inside the top k (two entries of one rank) falls back to select_exact,
+// which ranks the lower index first.
 template <typename T>
 void select_short(const T* row, int64_t m, int64_t k, T* v, int64_t* ix) {
   alignas(64) T larger[kRankMax] = {};
@@ -113,11 +108,7 @@ void select_short(const T* row, int64_t m, int64_t k, T* v, int64_t* ix) {
   for (int64_t j = 0; j < m; ++j) {
     if (larger[j] >= T(k)) continue;
     const auto rank = static_cast<int64_t>(larger[j]);
-    if (taken >> rank & 1) {
-      int64_t filled = 0;
-      for (int64_t t = 0; t < m; ++t) consider(row[t], t, v, ix, filled, k);
-      return;
-    }
+    if (taken >> rank & 1) return select_exact(row, m, k, v, ix);
     taken |= uint64_t(1) << rank;
     v[rank] = row[j];
     ix[rank] = j;
@@ -338,7 +329,8 @@ std::pair<int64_t, int64_t> part(int64_t i, int64_t step, int64_t total) {
 
 // out [L, c] += the gathered rows' gradients of token step i (of `step` tokens) at its rows of flat
 // [T, k]; `rows` holds them at its front ([the step's tokens * k, c]).
-void add_step_rows(at::Tensor& out, const at::Tensor& flat, const at::Tensor& rows, int64_t i, int64_t step) {
+void add_step_rows(at::Tensor& out, const at::Tensor& flat, const at::Tensor& rows, int64_t i,
+                   int64_t step) {
   const auto [start, stop] = part(i, step, flat.size(0));
   const auto index = flat.narrow(0, start, stop - start).reshape(-1);
   add_rows(out, index, rows.view({-1, out.size(1)}).narrow(0, 0, index.numel()));
