@@ -55,7 +55,7 @@ def test_ties_rank_by_lower_index_and_nan_ranks_first():
     long_ties[1, 250] = 1.0
     _, indices = native.topk_last(long_ties, 4)
     assert indices.tolist() == [[0, 1, 2, 3], [250, 0, 1, 2]]
-    for m in (32, 64):  # short rows (M <= 64), ties everywhere: inside the top k and across its edge
+    for m in (12, 29, 32, 64):  # short rows (M <= 64), ties everywhere: inside the top k and across its edge
         coarse = torch.randint(0, 4, (300, m), generator=torch.Generator().manual_seed(m)).float()
         values, indices = native.topk_last(coarse, 8)
         ref_values, ref_indices = coarse.sort(dim=-1, descending=True, stable=True)
@@ -66,6 +66,13 @@ def test_ties_rank_by_lower_index_and_nan_ranks_first():
     ref_values, ref_indices = special.topk(5, dim=-1)
     assert indices[0, :2].tolist() == [17, 40] and torch.equal(indices, ref_indices)
     torch.testing.assert_close(values, ref_values, equal_nan=True)
+    for m in (12, 32, 64):  # short rows, in registers (M <= 32) or not
+        special = torch.randn(3, m, generator=torch.Generator().manual_seed(m))
+        special[0, 3], special[1, m - 1], special[2, 5] = float("nan"), float("inf"), float("-inf")
+        values, indices = native.topk_last(special, 8)
+        ref_values, ref_indices = special.topk(8, dim=-1)
+        assert indices[0, 0] == 3 and indices[1, 0] == m - 1 and torch.equal(indices, ref_indices)
+        torch.testing.assert_close(values, ref_values, equal_nan=True)
 
 
 def test_selection_scored_by_onednn_matches_the_matmul_reference():

@@ -1,14 +1,15 @@
 // convnn's native CPU kernels.
 //
-// topk_rows: the k largest entries of every row of a score matrix, best first. torch.topk copies each row into (value, index) pairs and partially sorts them; for the small k of
-// ConvNN (k <= 32 of M = 32 ... a few thousand candidates) almost all of that work is wasted. Here a
-// row is split into kLanes strided groups (entry j in group j % kLanes) whose maxima are elementwise
-// maxima of consecutive kLanes-wide slices (vectorised, no reductions). The k-th largest group
-// maximum is a lower bound ("floor") of the row's k-th largest entry, so only the entries >= floor in
-// groups whose maximum reaches it are ranked (found by a bit mask per slice), by sorted insertion.
-// Short rows (M <= kRankMax) rank each entry by counting the larger ones, all entries at once. Ties
-// rank by index (the lower first); NaN ranks above every number, as in torch.topk; rows holding NaN
-// or +-inf take an exact scalar path.
+// topk_rows: the k largest entries of every row of a score matrix, best first. torch.topk copies each
+// row into (value, index) pairs and partially sorts them; for the small k of ConvNN (k <= 32 of M = 32
+// ... a few thousand candidates) almost all of that work is wasted. Here a row is split into kLanes
+// strided groups (entry j in group j % kLanes) whose maxima are elementwise maxima of consecutive
+// kLanes-wide slices (vectorised, no reductions). The k-th largest group maximum is a lower bound
+// ("floor") of the row's k-th largest entry, so only the entries >= floor in groups whose maximum
+// reaches it are ranked (found by a bit mask per slice), by sorted insertion. Short rows (M <=
+// kRankMax) rank each entry by counting the larger ones, all entries at once (float32 rows of M <= 32
+// held in four AVX2 registers). Ties rank by index (the lower first); NaN ranks above every number, as
+// in torch.topk; rows holding NaN or +-inf take an exact scalar path.
 //
 // index_add_rows: out[index[r]] += src[r] for every row r, in row order (deterministic); threads
 // own interleaved blocks of output rows, never input rows, so every output row receives its rows in
@@ -94,19 +95,14 @@ inline void consider(T x, int64_t index, T* v, int64_t* ix, int64_t& filled, int
   insert(v, ix, filled, k, x, index, [](T a, int64_t, T b, int64_t) { return a > b; });
 }
 
-// Short finite rows: each entry's rank = the count of larger entries, counted for all entries at once
-// (vectorised compares); a tie inside the top k (two entries of one rank) falls back to select_exact,
-// which ranks the lower index first.
-template <typename T>
-void select_short(const T* row, int64_t m, int64_t k, T* v, int64_t* ix) {
-  alignas(64) T larger[kRankMax] = {};
-  for (int64_t t = 0; t < m; ++t) {
-    const T x = row[t];
-    for (int64_t j = 0; j < m; ++j) larger[j] += x > row[j] ? T(1) : T(0);
-  }
+// Place the entries j of a short row set in `below` (those of rank larger[j] < k; larger[j]: the count
+// of larger entries) at their ranks; a tie inside the top k (two entries of one rank) falls back to
+// select_exact, which ranks the lower index first.
+template <typename T, typename Count>
+void place_ranks(const T* row, int64_t m, int64_t k, const Count* larger, uint64_t below, T* v, int64_t* ix) {
   uint64_t taken = 0;
-  for (int64_t j = 0; j < m; ++j) {
-    if (larger[j] >= T(k)) continue;
+  for (; below; below &= below - 1) {
+    const int64_t j = __builtin_ctzll(below);
     const auto rank = static_cast<int64_t>(larger[j]);
     if (taken >> rank & 1) return select_exact(row, m, k, v, ix);
     taken |= uint64_t(1) << rank;
@@ -114,6 +110,59 @@ void select_short(const T* row, int64_t m, int64_t k, T* v, int64_t* ix) {
     ix[rank] = j;
   }
 }
+
+// Short finite rows: each entry's rank = the count of larger entries, counted for all entries at once
+// (vectorised compares).
+template <typename T>
+void select_short(const T* row, int64_t m, int64_t k, T* v, int64_t* ix) {
+  alignas(64) T larger[kRankMax] = {};
+  for (int64_t t = 0; t < m; ++t) {
+    const T x = row[t];
+    for (int64_t j = 0; j < m; ++j) larger[j] += x > row[j] ? T(1) : T(0);
+  }
+  uint64_t below = 0;
+  for (int64_t j = 0; j < m; ++j) below |= uint64_t(larger[j] < T(k)) << j;
+  place_ranks(row, m, k, larger, below, v, ix);
+}
+
+#if defined(__AVX2__)
+constexpr int64_t kRegisterRow = 32;
+
+// Lanes i < n of 8 set.
+inline __m256i lanes_below(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(n, 0, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// A float32 row of m <= 32 entries held in four registers: larger[j] = the count of entries larger than
+// row[j], and bit j of the result set where that count is below k; nullopt where the row holds NaN or
+// +-inf.
+inline std::optional<uint32_t> count_larger(const float* row, int64_t m, int64_t k, int32_t* larger) {
+  __m256 entries[4];
+  __m256i counts[4];
+  __m256 spread = _mm256_setzero_ps();  // x - x: NaN at a NaN or infinite entry
+  for (int q = 0; q < 4; ++q) {
+    entries[q] = _mm256_maskload_ps(row + 8 * q, lanes_below(m - 8 * q));
+    spread = _mm256_add_ps(spread, _mm256_sub_ps(entries[q], entries[q]));
+    counts[q] = _mm256_setzero_si256();
+  }
+  if (_mm256_movemask_ps(_mm256_cmp_ps(spread, spread, _CMP_UNORD_Q))) return std::nullopt;
+  for (int64_t t = 0; t < m; ++t) {
+    const __m256 x = _mm256_set1_ps(row[t]);
+    for (int q = 0; q < 4; ++q) {  // a true compare is -1
+      counts[q] = _mm256_sub_epi32(counts[q], _mm256_castps_si256(_mm256_cmp_ps(x, entries[q], _CMP_GT_OQ)));
+    }
+  }
+  const __m256i picks = _mm256_set1_epi32(static_cast<int>(k));
+  uint32_t below = 0;
+  for (int q = 0; q < 4; ++q) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(larger + 8 * q), counts[q]);
+    const __m256i in_top = _mm256_cmpgt_epi32(picks, counts[q]);
+    below |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(in_top))) << (8 * q);
+  }
+  return m < kRegisterRow ? below & ((uint32_t(1) << m) - 1) : below;
+}
+#endif
 
 // Bit t set where slice[t] >= floor, for t < kLanes (one compare per 16 / 8 floats where the
 // compiler targets AVX-512 / AVX2).
@@ -145,6 +194,16 @@ inline uint32_t at_least(const T* slice, T floor) {
 
 template <typename T>
 void select_row(const T* row, int64_t m, int64_t k, T* v, int64_t* ix) {
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (m <= kRegisterRow) {
+      alignas(32) int32_t larger[kRegisterRow];
+      const auto below = count_larger(row, m, k, larger);
+      if (!below) return select_exact(row, m, k, v, ix);
+      return place_ranks(row, m, k, larger, *below, v, ix);
+    }
+  }
+#endif
   if (m <= kRankMax) {
     for (int64_t t = 0; t < m; ++t) {
       if (!std::isfinite(row[t])) return select_exact(row, m, k, v, ix);
@@ -341,6 +400,82 @@ at::Tensor slots_of(const at::Tensor& like, int64_t threads, int64_t rows, int64
   return at::empty({threads, rows, width}, like.options());
 }
 
+// ---- the aggregation's forward product (AVX2 builds) -------------------------------------------
+//
+// out [S, C'] = rows [S, F] @ columns [F, C'] (+ out): a register-tiled kernel, 6 x 16 output tiles
+// held in 12 registers, the rows' entries broadcast and the columns' rows loaded 16 wide. On AVX2 CPUs
+// it runs the aggregation's forward about 10% faster than oneDNN's 1x1 convolution (the backward's
+// GEMMs are as fast in MKL). AVX-512 builds keep oneDNN's kernels. Its summation order depends on the
+// shapes only: the same bits at every thread count.
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+constexpr bool kTiledProduct = true;
+constexpr int64_t kTileRows = 6, kTileCols = 16;
+
+// The tile out [R, cols <= 16] (row stride n) += rows [R, f] (row stride f) @ columns [f, cols] (row
+// stride n); Full: cols == 16 (no masked loads and stores).
+template <int R, bool Full>
+void product_tile(const float* rows, const float* columns, float* out, int64_t f, int64_t n, int64_t cols) {
+  const __m256i lo = lanes_below(cols), hi = lanes_below(cols - 8);
+  auto load = [&](const float* p, __m256i mask) { return Full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask); };
+  __m256 acc[R][2];
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < f; ++p) {
+    const __m256 b0 = load(columns + p * n, lo), b1 = load(columns + p * n + 8, hi);
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
+      const __m256 x = _mm256_broadcast_ss(rows + r * f + p);
+      acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
+    }
+  }
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
+    float* o = out + r * n;
+    const __m256 x0 = _mm256_add_ps(load(o, lo), acc[r][0]), x1 = _mm256_add_ps(load(o + 8, hi), acc[r][1]);
+    if (Full) {
+      _mm256_storeu_ps(o, x0);
+      _mm256_storeu_ps(o + 8, x1);
+    } else {
+      _mm256_maskstore_ps(o, lo, x0);
+      _mm256_maskstore_ps(o + 8, hi, x1);
+    }
+  }
+}
+
+template <int R>
+void product_rows(const float* rows, const float* columns, float* out, int64_t f, int64_t n, int64_t cols) {
+  if (cols == kTileCols) return product_tile<R, true>(rows, columns, out, f, n, cols);
+  product_tile<R, false>(rows, columns, out, f, n, cols);
+}
+
+// out [s, n] += rows [s, f] @ columns [f, n], all contiguous float32; a tile of rows meets every tile
+// of columns while it is in cache.
+void tiled_product(const at::Tensor& rows, const at::Tensor& columns, at::Tensor& out) {
+  const int64_t s = rows.size(0), f = rows.size(1), n = columns.size(1);
+  const float* a = rows.const_data_ptr<float>();
+  const float* b = columns.const_data_ptr<float>();
+  float* c = out.data_ptr<float>();
+  for (int64_t i = 0; i < s; i += kTileRows) {
+    for (int64_t j = 0; j < n; j += kTileCols) {
+      const float *ai = a + i * f, *bj = b + j;
+      float* cij = c + i * n + j;
+      const int64_t cols = std::min(kTileCols, n - j);
+      switch (std::min(kTileRows, s - i)) {
+        case 6: product_rows<6>(ai, bj, cij, f, n, cols); break;
+        case 5: product_rows<5>(ai, bj, cij, f, n, cols); break;
+        case 4: product_rows<4>(ai, bj, cij, f, n, cols); break;
+        case 3: product_rows<3>(ai, bj, cij, f, n, cols); break;
+        case 2: product_rows<2>(ai, bj, cij, f, n, cols); break;
+        default: product_rows<1>(ai, bj, cij, f, n, cols);
+      }
+    }
+  }
+}
+#else
+constexpr bool kTiledProduct = false;
+void tiled_product(const at::Tensor&, const at::Tensor&, at::Tensor&) {
+  TORCH_CHECK(false, "tiled_product needs an AVX2 build");
+}
+#endif
+
 // ---- selection --------------------------------------------------------------------------------
 
 // `rows [S, F] @ weight [C', F]^T + bias -> [S, C']` as convnn/knn/ops.py's _rows_conv: a oneDNN 1x1
@@ -429,7 +564,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_chunks(
 
 
 // convnn::gather_aggregate (convnn/knn/ops.py): out [T, C'] = rows_conv(scale * v_rows[flat], weight,
-// bias) in steps of `step` tokens. v_rows [L, C], flat [T, k], weight [C', k C], scale [T, k] or None.
+// bias) in steps of `step` tokens (float32 on AVX2 builds: by tiled_product). v_rows [L, C], flat [T, k],
+// weight [C', k C], scale [T, k] or None.
 at::Tensor gather_aggregate(const at::Tensor& v_rows, const at::Tensor& flat, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
                             int64_t step) {
@@ -437,6 +573,8 @@ at::Tensor gather_aggregate(const at::Tensor& v_rows, const at::Tensor& flat, co
   auto out = at::empty({tokens, weight.size(0)}, v_rows.options());
   const int64_t steps = (tokens + step - 1) / step;
   auto buffers = slots_of(v_rows, std::min(thread_count(), steps), std::min(step, tokens) * k, c);
+  const bool tiled = kTiledProduct && v_rows.scalar_type() == at::kFloat;
+  const auto columns = tiled ? weight.t().contiguous() : at::Tensor();  // [k C, C']
   for_each_item(steps, [&](int64_t i, int64_t slot) {
     const auto [first, stop] = part(i, step, tokens);
     const auto index = flat.narrow(0, first, stop - first);
@@ -444,7 +582,15 @@ at::Tensor gather_aggregate(const at::Tensor& v_rows, const at::Tensor& flat, co
     at::index_select_out(rows, v_rows, 0, index.reshape(-1));
     auto token_rows = rows.view({stop - first, k, c});
     if (scale.has_value()) token_rows.mul_(scale->narrow(0, first, stop - first).unsqueeze(-1));
-    out.narrow(0, first, stop - first).copy_(rows_conv(rows.view({stop - first, k * c}), weight, bias));
+    auto result = out.narrow(0, first, stop - first);
+    const auto step_rows = rows.view({stop - first, k * c});
+    if (!tiled) return void(result.copy_(rows_conv(step_rows, weight, bias)));
+    if (bias.has_value()) {
+      result.copy_(bias->expand_as(result));
+    } else {
+      result.zero_();
+    }
+    tiled_product(step_rows, columns, result);
   });
   return out;
 }
