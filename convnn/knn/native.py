@@ -9,7 +9,9 @@
 * :func:`serves` says whether the step kernels run the k-NN core's chunk and step loops (the
   selection's chunks, the gathers and aggregations of :mod:`convnn.knn.ops` and their backward
   passes): one chunk or step per intra-op thread at once, what several steps add into one tensor
-  merged in step order, so results are bitwise those of the Python loops at every thread count.
+  merged in step order, so results are bitwise identical at every thread count (and to the Python
+  loops, except the aggregation's float32 forward on AVX2 CPUs, whose register-tiled product rounds
+  differently from oneDNN's).
 
 Elsewhere (CUDA), for k above :data:`MAX_K`, under tracing / compiling, or when the kernels cannot
 be built (no C++ compiler: one warning), the Python loops and the torch ops run instead.
