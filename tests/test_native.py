@@ -9,9 +9,11 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from convnn.knn import knn_select, native, prepare, prepared_similarity
 from convnn.layers import build_layer
+from convnn.layers.convnn import padded_rows
 
 
 def run_python(script: str, **env: str) -> subprocess.CompletedProcess:
@@ -171,6 +173,34 @@ def test_index_add_rows_equals_index_add_with_repeated_rows(threads):
 
 
 @needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_padded_rows_and_their_gradient_equal_torch_pad(threads):
+    """The map layer's padded token rows and their gradient (transposed in 8 x 8 blocks, the edges one
+    by one) against ``F.pad`` and a permute, bitwise, float32 and float64; the gradient is a
+    contiguous map."""
+    generator = torch.Generator().manual_seed(6)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dtype, (c, h, w), pad in [
+            (torch.float32, (64, 16, 16), 1),
+            (torch.float32, (20, 7, 19), 2),
+            (torch.float32, (3, 5, 8), 1),
+            (torch.float64, (8, 9, 10), 1),
+        ]:
+            x = torch.randn(2, c, h, w, generator=generator, dtype=dtype, requires_grad=True)
+            ours = padded_rows(x, pad)
+            reference = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)
+            assert torch.equal(ours, reference), (c, h, w)
+            grad = torch.randn(ours.shape, generator=generator, dtype=dtype)
+            (ours_grad,) = torch.autograd.grad(ours, x, grad)
+            (reference_grad,) = torch.autograd.grad(reference, x, grad)
+            assert torch.equal(ours_grad, reference_grad) and ours_grad.is_contiguous(), (c, h, w)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
 def test_index_add_rows_rejects_an_index_out_of_range():
     with pytest.raises(RuntimeError, match=r"index 7 out of range \[0, 7\)"):
         native.index_add_rows(torch.zeros(7, 4), torch.tensor([0, 7]), torch.ones(2, 4))
@@ -193,6 +223,10 @@ def test_kernels_built_for_other_instruction_sets_agree(capability, tmp_path):
                 values, indices = torch.ops.convnn_native.topk_rows(scores, k)
                 ref = scores.topk(k)
                 assert torch.equal(values, ref.values) and torch.equal(indices, ref.indices), (m, k)
+        x = torch.randn(2, 20, 7, 19, generator=generator)
+        rows = torch.nn.functional.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)
+        assert torch.equal(torch.ops.convnn_native.padded_rows(x, 1), rows)
+        assert torch.equal(torch.ops.convnn_native.cropped_map(rows.contiguous(), 1), x)
         index = torch.randint(0, 9, (500,), generator=generator)
         src = torch.randn(500, 40, generator=generator)
         out = torch.zeros(9, 40)

@@ -12,6 +12,7 @@ from convnn.knn import (
     aggregate_neighbors,
     check_choice,
     knn_select,
+    native,
     nearest_by_place,
     pair_similarity,
 )
@@ -241,6 +242,8 @@ def padded_rows(x: Tensor, pad: int) -> Tensor:
 
 @torch.library.custom_op("convnn::padded_rows", mutates_args=(), schema="(Tensor x, int pad) -> Tensor")
 def _padded_rows(x: Tensor, pad: int) -> Tensor:
+    if native.serves(x):  # blocked transposes, about 4x torch's strided copy
+        return torch.ops.convnn_native.padded_rows(x, pad)
     rows = x.permute(0, 2, 3, 1)
     batch, height, width, channels = rows.shape
     out = x.new_empty(batch, height + 2 * pad, width + 2 * pad, channels)
@@ -259,7 +262,10 @@ def _padded_rows_fake(x: Tensor, pad: int) -> Tensor:
 
 
 def _padded_rows_grad(ctx, grad: Tensor) -> tuple[Tensor, None]:
+    """The map's gradient ``[B, C, H, W]``: contiguous from the native kernels, else a permuted view."""
     pad = ctx.pad
+    if native.serves(grad):
+        return torch.ops.convnn_native.cropped_map(grad, pad), None
     return grad[:, pad : grad.shape[1] - pad, pad : grad.shape[2] - pad].permute(0, 3, 1, 2), None
 
 

@@ -758,6 +758,101 @@ std::tuple<at::Tensor, at::Tensor> selected_pairs_grad(const at::Tensor& q, cons
   return {grad_q, grad_k};
 }
 
+// ---- layout copies ----------------------------------------------------------------------------
+
+// dst[j ds + i] = src[i ss + j] for i < rows, j < cols: 8 x 8 blocks (float32: transposed in AVX2
+// registers), the edges one by one.
+template <typename T>
+void transpose(const T* src, int64_t ss, T* dst, int64_t ds, int64_t rows, int64_t cols) {
+  const int64_t full_rows = rows - rows % 8, full_cols = cols - cols % 8;
+  for (int64_t i = 0; i < full_rows; i += 8) {
+    for (int64_t j = 0; j < full_cols; j += 8) {
+      const T* from = src + i * ss + j;
+      T* to = dst + j * ds + i;
+#if defined(__AVX2__)
+      if constexpr (std::is_same_v<T, float>) {
+        __m256 r[8], t[8];
+        for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(from + q * ss);
+        for (int q = 0; q < 8; q += 2) {
+          t[q] = _mm256_unpacklo_ps(r[q], r[q + 1]);
+          t[q + 1] = _mm256_unpackhi_ps(r[q], r[q + 1]);
+        }
+        for (int q = 0; q < 8; q += 4) {
+          r[q] = _mm256_shuffle_ps(t[q], t[q + 2], 0x44);
+          r[q + 1] = _mm256_shuffle_ps(t[q], t[q + 2], 0xEE);
+          r[q + 2] = _mm256_shuffle_ps(t[q + 1], t[q + 3], 0x44);
+          r[q + 3] = _mm256_shuffle_ps(t[q + 1], t[q + 3], 0xEE);
+        }
+        for (int q = 0; q < 4; ++q) {
+          _mm256_storeu_ps(to + q * ds, _mm256_permute2f128_ps(r[q], r[q + 4], 0x20));
+          _mm256_storeu_ps(to + (q + 4) * ds, _mm256_permute2f128_ps(r[q], r[q + 4], 0x31));
+        }
+        continue;
+      }
+#endif
+      for (int64_t a = 0; a < 8; ++a) {
+        for (int64_t b = 0; b < 8; ++b) to[b * ds + a] = from[a * ss + b];
+      }
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = i < full_rows ? full_cols : 0; j < cols; ++j) dst[j * ds + i] = src[i * ss + j];
+  }
+}
+
+// Items [0, items) on torch's threads, about 16k values (`per_item` each) per task.
+template <typename F>
+void copy_items(int64_t items, int64_t per_item, const F& copy) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, per_item));
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) copy(item);
+  });
+}
+
+// convnn::padded_rows (convnn/layers/convnn.py): x [B, C, H, W] -> the token rows of the map padded by
+// `pad` zeros, [B, H + 2 pad, W + 2 pad, C]; one padded row of tokens per item.
+at::Tensor padded_rows(const at::Tensor& x_in, int64_t pad) {
+  TORCH_CHECK(x_in.dim() == 4 && pad >= 0, "padded_rows needs x [B, C, H, W] and pad >= 0, got ",
+              x_in.sizes(), " and ", pad);
+  const auto x = x_in.contiguous();
+  const int64_t batch = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t hp = h + 2 * pad, wp = w + 2 * pad;
+  auto out = at::empty({batch, hp, wp, c}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "padded_rows", [&] {
+    const scalar_t* from = x.const_data_ptr<scalar_t>();
+    scalar_t* to = out.mutable_data_ptr<scalar_t>();
+    copy_items(batch * hp, wp * c, [&](int64_t item) {
+      const int64_t b = item / hp, row = item % hp - pad;
+      scalar_t* tokens = to + item * wp * c;
+      if (row < 0 || row >= h) return std::fill(tokens, tokens + wp * c, scalar_t(0));
+      std::fill(tokens, tokens + pad * c, scalar_t(0));
+      std::fill(tokens + (pad + w) * c, tokens + wp * c, scalar_t(0));
+      transpose(from + (b * c * h + row) * w, h * w, tokens + pad * c, c, c, w);
+    });
+  });
+  return out;
+}
+
+// The gradient of padded_rows: rows [B, H + 2 pad, W + 2 pad, C] -> the map [B, C, H, W] of the
+// unpadded tokens; one row of tokens per item.
+at::Tensor cropped_map(const at::Tensor& rows_in, int64_t pad) {
+  TORCH_CHECK(rows_in.dim() == 4 && pad >= 0 && rows_in.size(1) > 2 * pad && rows_in.size(2) > 2 * pad,
+              "cropped_map needs rows [B, H + 2 pad, W + 2 pad, C], got ", rows_in.sizes(), " and pad ", pad);
+  const auto rows = rows_in.contiguous();
+  const int64_t batch = rows.size(0), hp = rows.size(1), wp = rows.size(2), c = rows.size(3);
+  const int64_t h = hp - 2 * pad, w = wp - 2 * pad;
+  auto out = at::empty({batch, c, h, w}, rows.options());
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "cropped_map", [&] {
+    const scalar_t* from = rows.const_data_ptr<scalar_t>();
+    scalar_t* to = out.mutable_data_ptr<scalar_t>();
+    copy_items(batch * h, w * c, [&](int64_t item) {
+      const int64_t b = item / h, row = item % h;
+      transpose(from + ((b * hp + row + pad) * wp + pad) * c, c, to + (b * c * h + row) * w, h * w, w, c);
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(convnn_native, m) {
@@ -777,6 +872,8 @@ TORCH_LIBRARY(convnn_native, m) {
       "gather_scaled_sum_backward(Tensor grad, Tensor v_rows, Tensor flat, Tensor w, Tensor scale,"
       " bool rows_grad, bool w_grad, bool scale_grad, int step) -> (Tensor, Tensor, Tensor)");
   m.def("selected_pairs_grad(Tensor q, Tensor k_rows, Tensor flat, Tensor grad, int step) -> (Tensor, Tensor)");
+  m.def("padded_rows(Tensor x, int pad) -> Tensor");
+  m.def("cropped_map(Tensor rows, int pad) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(convnn_native, CPU, m) {
@@ -788,4 +885,6 @@ TORCH_LIBRARY_IMPL(convnn_native, CPU, m) {
   m.impl("gather_scaled_sum", &gather_scaled_sum);
   m.impl("gather_scaled_sum_backward", &gather_scaled_sum_backward);
   m.impl("selected_pairs_grad", &selected_pairs_grad);
+  m.impl("padded_rows", &padded_rows);
+  m.impl("cropped_map", &cropped_map);
 }
