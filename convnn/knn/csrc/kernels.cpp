@@ -411,16 +411,21 @@ at::Tensor slots_of(const at::Tensor& like, int64_t threads, int64_t rows, int64
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 constexpr bool kTiledProduct = true;
 constexpr int64_t kTileRows = 6, kTileCols = 16;
+// values of `columns` per depth pass (256 KiB: half the per-core L2 of current x86 cores)
+constexpr int64_t kColumnBlock = 1 << 16;
 
-// The tile out [R, cols <= 16] (row stride n) += rows [R, f] (row stride f) @ columns [f, cols] (row
-// stride n); Full: cols == 16 (no masked loads and stores).
+// The tile out [R, cols <= 16] (row stride n) += rows [R, depth] (row stride f) @ columns [depth, cols]
+// (row stride n); Full: cols == 16 (no masked loads and stores).
 template <int R, bool Full>
-void product_tile(const float* rows, const float* columns, float* out, int64_t f, int64_t n, int64_t cols) {
+void product_tile(const float* rows, const float* columns, float* out, int64_t f, int64_t n, int64_t depth,
+                  int64_t cols) {
   const __m256i lo = lanes_below(cols), hi = lanes_below(cols - 8);
-  auto load = [&](const float* p, __m256i mask) { return Full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask); };
+  auto load = [&](const float* p, __m256i mask) {
+    return Full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask);
+  };
   __m256 acc[R][2];
   _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (int64_t p = 0; p < f; ++p) {
+  for (int64_t p = 0; p < depth; ++p) {
     const __m256 b0 = load(columns + p * n, lo), b1 = load(columns + p * n + 8, hi);
     _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
       const __m256 x = _mm256_broadcast_ss(rows + r * f + p);
@@ -442,30 +447,36 @@ void product_tile(const float* rows, const float* columns, float* out, int64_t f
 }
 
 template <int R>
-void product_rows(const float* rows, const float* columns, float* out, int64_t f, int64_t n, int64_t cols) {
-  if (cols == kTileCols) return product_tile<R, true>(rows, columns, out, f, n, cols);
-  product_tile<R, false>(rows, columns, out, f, n, cols);
+void product_rows(const float* rows, const float* columns, float* out, int64_t f, int64_t n, int64_t depth,
+                  int64_t cols) {
+  if (cols == kTileCols) return product_tile<R, true>(rows, columns, out, f, n, depth, cols);
+  product_tile<R, false>(rows, columns, out, f, n, depth, cols);
 }
 
-// out [s, n] += rows [s, f] @ columns [f, n], all contiguous float32; a tile of rows meets every tile
-// of columns while it is in cache.
+// out [s, n] += rows [s, f] @ columns [f, n], all contiguous float32, in passes over the depth whose
+// block of columns (kColumnBlock values) stays in the per-core cache; within a pass a tile of rows
+// meets every tile of columns while it is in cache.
 void tiled_product(const at::Tensor& rows, const at::Tensor& columns, at::Tensor& out) {
   const int64_t s = rows.size(0), f = rows.size(1), n = columns.size(1);
+  const int64_t block = std::max<int64_t>(8, kColumnBlock / n);
   const float* a = rows.const_data_ptr<float>();
   const float* b = columns.const_data_ptr<float>();
   float* c = out.data_ptr<float>();
-  for (int64_t i = 0; i < s; i += kTileRows) {
-    for (int64_t j = 0; j < n; j += kTileCols) {
-      const float *ai = a + i * f, *bj = b + j;
-      float* cij = c + i * n + j;
-      const int64_t cols = std::min(kTileCols, n - j);
-      switch (std::min(kTileRows, s - i)) {
-        case 6: product_rows<6>(ai, bj, cij, f, n, cols); break;
-        case 5: product_rows<5>(ai, bj, cij, f, n, cols); break;
-        case 4: product_rows<4>(ai, bj, cij, f, n, cols); break;
-        case 3: product_rows<3>(ai, bj, cij, f, n, cols); break;
-        case 2: product_rows<2>(ai, bj, cij, f, n, cols); break;
-        default: product_rows<1>(ai, bj, cij, f, n, cols);
+  for (int64_t p = 0; p < f; p += block) {
+    const int64_t depth = std::min(block, f - p);
+    for (int64_t i = 0; i < s; i += kTileRows) {
+      for (int64_t j = 0; j < n; j += kTileCols) {
+        const float *ai = a + i * f + p, *bj = b + p * n + j;
+        float* cij = c + i * n + j;
+        const int64_t cols = std::min(kTileCols, n - j);
+        switch (std::min(kTileRows, s - i)) {
+          case 6: product_rows<6>(ai, bj, cij, f, n, depth, cols); break;
+          case 5: product_rows<5>(ai, bj, cij, f, n, depth, cols); break;
+          case 4: product_rows<4>(ai, bj, cij, f, n, depth, cols); break;
+          case 3: product_rows<3>(ai, bj, cij, f, n, depth, cols); break;
+          case 2: product_rows<2>(ai, bj, cij, f, n, depth, cols); break;
+          default: product_rows<1>(ai, bj, cij, f, n, depth, cols);
+        }
       }
     }
   }
