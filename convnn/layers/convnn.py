@@ -233,16 +233,18 @@ class ConvNN(nn.Module):
 def padded_rows(x: Tensor, pad: int) -> Tensor:
     """The token rows of ``x [B, C, H, W]`` zero-padded by ``pad`` -> ``[B, H + 2 pad, W + 2 pad, C]``.
 
-    Only the border is zeroed and the map copied in (half the time of ``F.pad`` on the permuted map,
-    which fills the whole output first); a custom op, so ``torch.compile`` runs the same code
-    (inductor's fused pad-and-transpose ran about 2x slower). ``pad = 0``: a channels-last view.
+    Only the border is zeroed and the map copied in, on CPU by the native kernels' blocked transposes
+    (about 4x torch's strided copy; its gradient the same way back), else by a strided copy (half the
+    time of ``F.pad`` on the permuted map, which fills the whole output first); a custom op, so
+    ``torch.compile`` runs the same code (inductor's fused pad-and-transpose ran about 2x slower).
+    ``pad = 0``: a channels-last view.
     """
     return _padded_rows(x, pad) if pad else x.permute(0, 2, 3, 1)
 
 
 @torch.library.custom_op("convnn::padded_rows", mutates_args=(), schema="(Tensor x, int pad) -> Tensor")
 def _padded_rows(x: Tensor, pad: int) -> Tensor:
-    if native.serves(x):  # blocked transposes, about 4x torch's strided copy
+    if native.serves(x):
         return torch.ops.convnn_native.padded_rows(x, pad)
     rows = x.permute(0, 2, 3, 1)
     batch, height, width, channels = rows.shape
