@@ -196,6 +196,14 @@ def test_padded_rows_and_their_gradient_equal_torch_pad(threads):
             (ours_grad,) = torch.autograd.grad(ours, x, grad)
             (reference_grad,) = torch.autograd.grad(reference, x, grad)
             assert torch.equal(ours_grad, reference_grad) and ours_grad.is_contiguous(), (c, h, w)
+        # a channels-last map (every map after a ConvNN layer and BatchNorm): the gradient keeps the layout
+        x = torch.randn(2, 64, 16, 16, generator=generator).contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        ours = padded_rows(x, 1)
+        assert torch.equal(ours, F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1))
+        (ours_grad,) = torch.autograd.grad(ours, x, torch.ones_like(ours))
+        assert torch.equal(ours_grad, torch.ones_like(x))
+        assert ours_grad.stride(1) == 1  # channels innermost, as in x
     finally:
         torch.set_num_threads(before)
 

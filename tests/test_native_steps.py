@@ -96,16 +96,18 @@ def test_gather_aggregate_equals_the_python_steps(dtype, scaled, threads, monkey
     assert_bitwise(*native_and_loops(run, monkeypatch, kernels), rounded)
 
 
-def test_gather_aggregate_forward_is_the_same_at_every_thread_count(monkeypatch):
-    """A deep product (64 channels x 9 neighbours) into 40 outputs (tiles of 16, 16 and 8 columns) for
-    1,000 tokens in steps of 48 (tiles of 6 rows; a short last step): bitwise the same at 1 and 2
-    threads, and within float32 rounding of the float64 product."""
+@pytest.mark.parametrize("outputs", [40, 250])
+def test_gather_aggregate_forward_is_the_same_at_every_thread_count(outputs, monkeypatch):
+    """A deep product (64 channels x 9 neighbours) into 40 outputs (tiles of 16, 16 and 8 columns; one
+    pass over the depth) or 250 (three passes of at most 262 rows of the columns) for 1,000 tokens in
+    steps of 48 (tiles of 6 rows; a short last step): bitwise the same at 1 and 2 threads, and within
+    float32 rounding of the float64 product."""
     monkeypatch.setattr(ops, "STEP_ELEMENTS", 48 * 9 * 64)
     generator = torch.Generator().manual_seed(4)
     v = torch.randn(3000, 64, generator=generator)
     flat = torch.randint(0, 3000, (1000, 9), generator=generator)
-    weight = torch.randn(40, 9 * 64, generator=generator) / 24
-    bias = torch.randn(40, generator=generator)
+    weight = torch.randn(outputs, 9 * 64, generator=generator) / 24
+    bias = torch.randn(outputs, generator=generator)
     before = torch.get_num_threads()
     try:
         outs = []

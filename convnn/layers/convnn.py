@@ -242,9 +242,16 @@ def padded_rows(x: Tensor, pad: int) -> Tensor:
     return _padded_rows(x, pad) if pad else x.permute(0, 2, 3, 1)
 
 
+def _transposes(x: Tensor) -> bool:
+    """Whether the native transposes make ``x``'s padded rows: an NCHW-contiguous map they serve. A
+    channels-last map (every map after a ConvNN layer, BatchNorm and pooling) already holds its rows
+    contiguously: the strided copy moves whole rows and is the faster one there."""
+    return native.serves(x) and x.is_contiguous()
+
+
 @torch.library.custom_op("convnn::padded_rows", mutates_args=(), schema="(Tensor x, int pad) -> Tensor")
 def _padded_rows(x: Tensor, pad: int) -> Tensor:
-    if native.serves(x):
+    if _transposes(x):
         return torch.ops.convnn_native.padded_rows(x, pad)
     rows = x.permute(0, 2, 3, 1)
     batch, height, width, channels = rows.shape
@@ -264,15 +271,16 @@ def _padded_rows_fake(x: Tensor, pad: int) -> Tensor:
 
 
 def _padded_rows_grad(ctx, grad: Tensor) -> tuple[Tensor, None]:
-    """The map's gradient ``[B, C, H, W]``: contiguous from the native kernels, else a permuted view."""
+    """The map's gradient ``[B, C, H, W]`` in the map's layout: contiguous from the native transposes
+    (an NCHW map), else a channels-last view."""
     pad = ctx.pad
-    if native.serves(grad):
+    if ctx.transposed and native.serves(grad):
         return torch.ops.convnn_native.cropped_map(grad, pad), None
     return grad[:, pad : grad.shape[1] - pad, pad : grad.shape[2] - pad].permute(0, 3, 1, 2), None
 
 
 def _padded_rows_setup(ctx, inputs: tuple, output: Tensor) -> None:
-    ctx.pad = inputs[1]
+    ctx.transposed, ctx.pad = _transposes(inputs[0]), inputs[1]
 
 
 _padded_rows.register_autograd(_padded_rows_grad, setup_context=_padded_rows_setup)
