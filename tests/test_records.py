@@ -147,19 +147,23 @@ def test_a_disabled_record_never_writes(tmp_path):
 
 
 def test_an_interrupted_record_keeps_only_the_checkpointed_epochs(tmp_path):
-    """A signal after an epoch's record row but before its checkpoint: the interrupted record lists
-    the checkpoint's epochs (the resume trains the last one again); with no checkpoint, all of them."""
+    """A signal after an epoch's record row but before its checkpoint is on disk (built and not yet
+    written, or not built): the interrupted record lists the epochs of the checkpoint on disk (the
+    resume trains the rest again); with no checkpoint on disk, all of them."""
     rows = [
         {"epoch": i, "train_loss": 1.0 / i, "test_loss": 1.0 / i, "test_acc1": 10.0 * i} for i in (1, 2, 3)
     ]
-    for checkpointed, kept in ((2, [1, 2]), (None, [1, 2, 3])):
-        path = tmp_path / f"{checkpointed}" / "results.json"
+    for written, building, kept in ((2, None, [1, 2]), (2, 3, [1, 2]), (None, 1, [1, 2, 3])):
+        path = tmp_path / f"{written}-{building}" / "results.json"
         path.parent.mkdir()
         record = RunRecord(path, valid())
         recorder = RecordCallback(record, verbose=False)
-        if checkpointed:
-            recorder.history = rows[:checkpointed]
-            recorder.on_save_checkpoint(None, None, {})
+        for epochs, on_disk in ((written, True), (building, False)):
+            if epochs:
+                recorder.history = rows[:epochs]
+                recorder.on_save_checkpoint(None, None, {})
+                if on_disk:
+                    recorder.checkpoint_written()
         recorder.history = rows
         record.update(rows)
         recorder.interrupt("SIGINT")

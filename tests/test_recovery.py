@@ -234,6 +234,54 @@ def test_a_signal_records_interrupted_and_exits_128_plus_it(tmp_path, sig, code)
         assert harmless not in err + out, harmless
 
 
+SIGINT_IN_SECOND_CHECKPOINT = """
+import os, signal, sys
+from convnn.runs import checkpoints
+from convnn.train import app
+real, written = checkpoints.atomic_write, []
+
+def write_then_sigint(path, write, binary=False):
+    def then_sigint(f):
+        write(f)
+        os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, before the temp file is renamed
+
+    real(path, then_sigint if written else write, binary)
+    written.append(path)
+
+checkpoints.atomic_write = write_then_sigint
+sys.argv = ["convnn-train", *sys.argv[1:]]
+app.main()
+"""
+
+
+def test_a_signal_while_a_checkpoint_is_written_keeps_the_record_at_the_checkpoint(tmp_path, monkeypatch):
+    """SIGINT after epoch 2's record row, while its checkpoint is being written: the old checkpoint
+    (1 epoch) stays, the interrupted record lists that epoch only, and the resume trains epoch 2 once,
+    so the record never holds an epoch that was trained twice."""
+    overrides = [*TINY, "epochs=3"]
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGINT_IN_SECOND_CHECKPOINT, f"out_dir={tmp_path}", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    run_dir = run_dir_of(tmp_path, *overrides)
+    record, ckpts = read_record(run_dir), run_dir / "checkpoints"
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "epoch 2/3" in proc.stdout and record["status"] == "interrupted"
+    assert (
+        [r["epoch"] for r in record["epochs"]]
+        == [1]
+        == list(range(1, checkpoint_epochs(ckpts / "last.ckpt") + 1))
+    )
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt"]
+    convnn_train(tmp_path, *overrides, "resume=true", monkeypatch=monkeypatch)
+    resumed = read_record(run_dir)
+    assert resumed["status"] == "finished" and [r["epoch"] for r in resumed["epochs"]] == [1, 2, 3]
+    assert resumed["epochs"][0] == record["epochs"][0]
+
+
 def test_resume_keeps_csv_rows_and_says_where_it_continues(tmp_path, monkeypatch, capsys):
     overrides = [*TINY_DATA, *TINY_VGG, "layer=conv2d", "trainer.progress_bar=none", "epochs=3"]
     run_dir = convnn_train(tmp_path, *overrides, monkeypatch=monkeypatch)

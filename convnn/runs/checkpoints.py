@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,13 @@ class CheckpointError(ValueError):
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` into memory, then into a temp file in the checkpoint's directory, fsync and
-    ``os.replace`` (a full disk raises ``OSError`` ENOSPC, not torch's opaque writer error)."""
+    ``os.replace`` (a full disk raises ``OSError`` ENOSPC, not torch's opaque writer error).
+    ``on_written`` is called once the new file is in place, and only then: a signal during the write
+    leaves the old checkpoint, and whoever counts checkpointed epochs must not count this one."""
+
+    def __init__(self, on_written: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self.on_written = on_written
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
@@ -36,6 +43,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         atomic_write(path, lambda f: f.write(buffer.getbuffer()), binary=True)
+        if self.on_written is not None:
+            self.on_written()
 
 
 def checkpoint_epochs(path: str | Path) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import platform
 import sys
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -524,7 +525,7 @@ def _fit(
     for hpc in remove_hpc_checkpoints(run_dir):  # every rank, before Lightning looks for one
         print(f"{PROG}: removed {hpc} (Lightning's auto-requeue checkpoint; submitit owns requeueing)")
     callbacks = [recorder, RankRoster(record), *build_callbacks(cfg, run_dir / "checkpoints")]
-    trainer = _build_trainer(cfg, run_dir, logger, callbacks, start)
+    trainer = _build_trainer(cfg, run_dir, logger, callbacks, start, recorder.checkpoint_written)
     if lead:
         log_accounting(logger, record.data)
     try:
@@ -572,9 +573,17 @@ def _resume_hint(run_dir: Path) -> str:
     return "no checkpoint was written: resume=true starts it afresh"
 
 
-def _build_trainer(cfg: TrainConfig, run_dir: Path, logger: Any, callbacks: list, start: Start) -> Any:
+def _build_trainer(
+    cfg: TrainConfig,
+    run_dir: Path,
+    logger: Any,
+    callbacks: list,
+    start: Start,
+    checkpoint_written: Callable[[], None] | None = None,
+) -> Any:
     """The Lightning ``Trainer`` for ``cfg``: the paper's gradient clipping, no sanity validation,
-    checkpoints written atomically, deterministic on a GPU unless ``trainer.deterministic=false``
+    checkpoints written atomically (``checkpoint_written``, where given, called after each),
+    deterministic on a GPU unless ``trainer.deterministic=false``
     (:func:`~convnn.train.gpu.deterministic_mode`); under DDP :class:`~convnn.train.distributed.DDPStrategy`
     (further ranks get ``start``) and the data module's own per-rank batches (no ``DistributedSampler``)."""
     import lightning as L
@@ -601,7 +610,7 @@ def _build_trainer(cfg: TrainConfig, run_dir: Path, logger: Any, callbacks: list
         enable_progress_bar=t.progress_bar != "none",
         enable_model_summary=False,
         default_root_dir=str(run_dir),
-        plugins=[AtomicCheckpointIO(), *lightning_plugins()],
+        plugins=[AtomicCheckpointIO(checkpoint_written), *lightning_plugins()],
         log_every_n_steps=1,  # nothing is logged per step; this only silences a warning
     )
 

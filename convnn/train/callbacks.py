@@ -40,16 +40,22 @@ class RecordCallback(Callback):
     ``history``, writes the record, prints one line (``verbose``) and raises :class:`Diverged` on a
     non-finite loss, before that epoch's checkpoint is written. ``history`` is this callback's
     checkpoint state, so a resumed run continues it; :meth:`interrupt` closes the record with the
-    epochs the last checkpoint holds.
+    epochs the last checkpoint on disk holds (:meth:`checkpoint_written` is the checkpoint writer's
+    ``on_written``).
     """
 
     def __init__(self, record: RunRecord, verbose: bool = True) -> None:
         self.record, self.verbose = record, verbose
         self.history: list[dict[str, Any]] = []
-        self.checkpointed: int | None = None  # epochs of the last checkpoint written; None: none yet
+        self.checkpointed: int | None = None  # epochs of the last checkpoint on disk; None: none yet
+        self.saving: int | None = None  # epochs of the checkpoint being written
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        self.checkpointed = len(self.history)
+        self.saving = len(self.history)
+
+    def checkpoint_written(self) -> None:
+        """The checkpoint built last is now the file on disk."""
+        self.checkpointed = self.saving
 
     def interrupt(self, signal_name: str) -> None:
         """Close the record as interrupted by ``signal_name``, keeping only the epochs the last
