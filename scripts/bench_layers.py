@@ -14,7 +14,9 @@ timing is taken at each of ``--threads`` (default 1 and all cores), all thread c
 the same interleaved loop, so the ratios at 1 and N threads are measured side by side; memory and
 launches are counted at 1 thread, peak RSS at the most threads. On CUDA it times with CUDA events
 at the paper's batch 256. The outputs name the CPU model, its instruction set (torch's CPU
-capability: AVX512, AVX2) and the date. Writes ``<out>/layers-<device>.{json,md}``.
+capability: AVX512, AVX2) and the date. The process sets glibc's allocator as ``convnn-train`` does
+(:func:`convnn.train.allocator.keep_freed_memory`; ``malloc_tuned`` in the JSON), so the layers are
+timed with the allocator they train with. Writes ``<out>/layers-<device>.{json,md}``.
 
     python scripts/bench_layers.py --threads 1,2   # full run (about 6 min on 2 idle CPU cores)
     python scripts/bench_layers.py --quick         # batch 2, one repeat, small shapes, prints only
@@ -49,6 +51,7 @@ from convnn.layers import build_layer  # noqa: E402
 from convnn.models import build_model  # noqa: E402
 from convnn.models.accounting import _native_stderr_silenced  # noqa: E402
 from convnn.provenance import cpu_name, made_by, script_command  # noqa: E402
+from convnn.train.allocator import keep_freed_memory  # noqa: E402
 
 K, R = 9, 32
 VGG_SHAPES = [(64, 32), (128, 16), (256, 8), (512, 4)]
@@ -555,6 +558,7 @@ def main() -> None:
     except ValueError as e:
         parser.error(str(e))
     torch.set_num_threads(threads[-1])
+    malloc_tuned = keep_freed_memory()
     batch = args.batch or (256 if device.type == "cuda" else 32)
     if args.rss_case:
         rss_case(*args.rss_case, batch)
@@ -572,7 +576,8 @@ def main() -> None:
     info = machine(device)
     made = made_by(script_command(), machine=info["device_name"] if device.type == "cuda" else cpu_name())
     report = {"made_by": made, "machine": info, "threads": threads, "batch": batch, "repeats": repeats}
-    report.update(k=K, groups=[], compile=[], models=[], load_average_start=load, load_average_end=load)
+    report.update(k=K, malloc_tuned=malloc_tuned, groups=[], compile=[], models=[])
+    report.update(load_average_start=load, load_average_end=load)
 
     def save() -> None:  # after every section, so a late failure keeps what was measured
         report["load_average_end"] = os.getloadavg()
