@@ -217,6 +217,14 @@ def interleaved_ms(
     return times
 
 
+def ratio_quartiles(numerators: list[float], denominators: list[float]) -> list[float]:
+    """Lower quartile, median and upper quartile of the rounds' ratios ``numerators[i] /
+    denominators[i]`` (two times from one round of :func:`interleaved_ms`): each ratio compares two
+    times taken seconds apart, so the machine's drift over minutes cancels out of it."""
+    ratios = [a / b for a, b in zip(numerators, denominators, strict=True)]
+    return statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+
+
 def peak_tensor_mib(fn: Callable, module: nn.Module, x: Tensor) -> float:
     """Peak MiB of tensors allocated by one forward + backward (kernel-internal scratch not seen)."""
     module.zero_grad(set_to_none=True)
@@ -326,8 +334,9 @@ def rss_case(group: str, name: str, batch: int) -> None:
 def measure_group(
     group: str, names: list[str], reference: str, batch: int, repeats: int, threads: list[int], device, rss
 ) -> dict:
-    """Rows of one shape: per thread count the times and ratios to the reference / Algorithm 1; the FLOP
-    floor, memory and launches (at 1 thread) and peak RSS (at the most threads)."""
+    """Rows of one shape: per thread count the times (median ms, every round's) and the ratios to the
+    reference (quartiles of the rounds' ratios) and Algorithm 1 (median); the FLOP floor, memory and
+    launches (at 1 thread) and peak RSS (at the most threads)."""
     cases = {name: build_case(group, name, batch, device) for name in names}
     times = interleaved_ms(cases, repeats, threads)
     ms = {key: statistics.median(t) for key, t in times.items()}
@@ -339,8 +348,8 @@ def measure_group(
             str(t): {
                 "ms": ms[t, name],
                 "all_ms": times[t, name],
-                "vs_reference": ms[t, name] / ms[t, reference],
-                "vs_alg1": ms[t, "Algorithm 1"] / ms[t, name],
+                "vs_reference_quartiles": ratio_quartiles(times[t, name], times[t, reference]),
+                "vs_alg1": ratio_quartiles(times[t, "Algorithm 1"], times[t, name])[1],
             }
             for t in threads
         }
@@ -378,11 +387,10 @@ def compiled_vs_eager(batch: int, repeats: int, threads: list[int], device) -> l
         times = interleaved_ms(cases, repeats, threads)
         by_threads = {}
         for t in threads:
-            ratios = [c / e for e, c in zip(times[t, "eager"], times[t, "compiled"], strict=True)]
             by_threads[str(t)] = {
                 "eager_ms": statistics.median(times[t, "eager"]),
                 "compiled_ms": statistics.median(times[t, "compiled"]),
-                "ratio_quartiles": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3,
+                "ratio_quartiles": ratio_quartiles(times[t, "compiled"], times[t, "eager"]),
             }
         rows.append({"layer": f"{group} {name}", "compile_s": compile_s, "threads": by_threads})
     return rows
@@ -451,6 +459,12 @@ def model_throughput(
     return rows
 
 
+def timing_cells(c: dict) -> str:
+    """One thread count's cells of a layer row: ms, vs ref (median and quartiles), vs Alg. 1."""
+    low, mid, high = c["vs_reference_quartiles"]
+    return f"{c['ms']:.1f} | {mid:.2f}x ({low:.2f}–{high:.2f}) | {c['vs_alg1']:.2f}x"
+
+
 def markdown(report: dict) -> str:
     """The report as Markdown tables, one column group per thread count."""
     m, threads = report["machine"], [str(t) for t in report["threads"]]
@@ -466,9 +480,11 @@ def markdown(report: dict) -> str:
         f"{tuple(round(v, 2) for v in report['load_average_end'])} on {m['cpu_cores']} cores: "
         "a load above about 1 per core means other jobs shared the machine and absolute times are "
         "inflated; the ratios are measured side by side either way. "
-        "**vs ref** = time over the reference's (nn.Conv2d 3x3 / SDPA attention) in the same loop at the "
-        "same thread count; **floor** = multiply-adds over the reference's (the ratio at equal FLOP rates); "
-        "**vs Alg. 1** = speed-up over Algorithm 1; **tensor MiB** = peak of live tensor storages "
+        "**vs ref** = the median over the rounds of the time over the reference's (nn.Conv2d 3x3 / SDPA "
+        "attention) in the same round at the same thread count, with the lower and upper quartile of "
+        "those ratios in brackets (their spread is the machine's scatter); **floor** = multiply-adds "
+        "over the reference's (the ratio at equal FLOP rates); **vs Alg. 1** = speed-up over "
+        "Algorithm 1 (median of the rounds' ratios); **tensor MiB** = peak of live tensor storages "
         "(dispatch tracker, 1 thread); **RSS MiB** = peak RSS above the pre-step RSS in a fresh process "
         f"at {per[threads[-1]]} (allocator included), after a step at batch 1 (the code loaded on first use "
         "is not counted); **launches** = leaf ATen ops that run a kernel (views and allocations left out; "
@@ -485,10 +501,7 @@ def markdown(report: dict) -> str:
         ]
         for r in group["rows"]:
             rss = "–" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}"
-            timing = " | ".join(
-                f"{c['ms']:.1f} | {c['vs_reference']:.2f}x | {c['vs_alg1']:.2f}x"
-                for c in (r["threads"][t] for t in threads)
-            )
+            timing = " | ".join(timing_cells(r["threads"][t]) for t in threads)
             lines.append(
                 f"| {r['layer']} | {timing} | {r['flop_floor']:.2f}x | {r['gmacs']:.2f} | "
                 f"{r['peak_tensor_mib']:.1f} | {rss} | {r['launches']} |"
